@@ -1,0 +1,129 @@
+"""``nasjax`` command line: parses flags and hands over to the library (no logic here).
+
+nasjax data fetch shakespeare
+nasjax train     --config=configs/train/lm.py:tiny --workdir=runs/a [--config.KEY=VALUE ...]
+nasjax eval      --workdir=runs/a [--step=N] [--max_batches=N]
+nasjax describe  bert --size=base | spec.json | --config=FILE[:preset] | --workdir=runs/a
+nasjax finetune  --config=configs/train/finetune.py:tiny --workdir=runs/ft --config.data.path=X.jsonl
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+USAGE = __doc__
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "FILE[:preset] holding get_config(); override keys with --config.KEY=VALUE.", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots).")
+flags.DEFINE_string("size", "tiny", "describe: zoo size (tiny, small, base).")
+flags.DEFINE_integer("seq_len", 0, "describe: sequence length for FLOPs (0 = the spec's max_len, at most 512).")
+flags.DEFINE_bool("xla", False, "describe: also measure FLOPs with XLA's cost analysis.")
+flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
+flags.DEFINE_integer("max_batches", 0, "eval: validation batches (0 = all).")
+flags.DEFINE_string("cache_dir", None, "data fetch: cache folder (default NASJAX_CACHE or ~/.cache/nasjax).")
+flags.DEFINE_bool("force", False, "data fetch: download again even if present.")
+flags.DEFINE_bool("progress", True, "train: show the progress bar.")
+
+EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _need(flag: str, value, command: str):
+    if not value:
+        raise SystemExit(f"error: nasjax {command} needs --{flag}")
+    return value
+
+
+def cmd_train(args: list[str]) -> int:
+    from nasjax.train import run
+
+    cfg = _need("config", FLAGS.config, "train")
+    result = run.train(cfg, _need("workdir", FLAGS.workdir, "train"), progress=FLAGS.progress)
+    return {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
+
+
+def cmd_finetune(args: list[str]) -> int:
+    if FLAGS.config is not None and "init_from" not in FLAGS.config:
+        raise SystemExit("error: nasjax finetune needs a finetune config (e.g. configs/train/finetune.py:tiny)")
+    return cmd_train(args)
+
+
+def cmd_eval(args: list[str]) -> int:
+    from nasjax.train import run
+
+    val = run.evaluate(
+        _need("workdir", FLAGS.workdir, "eval"),
+        step=FLAGS.step,
+        max_batches=FLAGS.max_batches,
+    )
+    print(run.format_eval(val))
+    return 0
+
+
+def cmd_describe(args: list[str]) -> int:
+    from nasjax.measure.report import describe_target
+
+    print(describe_target(args[0] if args else "", FLAGS.config, FLAGS.workdir, FLAGS.size, FLAGS.seq_len, FLAGS.xla))
+    return 0
+
+
+def cmd_data(args: list[str]) -> int:
+    from nasjax.data import FETCHERS, fetch
+
+    if len(args) != 2 or args[0] != "fetch":
+        raise SystemExit(f"usage: nasjax data fetch NAME   (NAME one of: {', '.join(sorted(FETCHERS))})")
+    path = fetch(args[1], cache_dir=FLAGS.cache_dir, force=FLAGS.force)
+    print(path)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "describe": cmd_describe, "finetune": cmd_finetune, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command = argv[1]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)}\n{USAGE}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        positional = FLAGS([f"nasjax {command}"] + argv[2:])[1:]
+    except (flags.Error, KeyError, AttributeError, ValueError) as e:
+        print(f"error: {_flag_error_text(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    from nasjax.errors import USER_ERRORS
+
+    try:
+        return COMMANDS[command](positional)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\naborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _flag_error_text(e: Exception) -> str:
+    text = str(e)
+    # config_flags wraps a misspelt key in a long message; keep the part naming the key.
+    if "Did you mean" in text or "does not exist" in text:
+        first = text.split(". Other fields present")[0]
+        hint = text[text.find("Did you mean") :] if "Did you mean" in text else ""
+        return f"{first.strip()} {hint.strip()}".strip().strip("'\"")
+    return text
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,128 @@
+"""The configuration every job shares, as an ``ml_collections.ConfigDict``.
+
+Config files under ``configs/`` call :func:`base_config` and change sizes and
+budgets. The command line locks the config, so a misspelt key is an error that
+names it (``--config.trian.steps=...``). Keys:
+
+seed                      everything random derives from it (init, data order, dropout)
+model.name / model.size   a zoo name (vanilla, transformer_pp, primer_ez, primer, gpt2, bert,
+                          autobert_zero) and tiny / small / base
+model.spec                path to a model-spec JSON (a search's output); overrides name/size
+model.dropout_rate        -1 keeps the spec's rate (0 for every zoo model)
+model.dtype               activation dtype: float32 or bfloat16 (params stay float32)
+data.path                 a text file, folder or glob ('' = the fetched corpus named by data.corpus)
+data.corpus               corpus fetched when data.path is '' (shakespeare)
+data.val_files            comma-separated file names / globs held out for validation
+data.val_fraction         else this fraction of whole files is held out
+data.seq_len              tokens per training sequence
+data.tokenizer            byte | sentencepiece (trained locally on the training files)
+data.vocab_size           sentencepiece vocabulary size
+data.cache_dir            token cache ('' = NASJAX_CACHE or ~/.cache/nasjax)
+train.steps               optimizer steps (the schedule's length)
+train.budget_seconds      stop after this much training time (compile excluded); 0 = no limit
+train.batch_size          global batch (sequences), split over the data-parallel devices
+train.learning_rate, optimizer (adamw | adafactor), schedule (cosine | rsqrt | linear | constant),
+train.warmup_steps, min_learning_rate_ratio, weight_decay, b1, b2, eps, grad_clip,
+train.grad_accum_steps    micro-batches per optimizer step
+train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
+train.keep_checkpoints, async_checkpoint
+mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices
+mesh.rules                logical -> mesh axis rules; empty = nasjax.sharding.DEFAULT_RULES
+compile_cache_dir         persistent XLA compilation cache ('' = default, 'none' = off)
+init_from                 (finetune) a training workdir whose weights and spec to start from
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def base_config(finetune: bool = False) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "vanilla"
+    c.model.size = "tiny"
+    c.model.spec = ""
+    c.model.dropout_rate = -1.0
+    c.model.dtype = "float32"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""
+    c.data.corpus = "shakespeare"
+    c.data.val_files = ""
+    c.data.val_fraction = 0.05
+    c.data.seq_len = 128
+    c.data.tokenizer = "byte"
+    c.data.vocab_size = 2048
+    c.data.cache_dir = ""
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.budget_seconds = 0.0
+    c.train.batch_size = 16
+    c.train.learning_rate = 1e-3
+    c.train.optimizer = "adamw"
+    c.train.schedule = "cosine"
+    c.train.warmup_steps = 100
+    c.train.min_learning_rate_ratio = 0.1
+    c.train.weight_decay = 0.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.98
+    c.train.eps = 1e-9
+    c.train.grad_clip = 1.0
+    c.train.grad_accum_steps = 1
+    c.train.log_every = 10
+    c.train.eval_every = 500
+    c.train.eval_batches = 0
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoint = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)
+    c.mesh.rules = ()
+
+    c.compile_cache_dir = ""
+    if finetune:
+        c.init_from = ""
+        c.data.val_fraction = 0.1
+        c.data.corpus = ""
+    return c
+
+
+class ConfigFileError(ValueError):
+    """A config file or preset could not be loaded."""
+
+
+def load_config_file(arg: str) -> ml_collections.ConfigDict:
+    """Loads ``FILE[:preset]`` the way ``--config=`` does (for tests and notebooks)."""
+    path, _, preset = arg.partition(":")
+    if not os.path.exists(path):
+        raise ConfigFileError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location("nasjax_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigFileError(f"{path} has no get_config()")
+    config = module.get_config(preset) if preset else module.get_config()
+    config.lock()
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets dotted keys (``{'train.steps': 5}``); an unknown key raises naming it."""
+    for dotted, value in overrides.items():
+        node = config
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            if part not in node:
+                raise KeyError(f"unknown config key {'.'.join(parts[: i + 1])!r}")
+            if i < len(parts) - 1:
+                node = node[part]
+        node[parts[-1]] = value
+    return config

@@ -1,0 +1,23 @@
+"""The exceptions that mean "the user's input is wrong" (printed as one clear line by the CLI)."""
+
+from nasjax.checkpointing import CheckpointError
+from nasjax.config import ConfigFileError
+from nasjax.data import DataError, DataFetchError
+from nasjax.sharding import MeshError
+from nasjax.spec import SpecError
+from nasjax.train.loop import TrainConfigError
+from nasjax.train.optim import OptimConfigError
+from nasjax.train.run import RunError
+
+USER_ERRORS = (
+    CheckpointError,
+    ConfigFileError,
+    DataError,
+    DataFetchError,
+    MeshError,
+    SpecError,
+    TrainConfigError,
+    OptimConfigError,
+    RunError,
+    FileNotFoundError,
+)

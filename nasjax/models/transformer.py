@@ -1,0 +1,260 @@
+"""Spec -> Flax module: the only place that interprets a :class:`~nasjax.spec.ModelSpec`.
+
+Legend: B batch, L length, D model width, H heads, K head dim, F FFN width,
+V vocabulary, C classes.
+
+Parameter tree (stable paths, so parents and children of a search share names)::
+
+    embed/{token_embed, position_embed, type_embed, norm}
+    relative_bias/embedding                   # T5 bias [buckets, max heads], if positions == "relative"
+    decoder|encoder/layer_{i}/{mixer, mixer_norm, ffn, ffn_norm}
+    final_norm                                # if spec.final_norm
+    lm_head                                   # untied output projection (D -> V, no bias)
+    mlm_head/{transform, norm, bias}          # BERT MLM head (head == "mlm")
+    pooler, classifier                        # BERT pooler (spec.pooler), head == "cls"
+
+Call contract::
+
+    model = build(spec)
+    variables = model.init({"params": rng}, tokens_BxL)
+    logits = model.apply(variables, tokens_BxL, segment_ids=None, padding_mask=None,
+                         deterministic=True, rngs={"dropout": rng})
+    # [B, L, V] for heads lm / mlm, [B, C] for head cls; always float32.
+
+Gradient w.r.t. the summed input embeddings (causality tests, saliency): pass
+``{"params": ..., "perturbations": {"embeddings": zeros_BxLxD}}`` and differentiate
+w.r.t. the perturbation; without that collection the hook is a no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nasjax.layers.attention import MultiHeadAttention, padding_key_bias
+from nasjax.layers.conv import GLUConvBlock
+from nasjax.layers.embed import Embeddings, RelativePositionBias
+from nasjax.layers.mlp import FFN, make_dense
+from nasjax.layers.norms import make_norm
+from nasjax.spec import AttentionSpec, BlockSpec, ConvSpec, ModelSpec
+
+__all__ = ["Transformer", "Block", "Stack", "build", "max_attention_heads"]
+
+_X_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def max_attention_heads(spec: ModelSpec) -> int:
+    """Most heads of any attention layer (columns of the shared relative-bias table); 0 if none."""
+    return max((b.mixer.n_heads for b in spec.layers if isinstance(b.mixer, AttentionSpec)), default=0)
+
+
+class Block(nn.Module):
+    """One layer: token mixer sub-layer, then (optionally) an FFN sub-layer.
+
+    Norm placement per sub-layer F with norm N: ``pre`` x + F(N(x)); ``post``
+    N(x + F(x)); ``branch`` x + N(F(x)). Dropout acts on F's output.
+    """
+
+    block: BlockSpec
+    model: ModelSpec
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD, *, padding_mask, key_bias, position_bias, deterministic):
+        model, mixer_spec = self.model, self.block.mixer
+        if isinstance(mixer_spec, AttentionSpec):
+            attn = MultiHeadAttention(
+                mixer_spec,
+                causal=model.causal,
+                rotary=model.positions == "rotary",
+                init_std=model.init_std,
+                dropout_rate=model.attention_dropout_rate,
+                dtype=self.dtype,
+                name="mixer",
+            )
+            mixer = lambda h: attn(h, key_bias=key_bias, position_bias=position_bias, deterministic=deterministic)
+        elif isinstance(mixer_spec, ConvSpec):
+            conv = GLUConvBlock(
+                kernel_size=mixer_spec.kernel_size,
+                n_heads=mixer_spec.n_heads,
+                use_glu=mixer_spec.use_glu,
+                causal=model.causal,
+                init_std=model.init_std,
+                weight_dropout_rate=model.attention_dropout_rate,
+                dtype=self.dtype,
+                name="mixer",
+            )
+            mixer = lambda h: conv(h, padding_mask=padding_mask, deterministic=deterministic)
+        else:  # a registered mixer kind that this version cannot build
+            raise NotImplementedError(f"no module for mixer kind {getattr(mixer_spec, 'kind', mixer_spec)!r}")
+
+        x_BxLxD = self._sublayer(x_BxLxD, mixer, self.block.mixer_norm, "mixer_norm", deterministic)
+        if self.block.ffn is not None:
+            f = self.block.ffn
+            ffn = FFN(f.d_ff, f.activation, f.use_bias, init_std=model.init_std, dtype=self.dtype, name="ffn")
+            x_BxLxD = self._sublayer(x_BxLxD, ffn, self.block.ffn_norm, "ffn_norm", deterministic)
+        return x_BxLxD
+
+    def _sublayer(self, x_BxLxD, fn, placement, norm_name, deterministic):
+        norm = make_norm(self.model.norm, self.model.norm_eps, name=norm_name, dtype=self.dtype)
+        drop = lambda h: _dropout(h, self.model.dropout_rate, deterministic)
+        if placement == "pre":
+            out = x_BxLxD + drop(fn(norm(x_BxLxD)))
+        elif placement == "post":
+            out = norm(x_BxLxD + drop(fn(x_BxLxD)))
+        elif placement == "branch":
+            out = x_BxLxD + drop(norm(fn(x_BxLxD)))
+        else:
+            raise ValueError(f"unknown norm placement {placement!r}")
+        return nn.with_logical_constraint(out, _X_AXES)
+
+
+class Stack(nn.Module):
+    """The layers ``layer_0 .. layer_{n-1}`` (named ``decoder`` or ``encoder`` by the parent)."""
+
+    model: ModelSpec
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD, *, padding_mask, key_bias, position_bias, deterministic):
+        for i, block in enumerate(self.model.layers):
+            x_BxLxD = Block(block, self.model, dtype=self.dtype, name=f"layer_{i}")(
+                x_BxLxD,
+                padding_mask=padding_mask,
+                key_bias=key_bias,
+                position_bias=position_bias,
+                deterministic=deterministic,
+            )
+        return x_BxLxD
+
+
+class MLMHead(nn.Module):
+    """BERT MLM head: dense D -> D, gelu, norm, output projection (tied) + output bias."""
+
+    model: ModelSpec
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD, decode):
+        m = self.model
+        h = make_dense(m.d_model, ("embed", None), name="transform", init_std=m.init_std, dtype=self.dtype)(x_BxLxD)
+        h = make_norm(m.norm, m.norm_eps, name="norm", dtype=self.dtype)(jax.nn.gelu(h, approximate=False))
+        bias_V = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (m.vocab_size,), jnp.float32
+        )
+        return decode(h).astype(jnp.float32) + bias_V
+
+
+class Transformer(nn.Module):
+    """A whole model built from a :class:`ModelSpec` (see the module docstring).
+
+    Attributes:
+      spec: the architecture.
+      dtype: activation dtype (e.g. ``jnp.bfloat16``); parameters are always float32
+        and softmax, norms and the returned logits are float32.
+    """
+
+    spec: ModelSpec
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens_BxL, segment_ids=None, padding_mask=None, deterministic=True):
+        """Args:
+          tokens_BxL: int token ids.
+          segment_ids: int [B, L] token types (encoders with type embeddings); None = 0.
+          padding_mask: bool [B, L], True at real tokens; None = all real.
+          deterministic: disable dropout (needs a ``dropout`` rng when False and rates > 0).
+
+        Returns:
+          float32 logits [B, L, V] (heads lm, mlm) or [B, C] (head cls).
+        """
+        spec = self.spec
+        length = tokens_BxL.shape[1]
+        embed = Embeddings(
+            vocab_size=spec.vocab_size,
+            d_model=spec.d_model,
+            max_len=spec.max_len,
+            positions=spec.positions,
+            type_vocab_size=spec.type_vocab_size if spec.kind == "encoder" else 0,
+            norm_kind=spec.norm if spec.embed_norm else None,
+            norm_eps=spec.norm_eps,
+            init_std=spec.init_std,
+            dtype=self.dtype,
+            name="embed",
+        )
+        x_BxLxD = embed(tokens_BxL, segment_ids).astype(self.dtype)
+        if self.has_variable("perturbations", "embeddings"):
+            x_BxLxD = self.perturb("embeddings", x_BxLxD)
+        x_BxLxD = nn.with_logical_constraint(_dropout(x_BxLxD, spec.dropout_rate, deterministic), _X_AXES)
+
+        key_bias = None if padding_mask is None else padding_key_bias(padding_mask)
+        position_bias = None
+        n_heads = max_attention_heads(spec)
+        if spec.positions == "relative" and n_heads:
+            position_bias = RelativePositionBias(
+                n_heads=n_heads,
+                num_buckets=spec.relative_buckets,
+                max_distance=spec.relative_max_distance,
+                bidirectional=not spec.causal,
+                init_std=spec.init_std,
+                name="relative_bias",
+            )(length, length)
+
+        x_BxLxD = Stack(spec, dtype=self.dtype, name=spec.kind)(
+            x_BxLxD,
+            padding_mask=padding_mask,
+            key_bias=key_bias,
+            position_bias=position_bias,
+            deterministic=deterministic,
+        )
+        if spec.final_norm:
+            x_BxLxD = make_norm(spec.norm, spec.norm_eps, name="final_norm", dtype=self.dtype)(x_BxLxD)
+
+        if spec.tie_embeddings:
+            decode = embed.attend
+        else:
+            decode = make_dense(
+                spec.vocab_size,
+                ("embed", "vocab"),
+                name="lm_head",
+                use_bias=False,
+                init_std=spec.init_std,
+                dtype=self.dtype,
+            )
+
+        pooled_BxD = None
+        if spec.pooler or spec.head == "cls":
+            first_BxD = x_BxLxD[:, 0]
+            if spec.pooler:
+                pooler = make_dense(spec.d_model, ("embed", None), name="pooler", init_std=spec.init_std)
+                pooled_BxD = jnp.tanh(pooler(first_BxD.astype(jnp.float32)))
+            else:
+                pooled_BxD = first_BxD.astype(jnp.float32)
+            # BERT's pooled output also feeds NSP; expose it even when the MLM head is used.
+            self.sow("intermediates", "pooled", pooled_BxD)
+
+        if spec.head == "lm":
+            logits = decode(x_BxLxD).astype(jnp.float32)
+        elif spec.head == "mlm":
+            logits = MLMHead(spec, dtype=self.dtype, name="mlm_head")(x_BxLxD, decode)
+        else:
+            pooled_BxD = _dropout(pooled_BxD, spec.dropout_rate, deterministic)
+            classifier = make_dense(spec.n_classes, ("embed", None), name="classifier", init_std=spec.init_std)
+            return classifier(pooled_BxD).astype(jnp.float32)
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def _dropout(x, rate: float, deterministic: bool):
+    if rate <= 0.0 or deterministic:
+        return x
+    return nn.Dropout(rate)(x, deterministic=False)
+
+
+def build(spec: ModelSpec, dtype: Any = jnp.float32) -> Transformer:
+    """Returns the (unbound) Flax module of ``spec``; ``dtype`` is the activation dtype."""
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"build() needs a ModelSpec, got {type(spec).__name__}")
+    return Transformer(spec, dtype=dtype)

@@ -1,0 +1,84 @@
+"""Train state and its sharded initialisation (no allocation before shardings are known)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from nasjax import sharding as shd
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Step counter, parameters and optimizer state: everything a checkpoint holds."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def dummy_inputs(batch_size: int, seq_len: int):
+    return jnp.zeros((batch_size, seq_len), jnp.int32)
+
+
+def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, rng, seq_len: int) -> TrainState:
+    variables = model.init({"params": rng, "dropout": rng}, dummy_inputs(1, seq_len))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_shardings(model, tx, seq_len: int, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
+    """Abstract (unboxed) state and its NamedShardings, from eval_shape only."""
+    boxed = jax.eval_shape(lambda r: _boxed_state(model, tx, r, seq_len), jax.random.key(0))
+    logical = nn.get_partition_spec(boxed)
+    abstract = nn.meta.unbox(boxed)
+    return abstract, shd.logical_to_shardings(logical, abstract, mesh, rules)
+
+
+def init_state(model, tx, seed: int, seq_len: int, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
+    """Initialises the train state directly into its shardings.
+
+    Returns:
+      (state, shardings): the sharded TrainState and the matching sharding tree.
+    """
+    abstract, shardings = state_shardings(model, tx, seq_len, mesh, rules)
+    init = jax.jit(lambda r: nn.meta.unbox(_boxed_state(model, tx, r, seq_len)), out_shardings=shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = init(jax.random.key(seed))
+    del abstract
+    return state, shardings
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying shardings: the restore target for a checkpoint."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def inherit_params(target: Any, source: Any) -> tuple[Any, int]:
+    """Copies every ``source`` leaf whose path and shape match into ``target``.
+
+    Stable parameter paths make this the weight inheritance of fine-tuning (encoder
+    weights into a classifier) and of searches (parent into child).
+
+    Returns:
+      (merged tree, number of leaves copied).
+    """
+    src = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    copied = 0
+
+    def pick(path, leaf):
+        nonlocal copied
+        v = src.get(jax.tree_util.keystr(path))
+        if v is not None and tuple(v.shape) == tuple(leaf.shape) and v.dtype == leaf.dtype:
+            copied += 1
+            return v
+        return leaf
+
+    merged = jax.tree_util.tree_map_with_path(pick, target)
+    return merged, copied

@@ -1,0 +1,81 @@
+"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(scope="session")
+def n_devices():
+    return jax.device_count()
+
+
+WORDS = (
+    "the king queen lord lady good noble sweet fair love death night day heart hand eye "
+    "speak come go stay hear see know think say make give take thou thee thy my your his her "
+    "and but for with not no yes now then here there what why how when where"
+).split()
+
+
+def write_synthetic_corpus(folder, n_files=6, words_per_file=3000, seed=0):
+    """Deterministic pseudo-text with learnable structure (a word bigram chain)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = len(WORDS)
+    nxt = rng.integers(0, n, size=(n, 3))  # each word is followed by one of 3 words
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in range(n_files):
+        w = int(rng.integers(n))
+        out = []
+        for i in range(words_per_file):
+            out.append(WORDS[w])
+            w = int(nxt[w, rng.integers(3)])
+            if i % 12 == 11:
+                out.append(".\n")
+        p = folder / f"doc_{f}.txt"
+        p.write_text(" ".join(out))
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    write_synthetic_corpus(tmp_path / "corpus")
+    return tmp_path / "corpus"
+
+
+@pytest.fixture
+def tiny_config(text_dir, tmp_path):
+    """A small LM training config over the synthetic corpus (fast on CPU)."""
+
+    def make(**overrides):
+        from nasjax.config import apply_overrides, base_config
+
+        c = base_config()
+        c.model.name = "vanilla"
+        c.model.size = "tiny"
+        c.data.path = str(text_dir)
+        c.data.val_files = "doc_5.txt"
+        c.data.seq_len = 32
+        c.data.cache_dir = str(tmp_path / "cache")
+        c.train.batch_size = 8
+        c.train.steps = 6
+        c.train.warmup_steps = 2
+        c.train.log_every = 1
+        c.train.eval_every = 0
+        c.train.eval_batches = 2
+        c.train.checkpoint_every = 2
+        c.train.async_checkpoint = False
+        c.compile_cache_dir = "none"
+        c.lock()
+        return apply_overrides(c, overrides)
+
+    return make

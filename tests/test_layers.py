@@ -1,0 +1,460 @@
+"""Layer tests: each block against an independent NumPy / closed-form reference."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nasjax.layers import (
+    FFN,
+    CausalDepthwiseConv,
+    Embeddings,
+    GLUConvBlock,
+    LayerNorm,
+    LightweightConv1d,
+    MultiHeadAttention,
+    PrimerNorm,
+    RelativePositionBias,
+    RMSNorm,
+    abz_attention,
+    apply_rotary,
+    make_norm,
+    padding_key_bias,
+    relative_position_bucket,
+    shift_right,
+    sinusoidal_positions,
+    squared_relu,
+)
+from nasjax.spec import AttentionSpec
+
+B, L, D, H = 2, 8, 32, 4
+K = D // H
+
+
+def _x(seed=0, shape=(B, L, D), scale=1.0):
+    return scale * jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _init(module, *args, seed=1, **kwargs):
+    return nn.unbox(module.init({"params": jax.random.key(seed)}, *args, **kwargs))
+
+
+def _np(a):
+    return np.asarray(a, np.float64)
+
+
+def _softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _randomise(variables, seed=7, scale=0.3):
+    """Replaces every parameter by random values so that symmetric inits cannot hide bugs."""
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [scale * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+    return jax.tree.unflatten(tree, new)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def test_norms_match_formulas():
+    x = _x(scale=3.0) + 1.5
+    xn = _np(x)
+    mu = xn.mean(-1, keepdims=True)
+    for cls, expected in [
+        (LayerNorm, (xn - mu) / np.sqrt(xn.var(-1, keepdims=True) + 1e-6)),
+        (RMSNorm, xn / np.sqrt((xn**2).mean(-1, keepdims=True) + 1e-6)),
+        (PrimerNorm, (xn - mu) / np.sqrt((xn * (xn - mu)).mean(-1, keepdims=True) + 1e-6)),
+    ]:
+        variables = _init(cls(eps=1e-6), x)
+        np.testing.assert_allclose(_np(cls(eps=1e-6).apply(variables, x)), expected, rtol=1e-4, atol=1e-5)
+    assert set(_init(RMSNorm(), x)["params"]) == {"scale"}
+    assert set(_init(LayerNorm(), x)["params"]) == {"scale", "bias"}
+
+
+def test_norm_params_and_dtype():
+    x = _x()
+    v = _init(LayerNorm(), x)
+    unit = LayerNorm().apply(v, x)  # scale 1, bias 0 at init
+    v = {"params": {"scale": jnp.full((D,), 1.5), "bias": jnp.full((D,), 0.5)}}
+    np.testing.assert_allclose(LayerNorm().apply(v, x), 1.5 * unit + 0.5, rtol=1e-5, atol=1e-6)
+    assert LayerNorm(dtype=jnp.bfloat16).apply(v, x).dtype == jnp.bfloat16
+    assert make_norm("rmsnorm", 1e-5, name="n").eps == 1e-5
+    with pytest.raises(ValueError, match="unknown norm"):
+        make_norm("batchnorm", 1e-5)
+
+
+# ----------------------------------------------------------------------------- FFN
+
+
+def test_squared_relu():
+    np.testing.assert_array_equal(squared_relu(jnp.array([-2.0, 0.0, 3.0])), [0.0, 0.0, 9.0])
+
+
+@pytest.mark.parametrize("activation", ["relu", "squared_relu", "gelu_tanh", "swiglu", "geglu"])
+def test_ffn_matches_reference(activation):
+    x = _x()
+    ffn = FFN(d_ff=48, activation=activation)
+    v = _randomise(_init(ffn, x))
+    p = jax.tree.map(_np, v["params"])
+    xn = _np(x)
+    up = xn @ p["up"]["kernel"] + p["up"]["bias"]
+    acts = {
+        "relu": lambda z: np.maximum(z, 0),
+        "squared_relu": lambda z: np.maximum(z, 0) ** 2,
+        "gelu_tanh": lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3))),
+        "swiglu": lambda z: z / (1 + np.exp(-z)),
+        "geglu": lambda z: np.asarray(jax.nn.gelu(jnp.asarray(z), approximate=False), np.float64),
+    }
+    if activation in ("swiglu", "geglu"):
+        assert set(p) == {"up", "gate", "down"}
+        h = acts[activation](xn @ p["gate"]["kernel"] + p["gate"]["bias"]) * up
+    else:
+        assert set(p) == {"up", "down"}
+        h = acts[activation](up)
+    expected = h @ p["down"]["kernel"] + p["down"]["bias"]
+    np.testing.assert_allclose(_np(ffn.apply(v, x)), expected, rtol=2e-4, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- dconv
+
+
+def test_shift_right():
+    x = jnp.arange(2 * 5).reshape(2, 5).astype(jnp.float32)
+    np.testing.assert_array_equal(shift_right(x, 2), [[0, 0, 0, 1, 2], [0, 0, 5, 6, 7]])
+    np.testing.assert_array_equal(shift_right(x, 9), np.zeros((2, 5)))
+
+
+def test_causal_depthwise_conv_random_taps_match_numpy():
+    x = _x(shape=(B, L, H, K))
+    conv = CausalDepthwiseConv(kernel_size=4)
+    v = _randomise(_init(conv, x))
+    taps = [_np(v["params"][f"tap_{i}"]) for i in range(4)]
+    assert all(t.shape == (H, K) for t in taps)
+    xn = _np(x)
+    expected = np.zeros_like(xn)
+    for t in range(L):
+        for i in range(4):
+            if t - i >= 0:
+                expected[:, t] += taps[i] * xn[:, t - i]
+    np.testing.assert_allclose(_np(conv.apply(v, x)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dconv_init_constants():
+    v = _init(CausalDepthwiseConv(kernel_size=3), _x(shape=(B, L, H, K)))["params"]
+    np.testing.assert_array_equal(v["tap_0"], np.full((H, K), 0.5, np.float32))
+    np.testing.assert_allclose(v["tap_1"], np.full((H, K), 1 / 6), rtol=1e-7)
+    np.testing.assert_allclose(v["tap_2"], np.full((H, K), 1 / 6), rtol=1e-7)
+
+
+def test_mdha_dconv_at_init_is_smoothed_projection():
+    """MDHA's Q/K/V equal 0.5 P_t + (P_{t-1} + P_{t-2}) / 6 of their projections at init."""
+    x = _x()
+    mha = MultiHeadAttention(AttentionSpec(n_heads=H, dconv_kernel=3), causal=True)
+    v = _init(mha, x)
+    _, state = mha.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    inter = state["intermediates"]
+    for name in ("q", "k", "v"):
+        p = _np(inter[f"{name}_proj"]["__call__"][0]).reshape(B, L, D)
+        prev1 = np.concatenate([np.zeros_like(p[:, :1]), p[:, :-1]], axis=1)
+        prev2 = np.concatenate([np.zeros_like(p[:, :2]), p[:, :-2]], axis=1)
+        expected = 0.5 * p + (prev1 + prev2) / 6
+        np.testing.assert_allclose(_np(inter[name][0]), expected, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- attention: pure functions
+
+
+def autobert_attention(layer, q, k, v, key_bias):
+    """methods.md Appendix A, verbatim (the reference semantics)."""
+    s = jnp.sqrt(q.shape[-1])
+    T = lambda x: jnp.swapaxes(x, -1, -2)
+    if layer == 2:
+        keyT, val = T(jax.nn.softplus(k)), q + k
+    elif layer == 4:
+        S = jax.nn.log_sigmoid(q) + q + k
+        keyT, val = T(jax.nn.softplus(-S)), q
+    elif layer in (6, 8):
+        keyT, val = T(jax.nn.softplus(-k)), q
+    elif layer == 10:
+        keyT, val = T(k / s + jax.nn.soft_sign(jax.nn.soft_sign(k) / s) + v), v
+    elif layer == 12:
+        keyT, val = T(k / s + v), v
+    else:
+        raise ValueError("conv layer")
+    a = jax.nn.softmax(q @ keyT / s + key_bias, axis=-1)
+    return a @ val
+
+
+def _qkv_heads(scale=1.0):
+    return [_x(seed, (B, H, L, K), scale) for seed in (10, 11, 12)]
+
+
+def _key_bias():
+    mask = jnp.ones((B, L), bool).at[1, -3:].set(False)
+    return padding_key_bias(mask)
+
+
+def test_abz_l2_closed_form():
+    """softmax(Q softplus(K)^T / s) (Q + K), per head, computed independently in NumPy."""
+    q, k, _ = _qkv_heads()
+    out = _np(abz_attention("abz_l2", q, k, None, _key_bias()))
+    qn, kn, bias = _np(q), _np(k), _np(_key_bias())
+    s = np.sqrt(K)
+    for b in range(B):
+        for h in range(H):
+            a = _softmax(qn[b, h] @ np.log1p(np.exp(kn[b, h])).T / s + bias[b, 0])
+            np.testing.assert_allclose(out[b, h], a @ (qn[b, h] + kn[b, h]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant,layer", [("abz_l2", 2), ("abz_l4", 4), ("abz_l6", 6), ("abz_l10", 10), ("abz_l12", 12)]
+)
+def test_abz_variants_match_appendix_a(variant, layer):
+    q, k, v = _qkv_heads()
+    bias = _key_bias()
+    np.testing.assert_allclose(
+        abz_attention(variant, q, k, v, bias), autobert_attention(layer, q, k, v, bias), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("variant", ["softmax", "abz_l2", "abz_l4", "abz_l6", "abz_l10", "abz_l12"])
+def test_abz_variants_finite_for_large_inputs(variant):
+    q, k, v = _qkv_heads(scale=1e3)
+    out = abz_attention(variant, q, k, v, _key_bias(), mask=jnp.tril(jnp.ones((L, L), bool)))
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_abz_attention_padding_hides_keys():
+    q, k, v = _qkv_heads()
+    mask = jnp.ones((B, L), bool).at[:, -3:].set(False)
+    v2 = v.at[:, :, -3:].set(123.0)
+    k2 = k.at[:, :, -3:].set(-50.0)
+    a = abz_attention("softmax", q, k, v, padding_key_bias(mask))
+    b = abz_attention("softmax", q, k2, v2, padding_key_bias(mask))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_softmax_variant_needs_v():
+    q, k, _ = _qkv_heads()
+    with pytest.raises(ValueError, match="needs V"):
+        abz_attention("softmax", q, k, None)
+    with pytest.raises(ValueError, match="unknown attention variant"):
+        abz_attention("abz_l8", q, k, None)
+
+
+# ----------------------------------------------------------------------------- attention: module
+
+
+def _heads(p, x, name):
+    return np.einsum("bld,dhk->blhk", x, p[name]["kernel"]) + p[name].get("bias", 0.0)
+
+
+def _reference_mha(p, x, q, k, v, variant, causal, key_bias=None):
+    """Independent NumPy multi-head attention on [B, L, H, K] inputs, then W_O."""
+    s = np.sqrt(q.shape[-1])
+    out = np.zeros_like(q)
+    for b in range(x.shape[0]):
+        for h in range(q.shape[2]):
+            qh, kh = q[b, :, h], k[b, :, h]
+            vh = None if v is None else v[b, :, h]
+            if variant == "softmax":
+                key, val = kh, vh
+            elif variant == "abz_l2":
+                key, val = np.log1p(np.exp(kh)), qh + kh
+            elif variant == "abz_l12":
+                key, val = kh / s + vh, vh
+            logits = qh @ key.T / s
+            if key_bias is not None:
+                logits = logits + key_bias[b]
+            if causal:
+                logits = np.where(np.tril(np.ones((L, L), bool)), logits, -np.inf)
+            out[b, :, h] = _softmax(logits) @ val
+    y = np.einsum("blhk,hkd->bld", out, p["o_proj"]["kernel"])
+    return y + p["o_proj"].get("bias", 0.0)
+
+
+@pytest.mark.parametrize(
+    "spec,causal",
+    [
+        (AttentionSpec(n_heads=H), True),
+        (AttentionSpec(n_heads=H, use_bias=True), False),
+        (AttentionSpec(n_heads=H, use_bias=True, variant="abz_l2"), False),
+        (AttentionSpec(n_heads=H, use_bias=True, variant="abz_l12"), True),
+        (AttentionSpec(n_heads=H, head_dim=6), True),
+    ],
+)
+def test_attention_module_matches_reference(spec, causal):
+    x = _x()
+    mha = MultiHeadAttention(spec, causal=causal)
+    v = _randomise(_init(mha, x))
+    p = jax.tree.map(_np, v["params"])
+    assert ("v_proj" in p) == spec.uses_value
+    assert ("bias" in p["q_proj"]) == spec.use_bias
+    mask = np.ones((B, L), bool)
+    mask[0, -2:] = False
+    key_bias = None if causal else np.where(mask, 0.0, -10000.0)[:, None, :]
+    xn = _np(x)
+    q, k = _heads(p, xn, "q_proj"), _heads(p, xn, "k_proj")
+    vv = _heads(p, xn, "v_proj") if spec.uses_value else None
+    expected = _reference_mha(p, xn, q, k, vv, spec.variant, causal, key_bias)
+    kb = None if causal else padding_key_bias(jnp.asarray(mask))
+    np.testing.assert_allclose(_np(mha.apply(v, x, key_bias=kb)), expected, rtol=2e-4, atol=2e-5)
+
+
+def test_no_value_projection_for_abz_l2_l4_l6():
+    x = _x()
+    for variant in ("abz_l2", "abz_l4", "abz_l6"):
+        params = _init(MultiHeadAttention(AttentionSpec(H, variant=variant)), x)["params"]
+        assert set(params) == {"q_proj", "k_proj", "o_proj"}
+    for variant in ("abz_l10", "abz_l12"):
+        params = _init(MultiHeadAttention(AttentionSpec(H, variant=variant)), x)["params"]
+        assert set(params) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_shared_qk_matches_reference():
+    """K = dconv(X W_qk), Q = K W_solo (no bias), V = dconv(X W_v); random taps."""
+    x = _x()
+    mha = MultiHeadAttention(AttentionSpec(n_heads=H, dconv_kernel=3, shared_qk=True), causal=True)
+    v = _randomise(_init(mha, x))
+    p = jax.tree.map(_np, v["params"])
+    assert set(p) == {"qk_proj", "q_solo", "k_dconv", "v_proj", "v_dconv", "o_proj"}
+    assert p["q_solo"]["kernel"].shape == (H, K, H, K) and "bias" not in p["q_solo"]
+
+    def dconv(y, taps):
+        out = np.zeros_like(y)
+        for i in range(3):
+            out[:, i:] += taps[f"tap_{i}"] * y[:, : L - i]
+        return out
+
+    xn = _np(x)
+    k = dconv(_heads(p, xn, "qk_proj"), p["k_dconv"])
+    q = np.einsum("blhk,hkgj->blgj", k, p["q_solo"]["kernel"])
+    vv = dconv(_heads(p, xn, "v_proj"), p["v_dconv"])
+    expected = _reference_mha(p, xn, q, k, vv, "softmax", causal=True)
+    np.testing.assert_allclose(_np(mha.apply(v, x)), expected, rtol=2e-4, atol=2e-5)
+
+
+def test_attention_sows_merged_qkv_and_relative_bias_slices_heads():
+    x = _x()
+    mha = MultiHeadAttention(AttentionSpec(n_heads=2, head_dim=8), causal=True)
+    v = _init(mha, x)
+    bias = jax.random.normal(jax.random.key(3), (1, 4, L, L))  # table has more heads than the layer
+    y, state = mha.apply(v, x, position_bias=bias, mutable=["intermediates"])
+    assert {n: a[0].shape for n, a in state["intermediates"].items()} == {n: (B, L, 16) for n in "qkv"}
+    y2 = mha.apply(v, x, position_bias=bias[:, :2])
+    np.testing.assert_allclose(y, y2, rtol=1e-6)
+    assert not np.allclose(y, mha.apply(v, x), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- conv
+
+
+def _lightconv_reference(x, w, pad_left):
+    x = _np(x)
+    n_heads, k = w.shape
+    width = x.shape[-1] // n_heads
+    out = np.zeros_like(x)
+    for t in range(x.shape[1]):
+        for j in range(k):
+            src = t + j - pad_left
+            if 0 <= src < x.shape[1]:
+                out[:, t] += np.repeat(w[:, j], width) * x[:, src]
+    return out
+
+
+@pytest.mark.parametrize("kernel,causal", [(3, False), (7, True), (65, False), (4, False), (5, True)])
+def test_lightweight_conv_matches_reference(kernel, causal):
+    x = _x()
+    conv = LightweightConv1d(kernel, H, causal=causal)
+    v = _init(conv, x)
+    w = _np(v["params"]["kernel"])
+    assert w.shape == (H, kernel)
+    expected = _lightconv_reference(x, w, kernel - 1 if causal else kernel // 2)
+    np.testing.assert_allclose(_np(conv.apply(v, x)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lightweight_conv_init_is_torch_xavier_uniform():
+    w = _np(_init(LightweightConv1d(9, 12), _x(shape=(1, 4, 24)))["params"]["kernel"])
+    bound = np.sqrt(6.0 / (9 + 12 * 9))
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.8 * bound
+
+
+def test_glu_conv_block_matches_reference_and_zeroes_padding():
+    x = _x()
+    block = GLUConvBlock(kernel_size=5, n_heads=H, causal=False)
+    v = _randomise(_init(block, x))
+    p = jax.tree.map(_np, v["params"])
+    mask = np.ones((B, L), bool)
+    mask[1, -3:] = False
+    xn = _np(x)
+    h = xn @ p["in_proj"]["kernel"] + p["in_proj"]["bias"]
+    h = h[..., :D] / (1 + np.exp(-h[..., D:]))
+    h = h * mask[..., None]
+    h = _lightconv_reference(h, p["conv"]["kernel"], 2)
+    expected = h @ p["out_proj"]["kernel"] + p["out_proj"]["bias"]
+    got = block.apply(v, x, padding_mask=jnp.asarray(mask))
+    np.testing.assert_allclose(_np(got), expected, rtol=2e-4, atol=2e-5)
+    assert p["in_proj"]["kernel"].shape == (D, 2 * D) and p["out_proj"]["kernel"].shape == (D, D)
+
+
+# ----------------------------------------------------------------------------- embeddings and positions
+
+
+def test_relative_position_bucket_t5_values():
+    rel = np.array([0, -1, 1, -7, -8, -20, -200, 5, 20])
+    np.testing.assert_array_equal(relative_position_bucket(rel, True, 32, 128), [0, 1, 17, 7, 8, 10, 15, 21, 26])
+    np.testing.assert_array_equal(relative_position_bucket(rel, False, 32, 128), [0, 1, 0, 7, 8, 17, 31, 0, 0])
+
+
+def test_relative_position_bias_shape_and_direction():
+    rpb = RelativePositionBias(n_heads=3, bidirectional=False)
+    v = _init(rpb, L, L)
+    assert v["params"]["embedding"].shape == (32, 3)
+    bias = rpb.apply(v, L, L)
+    assert bias.shape == (1, 3, L, L)
+    # unidirectional: every future key shares bucket 0, so the upper triangle is constant.
+    np.testing.assert_array_equal(bias[0, 0][np.triu_indices(L, 1)], v["params"]["embedding"][0, 0])
+
+
+def test_sinusoidal_positions():
+    pe = sinusoidal_positions(10, 16)
+    assert pe.shape == (10, 16)
+    np.testing.assert_allclose(pe[0], np.r_[np.zeros(8), np.ones(8)])
+    np.testing.assert_allclose(pe[3, 0], np.sin(3.0), rtol=1e-6)
+
+
+def test_rotary_is_relative_and_norm_preserving():
+    x = _x(shape=(1, L, 1, K))
+    y = _x(seed=5, shape=(1, L, 1, K))
+    rx = apply_rotary(x)
+    np.testing.assert_allclose(jnp.linalg.norm(rx, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+    # <R_m x, R_n y> depends only on m - n: shift both positions by 3.
+    same_x = jnp.broadcast_to(x[:, :1], x.shape)
+    same_y = jnp.broadcast_to(y[:, :1], y.shape)
+    a, b = apply_rotary(same_x), apply_rotary(same_y)
+    d1 = jnp.sum(a[0, 1] * b[0, 4])
+    d2 = jnp.sum(a[0, 3] * b[0, 6])
+    np.testing.assert_allclose(d1, d2, rtol=1e-5)
+
+
+def test_embeddings_parts_and_tied_attend():
+    tokens = jnp.array([[1, 2, 3, 4], [5, 6, 7, 0]])
+    seg = jnp.array([[0, 0, 1, 1], [0, 1, 1, 1]])
+    emb = Embeddings(vocab_size=10, d_model=D, max_len=16, positions="learned", type_vocab_size=2)
+    v = _init(emb, tokens, seg)
+    p = v["params"]
+    expected = (
+        p["token_embed"]["embedding"][tokens] + p["position_embed"]["embedding"][:4] + p["type_embed"]["embedding"][seg]
+    )
+    np.testing.assert_allclose(emb.apply(v, tokens, seg), expected, rtol=1e-6)
+    x = _x(shape=(2, 4, D))
+    np.testing.assert_allclose(
+        emb.apply(v, x, method=Embeddings.attend), x @ p["token_embed"]["embedding"].T, rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        emb.apply(v, jnp.zeros((1, 17), jnp.int32))
