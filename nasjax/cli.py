@@ -66,7 +66,7 @@ def cmd_eval(args: list[str]) -> int:
 
 
 def cmd_describe(args: list[str]) -> int:
-    from nasjax.measure.report import describe_target
+    from nasjax.measure.lookup import describe_target
 
     print(describe_target(args[0] if args else "", FLAGS.config, FLAGS.workdir, FLAGS.size, FLAGS.seq_len, FLAGS.xla))
     return 0
@@ -94,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)}\n{USAGE}", file=sys.stderr)
         return EXIT_ERROR
+    # config_flags needs --config=FILE before any --config.KEY override; accept any order.
+    rest = argv[2:]
+    rest = [a for a in rest if a.startswith("--config=")] + [a for a in rest if not a.startswith("--config=")]
+    sys.argv = [argv[0], command] + rest  # config_flags also reads sys.argv
     try:
-        positional = FLAGS([f"nasjax {command}"] + argv[2:])[1:]
+        positional = FLAGS([f"nasjax {command}"] + rest)[1:]
     except (flags.Error, KeyError, AttributeError, ValueError) as e:
         print(f"error: {_flag_error_text(e)}", file=sys.stderr)
         return EXIT_ERROR

@@ -197,13 +197,13 @@ def test_real_text_training_decreases_validation_loss(tmp_path_factory):
         },
     )
     mesh, rules = run.make_mesh(cfg)
-    from nasjax.data import make_text_data, make_tokenizer, resolve_files, split_files
+    from nasjax.data import make_text_data, make_tokenizer, resolve_files
 
     files = resolve_files(str(corpus))
     tok = make_tokenizer("byte")
     data = make_text_data(
         path=files,
-        val_files=val_files,
+        val_files=["hamlet_gut.txt"],
         val_fraction=0.05,
         tokenizer=tok,
         seq_len=64,
@@ -217,7 +217,7 @@ def test_real_text_training_decreases_validation_loss(tmp_path_factory):
     state = tr.init_state()
     before = tr.evaluate(state.params, data.val_batches(8))
     state, result = tr.fit(state, data.train_iterator(), total_steps=120)
-    after = tr.evaluate(state.params, data.val_batches(8))
+    after = tr.evaluate(state.params, data.val_batches(8), num_bytes=data.val_num_bytes(8))
     assert result.status == "finished"
     assert after["val_loss"] < before["val_loss"] - 1.0, (before, after)
     assert after["val_bpb"] < 4.0
