@@ -10,8 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def nasjax(*args, timeout=300):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "nasjax.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "nasjax.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_help_lists_commands():
@@ -47,10 +48,17 @@ def test_describe_spec_json_and_bad_json(tmp_path):
 
 def test_train_eval_and_malformed_spec(text_dir, tmp_path):
     wd = tmp_path / "run"
-    common = ["--config=configs/train/lm.py:tiny", f"--config.data.path={text_dir}", "--config.data.val_files=doc_5.txt",
-              "--config.data.seq_len=32", "--config.train.batch_size=4", "--config.train.eval_batches=2",
-              f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.compile_cache_dir=none",
-              "--config.model.name=primer_ez"]
+    common = [
+        "--config=configs/train/lm.py:tiny",
+        f"--config.data.path={text_dir}",
+        "--config.data.val_files=doc_5.txt",
+        "--config.data.seq_len=32",
+        "--config.train.batch_size=4",
+        "--config.train.eval_batches=2",
+        f"--config.data.cache_dir={tmp_path / 'cache'}",
+        "--config.compile_cache_dir=none",
+        "--config.model.name=primer_ez",
+    ]
     out = nasjax("train", f"--workdir={wd}", "--config.train.steps=4", *common)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "tok/s" in out.stderr and "ETA" in out.stderr
@@ -60,8 +68,13 @@ def test_train_eval_and_malformed_spec(text_dir, tmp_path):
     assert "perplexity" in out.stdout and "bits per byte" in out.stdout
 
     # the run's spec.json trains again through --config.model.spec
-    out = nasjax("train", f"--workdir={tmp_path / 'again'}", "--config.train.steps=2",
-                 f"--config.model.spec={wd / 'spec.json'}", *common)
+    out = nasjax(
+        "train",
+        f"--workdir={tmp_path / 'again'}",
+        "--config.train.steps=2",
+        f"--config.model.spec={wd / 'spec.json'}",
+        *common,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
     bad = tmp_path / "bad.json"

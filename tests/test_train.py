@@ -103,7 +103,8 @@ def test_sharded_matches_single_device(tiny_config):
         state = tr.init_state()
         with tr._context():
             sharded = shd.shard_batch(batch, mesh)
-            grad_fn = jax.jit(jax.grad(lambda p, b: forward_loss(tr.model, "lm", p, b, jax.random.key(0), True)[0]))
+            model = tr.model
+            grad_fn = jax.jit(jax.grad(lambda p, b, m=model: forward_loss(m, "lm", p, b, jax.random.key(0), True)[0]))
             grads = jax.device_get(grad_fn(state.params, sharded))
         state, metrics = tr.step(state, batch)
         results.append((float(metrics["loss"]), grads, jax.device_get(state.params)))
