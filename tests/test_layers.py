@@ -33,11 +33,19 @@ K = D // H
 
 
 def _x(seed=0, shape=(B, L, D), scale=1.0):
-    return scale * jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+    # NumPy draws: every distinct jax.random shape would compile its own kernel eagerly.
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def _init(module, *args, seed=1, **kwargs):
+    # Eager on purpose: the per-shape initialiser kernels are cached across tests, while a
+    # jitted init recompiles the whole RNG program for every module.
     return nn.unbox(module.init({"params": jax.random.key(seed)}, *args, **kwargs))
+
+
+def _param_names(module, *args):
+    """Top-level parameter names via eval_shape (no compile)."""
+    return set(jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, *args))["params"])
 
 
 def _np(a):
@@ -52,10 +60,8 @@ def _softmax(z):
 
 def _randomise(variables, seed=7, scale=0.3):
     """Replaces every parameter by random values so that symmetric inits cannot hide bugs."""
-    leaves, tree = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [scale * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
-    return jax.tree.unflatten(tree, new)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda leaf: jnp.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype), variables)
 
 
 # ----------------------------------------------------------------------------- norms
@@ -72,8 +78,8 @@ def test_norms_match_formulas():
     ]:
         variables = _init(cls(eps=1e-6), x)
         np.testing.assert_allclose(_np(cls(eps=1e-6).apply(variables, x)), expected, rtol=1e-4, atol=1e-5)
-    assert set(_init(RMSNorm(), x)["params"]) == {"scale"}
-    assert set(_init(LayerNorm(), x)["params"]) == {"scale", "bias"}
+    assert _param_names(RMSNorm(), x) == {"scale"}
+    assert _param_names(LayerNorm(), x) == {"scale", "bias"}
 
 
 def test_norm_params_and_dtype():
@@ -309,11 +315,11 @@ def test_attention_module_matches_reference(spec, causal):
 def test_no_value_projection_for_abz_l2_l4_l6():
     x = _x()
     for variant in ("abz_l2", "abz_l4", "abz_l6"):
-        params = _init(MultiHeadAttention(AttentionSpec(H, variant=variant)), x)["params"]
-        assert set(params) == {"q_proj", "k_proj", "o_proj"}
+        names = _param_names(MultiHeadAttention(AttentionSpec(H, variant=variant)), x)
+        assert names == {"q_proj", "k_proj", "o_proj"}
     for variant in ("abz_l10", "abz_l12"):
-        params = _init(MultiHeadAttention(AttentionSpec(H, variant=variant)), x)["params"]
-        assert set(params) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        names = _param_names(MultiHeadAttention(AttentionSpec(H, variant=variant)), x)
+        assert names == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
 def test_shared_qk_matches_reference():

@@ -19,12 +19,30 @@ def _decoder(mixers, positions="learned", **kw):
 
 
 def _tokens(seed=0, shape=(B, L), vocab=V):
-    return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
 
 
 def _init(spec, tokens, seed=1, dtype=jnp.float32):
+    """The real initialiser (eager, so it compiles one kernel per parameter shape)."""
     model = build(spec, dtype=dtype)
     return model, model.init({"params": jax.random.key(seed)}, tokens)
+
+
+def _abstract(spec, tokens, dtype=jnp.float32):
+    """What ``init`` returns, as ShapeDtypeStructs (still boxed with logical names); no compile."""
+    model = build(spec, dtype=dtype)
+    return jax.eval_shape(lambda t: model.init({"params": jax.random.key(0)}, t), tokens)
+
+
+def _random_init(spec, tokens, seed=1, dtype=jnp.float32, scale=0.1):
+    """Random parameters of the right (boxed) structure, from eval_shape and NumPy: no compile.
+
+    Random norm scales, dconv taps and biases also exercise paths an init leaves at 0 / 1.
+    """
+    model = build(spec, dtype=dtype)
+    abstract = _abstract(spec, tokens, dtype)
+    rng = np.random.default_rng(seed)
+    return model, jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), abstract)
 
 
 # ----------------------------------------------------------------------------- causality
@@ -49,8 +67,8 @@ def test_decoder_causality_by_gradients(case):
     """d logits[t] / d input_embedding[t'] == 0 exactly for every t' > t."""
     spec = CAUSAL_CASES[case]
     tokens = _tokens(shape=(1, L))
-    model, variables = _init(spec, tokens)
-    readout = jax.random.normal(jax.random.key(2), (V,))
+    model, variables = _random_init(spec, tokens)
+    readout = jnp.asarray(np.random.default_rng(2).standard_normal(V), jnp.float32)
 
     def f(pert):
         logits = model.apply({"params": variables["params"], "perturbations": {"embeddings": pert}}, tokens)
@@ -65,8 +83,8 @@ def test_decoder_causality_by_gradients(case):
 def test_perturbation_hook_is_a_noop_without_the_collection():
     spec = CAUSAL_CASES["softmax"]
     tokens = _tokens()
-    model, variables = _init(spec, tokens)
-    assert set(variables) == {"params"}
+    assert set(_abstract(spec, tokens)) == {"params"}  # init creates no perturbation variables
+    model, variables = _random_init(spec, tokens)
     pert = {"embeddings": jnp.zeros((B, L, D))}
     np.testing.assert_array_equal(
         model.apply(variables, tokens), model.apply({**variables, "perturbations": pert}, tokens)
@@ -87,7 +105,7 @@ def test_norm_placement_equations(placement):
         final_norm=False,
     )
     tokens = _tokens()
-    model, variables = _init(spec, tokens)
+    model, variables = _random_init(spec, tokens)
     _, state = model.apply(variables, tokens, capture_intermediates=True, mutable=["intermediates"])
     inter = state["intermediates"]
     x0 = inter["embed"]["__call__"][0]
@@ -117,8 +135,7 @@ def test_parameter_paths_and_logical_names():
         tie_embeddings=False,
     )
     tokens = _tokens()
-    _, variables = _init(spec, tokens)
-    params = variables["params"]
+    params = _abstract(spec, tokens)["params"]
     assert set(params) == {"embed", "relative_bias", "decoder", "final_norm", "lm_head"}
     assert set(params["embed"]) == {"token_embed"}
     assert set(params["decoder"]["layer_0"]) == {"mixer", "mixer_norm", "ffn", "ffn_norm"}
@@ -134,17 +151,33 @@ def test_parameter_paths_and_logical_names():
         assert leaf.value.dtype == jnp.float32
 
 
+def test_init_values():
+    """Dense and embedding weights N(0, init_std), biases 0, norm scales 1, dconv 0.5 / (0.5 / k)."""
+    spec = _decoder([AttentionSpec(4, dconv_kernel=3, use_bias=True)], init_std=0.05)
+    _, variables = _init(spec, _tokens())
+    p = nn.unbox(variables)["params"]
+    layer = p["decoder"]["layer_0"]
+    assert abs(float(jnp.std(p["embed"]["token_embed"]["embedding"])) - 0.05) < 0.01
+    assert abs(float(jnp.std(layer["ffn"]["up"]["kernel"])) - 0.05) < 0.01
+    assert abs(float(jnp.mean(layer["mixer"]["q_proj"]["kernel"]))) < 0.01
+    np.testing.assert_array_equal(layer["mixer"]["q_proj"]["bias"], 0.0)
+    np.testing.assert_array_equal(layer["ffn"]["down"]["bias"], 0.0)
+    np.testing.assert_array_equal(layer["mixer_norm"]["scale"], 1.0)
+    np.testing.assert_array_equal(layer["mixer"]["v_dconv"]["tap_0"], 0.5)
+    np.testing.assert_allclose(layer["mixer"]["v_dconv"]["tap_2"], 0.5 / 3)
+
+
 def test_bert_heads_and_paths():
     spec = get_spec("bert", "tiny", n_layers=1)
     tokens = _tokens(vocab=spec.vocab_size)
-    model, variables = _init(spec, tokens)
+    model, variables = _random_init(spec, tokens)
     params = variables["params"]
     assert set(params) == {"embed", "encoder", "pooler", "mlm_head"}
     assert set(params["embed"]) == {"token_embed", "position_embed", "type_embed", "norm"}
     assert set(params["mlm_head"]) == {"transform", "norm", "bias"}
     assert model.apply(variables, tokens).shape == (B, L, spec.vocab_size)
     cls = spec.replace(head="cls", n_classes=3)
-    model, variables = _init(cls, tokens)
+    model, variables = _random_init(cls, tokens)
     assert {"pooler", "classifier"} <= set(variables["params"])
     assert model.apply(variables, tokens, segment_ids=jnp.ones_like(tokens)).shape == (B, 3)
 
@@ -152,7 +185,7 @@ def test_bert_heads_and_paths():
 def test_intermediates_hold_qkv_for_distillation():
     spec = get_spec("bert", "tiny")
     tokens = _tokens(vocab=spec.vocab_size)
-    model, variables = _init(spec, tokens)
+    model, variables = _random_init(spec, tokens)
     _, state = model.apply(variables, tokens, mutable=["intermediates"])
     mixer = state["intermediates"]["encoder"]["layer_1"]["mixer"]
     assert {k: v[0].shape for k, v in mixer.items()} == {k: (B, L, 64) for k in "qkv"}
@@ -161,7 +194,7 @@ def test_intermediates_hold_qkv_for_distillation():
 def test_dropout_only_when_not_deterministic():
     spec = get_spec("gpt2", "tiny", vocab_size=V, n_layers=1)  # dropout 0.1 / 0.1
     tokens = _tokens()
-    model, variables = _init(spec, tokens)
+    model, variables = _random_init(spec, tokens)
     no_drop = build(spec.replace(dropout_rate=0.0, attention_dropout_rate=0.0))
     det = model.apply(variables, tokens)
     np.testing.assert_array_equal(det, no_drop.apply(variables, tokens))
@@ -173,10 +206,11 @@ def test_dropout_only_when_not_deterministic():
 def test_bfloat16_activations_keep_float32_params_and_logits():
     spec = get_spec("primer", "tiny", vocab_size=V, n_layers=1)
     tokens = _tokens()
-    model, variables = _init(spec, tokens, dtype=jnp.bfloat16)
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nn.unbox(variables)))
-    logits = model.apply(variables, tokens)
-    ref = build(spec).apply(variables, tokens)
+    abstract = _abstract(spec, tokens, dtype=jnp.bfloat16)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nn.unbox(abstract)))
+    model, variables = _random_init(spec, tokens, dtype=jnp.bfloat16)
+    logits = jax.jit(model.apply)(variables, tokens)
+    ref = jax.jit(build(spec).apply)(variables, tokens)
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
     assert float(jnp.max(jnp.abs(logits - ref))) < 0.1 * float(jnp.max(jnp.abs(ref))) + 0.05
 
@@ -199,7 +233,7 @@ def test_zoo_builds_under_eval_shape_and_round_trips(name, size):
 def test_tiny_zoo_forward_jit_equals_eager(name):
     spec = get_spec(name, "tiny")
     tokens = _tokens(vocab=spec.vocab_size, shape=(B, 16))
-    model, variables = _init(spec, tokens)
+    model, variables = _random_init(spec, tokens)
     eager = model.apply(variables, tokens)
     jitted = jax.jit(model.apply)(variables, tokens)
     assert eager.shape == (B, 16, spec.vocab_size)
@@ -213,7 +247,7 @@ def test_encoder_padding_does_not_leak(name):
     tokens = _tokens(vocab=spec.vocab_size, shape=(B, 16))
     mask = jnp.ones((B, 16), bool).at[0, 10:].set(False).at[1, 5:].set(False)
     other = jnp.where(mask, tokens, (tokens + 7) % spec.vocab_size)
-    model, variables = _init(spec, tokens)
+    model, variables = _random_init(spec, tokens)
     apply = jax.jit(lambda t: model.apply(variables, t, padding_mask=mask))
     a, b = np.asarray(apply(tokens)), np.asarray(apply(other))
     m = np.asarray(mask)
@@ -266,7 +300,7 @@ def test_sharded_forward_matches_single_device(n_devices):
         tie_embeddings=False,
     )
     tokens = _tokens(shape=(4, L))
-    model, variables = _init(spec, tokens)
+    model, variables = _random_init(spec, tokens)
     expected = jax.jit(model.apply)(variables, tokens)
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     rules = (
@@ -275,6 +309,7 @@ def test_sharded_forward_matches_single_device(n_devices):
         ("activation_embed", None),
         ("activation_mlp", "tensor"),
         ("activation_heads", "tensor"),
+        ("activation_kv", None),
         ("activation_vocab", "tensor"),
         ("embed", "fsdp"),
         ("mlp", "tensor"),

@@ -55,7 +55,7 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # BERT convention for padded keys: an additive -10000 on the logits.
 PADDING_BIAS = -10000.0
 
-_QKV_AXES = ("activation_batch", "activation_length", "activation_heads", None)
+_QKV_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 
 def padding_key_bias(padding_mask_BxL: jnp.ndarray) -> jnp.ndarray:
