@@ -222,3 +222,21 @@ def test_real_text_training_decreases_validation_loss(tmp_path_factory):
     assert result.status == "finished"
     assert after["val_loss"] < before["val_loss"] - 1.0, (before, after)
     assert after["val_bpb"] < 4.0
+
+
+def test_adafactor_rsqrt_trains_sharded(tiny_config):
+    """Adafactor's factored second moments have other ranks than the params: sharding must cope."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    batch = _batch(np.random.default_rng(2))
+    tr = _trainer(
+        tiny_config,
+        shd.make_mesh((4, 1, 2)),
+        **{"train.optimizer": "adafactor", "train.schedule": "rsqrt", "train.learning_rate": 0.01},
+    )
+    state = tr.init_state()
+    losses = []
+    for _ in range(4):
+        state, metrics = tr.step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]

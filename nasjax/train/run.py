@@ -250,9 +250,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, log=print, progress: boo
                     force=step == cfg.train.steps,
                 )
 
+        preempted = [False]
+
         def on_step_end(step, st):
             extras = _ckpt_extras(spec, cfg, iterator, tokenizer, seen_train_seconds[0])
-            ckpt.save(step, st, **extras)
+            # On a preemption notice (TPU maintenance, SIGTERM from a scheduler) every
+            # host saves now and the loop stops at the next step boundary.
+            preempted[0] = ckpt.reached_preemption(step)
+            ckpt.save(step, st, force=preempted[0], **extras)
 
         def on_eval(step, val):
             metrics.write(step, "eval", **val)
@@ -261,7 +266,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, log=print, progress: boo
         n_eval = cfg.train.eval_batches or None
         eval_fn = lambda params: _evaluate(trainer, params, data, n_eval)  # noqa: E731
         with StopFlag() as stop:
-            hooks = Hooks(on_log=on_log, on_step_end=on_step_end, should_stop=lambda: stop.stop, on_eval=on_eval)
+            hooks = Hooks(
+                on_log=on_log, on_step_end=on_step_end, should_stop=lambda: stop.stop or preempted[0], on_eval=on_eval
+            )
             state, result = trainer.fit(
                 state,
                 iterator,

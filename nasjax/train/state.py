@@ -30,15 +30,44 @@ def dummy_inputs(batch_size: int, seq_len: int):
 def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, rng, seq_len: int) -> TrainState:
     variables = model.init({"params": rng, "dropout": rng}, dummy_inputs(1, seq_len))
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    # The optimizer sees plain arrays: factored states (Adafactor) have other ranks than
+    # the params, so they must not inherit the params' logical-axis boxes.
+    opt_state = tx.init(nn.meta.unbox(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+
+def _opt_state_shardings(abstract_opt: Any, abstract_params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Optimizer leaves that mirror a parameter (Adam's mu, nu) take its sharding.
+
+    A leaf mirrors a parameter when its tree path ends with the parameter's path and
+    the shapes agree; everything else (step counts, Adafactor's row/column factors) is
+    replicated.
+    """
+    flat_p = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    flat_s = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    by_path = {jax.tree_util.keystr(path): (leaf.shape, sh) for (path, leaf), sh in zip(flat_p, flat_s)}
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for pkey, (shape, sh) in by_path.items():
+            if key.endswith(pkey) and tuple(shape) == tuple(leaf.shape):
+                return sh
+        return shd.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
 def state_shardings(model, tx, seq_len: int, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
     """Abstract (unboxed) state and its NamedShardings, from eval_shape only."""
     boxed = jax.eval_shape(lambda r: _boxed_state(model, tx, r, seq_len), jax.random.key(0))
-    logical = nn.get_partition_spec(boxed)
     abstract = nn.meta.unbox(boxed)
-    return abstract, shd.logical_to_shardings(logical, abstract, mesh, rules)
+    param_sh = shd.logical_to_shardings(nn.get_partition_spec(boxed.params), abstract.params, mesh, rules)
+    shardings = TrainState(
+        step=shd.replicated(mesh),
+        params=param_sh,
+        opt_state=_opt_state_shardings(abstract.opt_state, abstract.params, param_sh, mesh),
+    )
+    return abstract, shardings
 
 
 def init_state(model, tx, seed: int, seq_len: int, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
