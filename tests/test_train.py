@@ -240,3 +240,19 @@ def test_adafactor_rsqrt_trains_sharded(tiny_config):
         state, metrics = tr.step(state, batch)
         losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_sentencepiece_run_is_self_contained(tiny_config, tmp_path):
+    """A SentencePiece run trains its tokenizer, and eval works after the workdir moves."""
+    wd = tmp_path / "sp"
+    cfg = tiny_config(**{"data.tokenizer": "sentencepiece", "data.vocab_size": 320, "train.steps": 2})
+    result = run.train(cfg, str(wd), log=lambda *_: None, progress=False)
+    assert result.status == "finished"
+    tok = json.load(open(wd / "tokenizer.json"))
+    assert tok["kind"] == "sentencepiece" and 263 < tok["vocab_size"] <= 320
+    moved = tmp_path / "moved"
+    shutil.move(str(wd), str(moved))
+    shutil.rmtree(moved / "tokenizer", ignore_errors=True)
+    val = run.evaluate(str(moved), log=lambda *_: None)
+    # a SentencePiece token stands for more than one byte on average
+    assert 0 < val["val_bpb"] < val["val_loss"] / np.log(2)

@@ -67,7 +67,7 @@ class Tokenizer(abc.ABC):
         """Returns the text of ``ids``; special ids are dropped."""
 
     @abc.abstractmethod
-    def to_config(self) -> dict:
+    def to_config(self, embed: bool = False) -> dict:
         """A JSON-serialisable dict that ``tokenizer_from_config`` turns back into this tokenizer."""
 
     def num_bytes(self, ids) -> int:
@@ -101,7 +101,7 @@ class ByteTokenizer(Tokenizer):
         ids = ids[(ids >= self.num_special) & (ids < self.vocab_size)]
         return (ids - self.num_special).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
-    def to_config(self) -> dict:
+    def to_config(self, embed: bool = False) -> dict:
         return {"kind": "byte", "vocab_size": self.vocab_size}
 
 

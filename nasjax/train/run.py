@@ -97,7 +97,7 @@ def _tokenizer_for_run(cfg, workdir: str, train_files) -> Any:
         model_dir=os.path.join(workdir, "tokenizer"),
     )
     with open(saved, "w") as f:
-        json.dump(tok.to_config(), f, indent=2)
+        json.dump(tok.to_config(embed=True), f, indent=2)
     return tok
 
 
@@ -317,7 +317,7 @@ def _ckpt_extras(spec, cfg, iterator, tokenizer, train_seconds) -> dict:
         "spec": spec.to_dict(),
         "config": json.loads(cfg.to_json()),
         "data": iterator.get_state(),
-        "tokenizer": tokenizer.to_config(),
+        "tokenizer": tokenizer.to_config(embed=True),
         "run": {"train_seconds": float(train_seconds)},
     }
 
@@ -388,7 +388,7 @@ def _finetune_setup(cfg, workdir: str, log):
         pre_spec, _, tokenizer, _, pre_state, pre_step = load_run(cfg.init_from)
         log(f"initialising from {cfg.init_from} (step {pre_step})")
         with open(os.path.join(workdir, "tokenizer.json"), "w") as f:
-            json.dump(tokenizer.to_config(), f, indent=2)
+            json.dump(tokenizer.to_config(embed=True), f, indent=2)
     else:
         tokenizer = _tokenizer_for_run(cfg, workdir, [])
     paths = [p.strip() for p in cfg.data.path.split(",")]
