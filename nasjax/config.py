@@ -95,6 +95,35 @@ def base_config(finetune: bool = False) -> ml_collections.ConfigDict:
     return c
 
 
+def from_preset(presets: dict, preset: str, source: str, model_name: str, finetune: bool = False, **train):
+    """A base config sized by one preset row of a config file.
+
+    Args:
+      presets: name -> dict(size, seq_len, batch_size, steps, lr, warmup, eval_every).
+      preset: the chosen name.
+      source: the config file (for the error message).
+      model_name: zoo model to train by default.
+      finetune: add the fine-tuning keys.
+      **train: further ``train.*`` settings shared by all presets of the file.
+    """
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for {source}; choose from {', '.join(presets)}")
+    p = presets[preset]
+    config = base_config(finetune=finetune)
+    config.model.name = model_name
+    config.model.size = p["size"]
+    config.data.seq_len = p["seq_len"]
+    config.train.batch_size = p["batch_size"]
+    config.train.steps = p["steps"]
+    config.train.learning_rate = p["lr"]
+    config.train.warmup_steps = p["warmup"]
+    config.train.eval_every = p["eval_every"]
+    config.train.checkpoint_every = p["eval_every"]
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
 class ConfigFileError(ValueError):
     """A config file or preset could not be loaded."""
 

@@ -8,7 +8,7 @@
 without it the model named by ``model.name``/``model.spec`` is trained from scratch.
 """
 
-from nasjax.config import base_config
+from nasjax.config import from_preset
 
 PRESETS = {
     "tiny": dict(size="tiny", seq_len=64, batch_size=32, steps=400, lr=1e-3, warmup=40, eval_every=100),
@@ -18,19 +18,6 @@ PRESETS = {
 
 
 def get_config(preset: str = "tiny"):
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for configs/train/finetune.py; choose from {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    config = base_config(finetune=True)
-    config.model.name = "bert"
-    config.model.size = p["size"]
-    config.data.seq_len = p["seq_len"]
-    config.train.batch_size = p["batch_size"]
-    config.train.steps = p["steps"]
-    config.train.learning_rate = p["lr"]
-    config.train.warmup_steps = p["warmup"]
-    config.train.schedule = "linear"
-    config.train.weight_decay = 0.01
-    config.train.eval_every = p["eval_every"]
-    config.train.checkpoint_every = p["eval_every"]
-    return config
+    return from_preset(
+        PRESETS, preset, "configs/train/finetune.py", "bert", finetune=True, schedule="linear", weight_decay=0.01
+    )

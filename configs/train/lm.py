@@ -8,7 +8,7 @@ Every key is documented in nasjax/config.py (``base_config``); the presets below
 change sizes and budgets, so the same file scales from a laptop CPU to a TPU slice.
 """
 
-from nasjax.config import base_config
+from nasjax.config import from_preset
 
 PRESETS = {
     # CPU, minutes: a 2-layer d64 byte-level decoder on Shakespeare.
@@ -21,17 +21,4 @@ PRESETS = {
 
 
 def get_config(preset: str = "tiny"):
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for configs/train/lm.py; choose from {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    config = base_config()
-    config.model.name = "vanilla"
-    config.model.size = p["size"]
-    config.data.seq_len = p["seq_len"]
-    config.train.batch_size = p["batch_size"]
-    config.train.steps = p["steps"]
-    config.train.learning_rate = p["lr"]
-    config.train.warmup_steps = p["warmup"]
-    config.train.eval_every = p["eval_every"]
-    config.train.checkpoint_every = p["eval_every"]
-    return config
+    return from_preset(PRESETS, preset, "configs/train/lm.py", "vanilla")

@@ -6,7 +6,7 @@
 The objective follows the model kind: encoders get 15% masking (80/10/10).
 """
 
-from nasjax.config import base_config
+from nasjax.config import from_preset
 
 PRESETS = {
     "tiny": dict(size="tiny", seq_len=128, batch_size=16, steps=600, lr=1e-3, warmup=50, eval_every=200),
@@ -16,19 +16,4 @@ PRESETS = {
 
 
 def get_config(preset: str = "tiny"):
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for configs/train/mlm.py; choose from {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    config = base_config()
-    config.model.name = "bert"
-    config.model.size = p["size"]
-    config.data.seq_len = p["seq_len"]
-    config.train.batch_size = p["batch_size"]
-    config.train.steps = p["steps"]
-    config.train.learning_rate = p["lr"]
-    config.train.warmup_steps = p["warmup"]
-    config.train.schedule = "linear"
-    config.train.weight_decay = 0.01
-    config.train.eval_every = p["eval_every"]
-    config.train.checkpoint_every = p["eval_every"]
-    return config
+    return from_preset(PRESETS, preset, "configs/train/mlm.py", "bert", schedule="linear", weight_decay=0.01)
