@@ -5,7 +5,8 @@ One ``CheckpointManager`` per run directory, used as a context manager, async sa
 writes. Each checkpoint is a Composite of the sharded train state plus JSON items
 (model spec, config, data-iterator position, run bookkeeping), so a checkpoint is
 self-describing: ``nasjax eval`` needs nothing else. A checkpoint that cannot be
-read is reported by step and path, and the next older one is tried, so a torn last
+read is reported by step and path, moved to `corrupt_checkpoints/`, and the next older one is
+restored, so a torn last
 save never loses the run.
 """
 
@@ -125,12 +126,27 @@ class Checkpointer:
                 json_items = self.restore_json(s)
                 if failures:
                     log(f"warning: fell back to checkpoint step {s} after: " + "; ".join(failures))
+                    self._quarantine([t for t in steps if t > s])
                 return s, restored["state"], json_items
             except Exception as e:  # orbax raises many types for torn / foreign files
                 msg = f"checkpoint step {s} in {self.directory} is unreadable ({type(e).__name__}: {str(e)[:300]})"
                 failures.append(msg)
                 log(f"warning: {msg}")
         raise CheckpointError("no readable checkpoint: " + "; ".join(failures))
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves unreadable checkpoints aside (kept for inspection) so new saves can use their steps."""
+        dest = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+        os.makedirs(dest, exist_ok=True)
+        for s in steps:
+            src = os.path.join(self.directory, str(s))
+            if os.path.isdir(src):
+                target = os.path.join(dest, f"{s}")
+                n = 1
+                while os.path.exists(target):
+                    target, n = os.path.join(dest, f"{s}.{n}"), n + 1
+                os.replace(src, target)
+        self._manager.reload()
 
     def _resolve_step(self, step: int | None) -> int:
         if step is None:

@@ -256,3 +256,24 @@ def test_sentencepiece_run_is_self_contained(tiny_config, tmp_path):
     val = run.evaluate(str(moved), log=lambda *_: None)
     # a SentencePiece token stands for more than one byte on average
     assert 0 < val["val_bpb"] < val["val_loss"] / np.log(2)
+
+
+def test_corrupt_checkpoint_falls_back_and_other_model_is_refused(tiny_config, tmp_path):
+    wd = tmp_path / "c"
+    cfg = tiny_config(**{"train.steps": 4, "train.keep_checkpoints": 5})
+    run.train(cfg, str(wd), log=lambda *_: None, progress=False)
+    # Tear the newest checkpoint (as a crash mid-write on a filesystem without atomic renames would).
+    newest = wd / "checkpoints" / "4"
+    for path in newest.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00garbage")
+    logs = []
+    result = run.train(cfg, str(wd), log=logs.append, progress=False)
+    assert result.status == "finished" and result.step == 4
+    assert any("unreadable" in line and "step 4" in line for line in logs), logs
+    assert any("resumed from checkpoint step 2" in line for line in logs), logs
+    assert (wd / "corrupt_checkpoints" / "4").is_dir()  # kept aside for inspection
+    assert run.evaluate(str(wd), log=lambda *_: None)["step"] == 4  # step 4 was written again
+
+    with pytest.raises(run.RunError, match="different model"):
+        run.train(tiny_config(**{"model.name": "gpt2"}), str(wd), log=lambda *_: None, progress=False)
