@@ -5,9 +5,8 @@ One ``CheckpointManager`` per run directory, used as a context manager, async sa
 writes. Each checkpoint is a Composite of the sharded train state plus JSON items
 (model spec, config, data-iterator position, run bookkeeping), so a checkpoint is
 self-describing: ``nasjax eval`` needs nothing else. A checkpoint that cannot be
-read is reported by step and path, moved to `corrupt_checkpoints/`, and the next older one is
-restored, so a torn last
-save never loses the run.
+read is reported by step and path, moved to ``corrupt_checkpoints/``, and the next
+older one is restored, so a torn last save never loses the run.
 """
 
 from __future__ import annotations

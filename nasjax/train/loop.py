@@ -121,6 +121,7 @@ class Trainer:
         self._compiled_eval = None
         self._batch_keys: tuple | None = None
         self.compile_seconds = 0.0
+        self.train_seconds = 0.0  # training time of the current fit, restored part included
 
     # ------------------------------------------------------------------ state
     def init_state(self) -> TrainState:
@@ -271,6 +272,7 @@ class Trainer:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t0
             train_seconds += dt
+            self.train_seconds = train_seconds  # read by checkpoint hooks
             window_time += dt
             step += 1
             if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):

@@ -235,11 +235,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, log=print, progress: boo
             f"mesh {dict(mesh.shape)} | objective {trainer.objective} | steps {start}->{cfg.train.steps}"
         )
         bar = ProgressBar(cfg.train.steps, cfg.train.budget_seconds) if progress else None
-        seen_train_seconds = [run_info["train_seconds"]]
 
         def on_log(step, m):
             metrics.write(step, "train", **m)
-            seen_train_seconds[0] = m["train_seconds"]
             if bar:
                 bar.update(
                     step,
@@ -253,11 +251,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, log=print, progress: boo
         preempted = [False]
 
         def on_step_end(step, st):
-            extras = _ckpt_extras(spec, cfg, iterator, tokenizer, seen_train_seconds[0])
             # On a preemption notice (TPU maintenance, SIGTERM from a scheduler) every
             # host saves now and the loop stops at the next step boundary.
             preempted[0] = ckpt.reached_preemption(step)
-            ckpt.save(step, st, force=preempted[0], **extras)
+            if preempted[0] or ckpt.should_save(step):  # build the JSON items only when saving
+                extras = _ckpt_extras(spec, cfg, iterator, tokenizer, trainer.train_seconds)
+                ckpt.save(step, st, force=preempted[0], **extras)
 
         def on_eval(step, val):
             metrics.write(step, "eval", **val)
