@@ -171,6 +171,9 @@ def test_mlm_then_finetune_classifier(tiny_config, tmp_path):
     assert res.status == "finished"
     assert any("inherited" in line for line in logs)
     assert res.val["val_accuracy"] >= 0.9  # the two classes differ in every word
+    val = run.evaluate(str(tmp_path / "ft"), log=lambda *_: None)
+    np.testing.assert_allclose(val["val_accuracy"], res.val["val_accuracy"])
+    assert "accuracy" in run.format_eval(val)
 
 
 @pytest.mark.slow

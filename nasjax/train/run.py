@@ -352,9 +352,7 @@ def evaluate(workdir: str, step: int | None = None, max_batches: int = 0, log=pr
     """Validation loss, perplexity and bits per byte of a checkpoint."""
     spec, cfg, tokenizer, trainer, state, got_step = load_run(workdir, step)
     if "init_from" in cfg:
-        data = ClassificationData(
-            cfg.data.path, tokenizer, cfg.data.seq_len, cfg.train.batch_size, cfg.seed, cfg.data.val_fraction
-        )
+        data = _classification_data(cfg, tokenizer)
     else:
         data = make_text_data(
             path=resolve_files(resolve_data_path(cfg, log)),
@@ -378,6 +376,19 @@ def evaluate(workdir: str, step: int | None = None, max_batches: int = 0, log=pr
 # ---------------------------------------------------------------------- finetune
 
 
+def _classification_data(cfg, tokenizer) -> ClassificationData:
+    """``data.path`` is one JSONL file (split by ``data.val_fraction``) or ``TRAIN.jsonl,VAL.jsonl``."""
+    paths = [p.strip() for p in cfg.data.path.split(",") if p.strip()]
+    return ClassificationData(
+        paths[0] if len(paths) == 1 else tuple(paths),
+        tokenizer,
+        cfg.data.seq_len,
+        cfg.train.batch_size,
+        cfg.seed,
+        cfg.data.val_fraction,
+    )
+
+
 def _finetune_setup(cfg, workdir: str, log):
     """Classification data, tokenizer, cls spec and (optionally) pretrained params."""
     if not cfg.data.path:
@@ -390,15 +401,7 @@ def _finetune_setup(cfg, workdir: str, log):
             json.dump(tokenizer.to_config(embed=True), f, indent=2)
     else:
         tokenizer = _tokenizer_for_run(cfg, workdir, [])
-    paths = [p.strip() for p in cfg.data.path.split(",")]
-    data = ClassificationData(
-        paths[0] if len(paths) == 1 else tuple(paths),
-        tokenizer,
-        cfg.data.seq_len,
-        cfg.train.batch_size,
-        cfg.seed,
-        cfg.data.val_fraction,
-    )
+    data = _classification_data(cfg, tokenizer)
     if cfg.init_from:
         spec = pre_spec.replace(head="cls", n_classes=data.n_classes, pooler=True)
         if cfg.model.dropout_rate >= 0:
