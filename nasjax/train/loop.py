@@ -125,8 +125,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def init_state(self) -> TrainState:
-        state, _ = init_state(self.model, self.tx, self.seed, self.seq_len, self.mesh, self.rules)
-        return state
+        return init_state(
+            self.model, self.tx, self.seed, self.seq_len, self.mesh, self.rules, shardings=self.state_shardings
+        )
 
     def param_count(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))

@@ -48,10 +48,11 @@ def _opt_state_shardings(abstract_opt: Any, abstract_params: Any, param_sharding
     by_path = {jax.tree_util.keystr(path): (leaf.shape, sh) for (path, leaf), sh in zip(flat_p, flat_s)}
 
     def pick(path, leaf):
-        key = jax.tree_util.keystr(path)
-        for pkey, (shape, sh) in by_path.items():
-            if key.endswith(pkey) and tuple(shape) == tuple(leaf.shape):
-                return sh
+        # Longest suffix first: O(depth) dictionary lookups per leaf, not a scan of all params.
+        for i in range(len(path)):
+            hit = by_path.get(jax.tree_util.keystr(path[i:]))
+            if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+                return hit[1]
         return shd.replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(pick, abstract_opt)
@@ -70,18 +71,23 @@ def state_shardings(model, tx, seq_len: int, mesh: Mesh, rules) -> tuple[TrainSt
     return abstract, shardings
 
 
-def init_state(model, tx, seed: int, seq_len: int, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
+def init_state(
+    model, tx, seed: int, seq_len: int, mesh: Mesh, rules, shardings: TrainState | None = None
+) -> TrainState:
     """Initialises the train state directly into its shardings.
 
+    Args:
+      shardings: from :func:`state_shardings`; derived here when not given (pass them
+        to avoid tracing the model a second time).
+
     Returns:
-      (state, shardings): the sharded TrainState and the matching sharding tree.
+      The sharded TrainState.
     """
-    abstract, shardings = state_shardings(model, tx, seq_len, mesh, rules)
+    if shardings is None:
+        _, shardings = state_shardings(model, tx, seq_len, mesh, rules)
     init = jax.jit(lambda r: nn.meta.unbox(_boxed_state(model, tx, r, seq_len)), out_shardings=shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = init(jax.random.key(seed))
-    del abstract
-    return state, shardings
+        return init(jax.random.key(seed))
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
