@@ -39,6 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
+    ("branch", None),  # parallel copies inside a Primer program (nn.vmap axis)
     ("layers", None),
 )
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import types
 import typing
@@ -40,7 +41,7 @@ __all__ = [
 ATTENTION_VARIANTS = ("softmax", "abz_l2", "abz_l4", "abz_l6", "abz_l10", "abz_l12")
 ACTIVATIONS = ("relu", "squared_relu", "gelu", "gelu_tanh", "swiglu", "geglu", "silu")
 NORM_KINDS = ("layernorm", "rmsnorm", "primer_norm")
-NORM_PLACEMENTS = ("pre", "post", "branch")
+NORM_PLACEMENTS = ("pre", "post", "branch", "none")
 POSITIONS = ("learned", "sinusoidal", "relative", "rotary", "none")
 MODEL_KINDS = ("decoder", "encoder")
 HEADS = ("lm", "mlm", "cls")
@@ -125,6 +126,9 @@ class ConvSpec:
 
 
 MIXER_KINDS: dict[str, type] = {"attention": AttentionSpec, "glu_conv": ConvSpec}
+# Kinds defined outside this file, imported on first use so JSON specs parse without
+# the caller importing the genome package first.
+_LAZY_MIXER_MODULES = {"program": "nasjax.genome.program"}
 
 
 def register_mixer(cls: type) -> type:
@@ -160,7 +164,8 @@ class FFNSpec:
 class BlockSpec:
     """One layer: token mixer then FFN, each with a residual and a norm placement.
 
-    Norm placements per sub-layer: ``pre`` is x + F(N(x)); ``post`` is N(x + F(x))
+    Norm placements per sub-layer: ``none`` is F(x) (whole-layer mixers, which hold
+    their own residuals and norms); ``pre`` is x + F(N(x)); ``post`` is N(x + F(x))
     (BERT); ``branch`` is x + N(F(x)) (Primer's odd sub-layers).
     """
 
@@ -173,6 +178,16 @@ class BlockSpec:
         if type(self.mixer) not in MIXER_KINDS.values():
             _fail(f"{path}.mixer", f"unknown mixer type {type(self.mixer).__name__}")
         self.mixer.validate(f"{path}.mixer", d_model)
+        if getattr(self.mixer, "whole_layer", False):
+            # the mixer is the whole layer (a Primer program with its own residuals and norms)
+            if self.ffn is not None:
+                _fail(f"{path}.ffn", f"a {self.mixer.kind!r} mixer is a whole layer; ffn must be null")
+            if self.mixer_norm != "none":
+                _fail(f"{path}.mixer_norm", f"a {self.mixer.kind!r} mixer is a whole layer; use 'none'")
+        elif self.mixer_norm == "none":
+            _fail(f"{path}.mixer_norm", "'none' is only for whole-layer mixers (programs)")
+        if self.ffn is not None and self.ffn_norm == "none":
+            _fail(f"{path}.ffn_norm", "'none' is only for whole-layer mixers (programs)")
         if self.ffn is not None:
             self.ffn.validate(f"{path}.ffn")
         _choice(self.mixer_norm, NORM_PLACEMENTS, f"{path}.mixer_norm")
@@ -264,6 +279,14 @@ class ModelSpec:
         _non_negative(self.type_vocab_size, "type_vocab_size")
         if self.norm_eps <= 0:
             _fail("norm_eps", "must be positive")
+        for i, block in enumerate(self.layers):
+            supported = getattr(block.mixer, "supported_positions", None)
+            if supported is not None and self.positions not in supported:
+                _fail(
+                    "positions",
+                    f"layers[{i}] is a {block.mixer.kind!r} mixer, which supports positions "
+                    f"{', '.join(supported)}; got {self.positions!r}",
+                )
         if self.positions == "rotary":
             for i, block in enumerate(self.layers):
                 m = block.mixer
@@ -410,6 +433,8 @@ def _parse_mixer(value: Any, path: str):
     if not isinstance(value, dict):
         _fail(path, f"expected an object with a 'kind', got {type(value).__name__}")
     kind = value.get("kind")
+    if kind not in MIXER_KINDS and kind in _LAZY_MIXER_MODULES:
+        importlib.import_module(_LAZY_MIXER_MODULES[kind])
     if kind not in MIXER_KINDS:
         _fail(f"{path}.kind", f"unknown mixer kind {kind!r} (known: {', '.join(sorted(MIXER_KINDS))})")
     return _from_dict(MIXER_KINDS[kind], value, path)

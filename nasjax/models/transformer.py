@@ -34,11 +34,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nasjax.genome.program import ProgramSpec
 from nasjax.layers.attention import MultiHeadAttention, padding_key_bias
 from nasjax.layers.conv import GLUConvBlock
 from nasjax.layers.embed import Embeddings, RelativePositionBias
 from nasjax.layers.mlp import FFN, make_dense
 from nasjax.layers.norms import make_norm
+from nasjax.layers.program import ProgramBlock
 from nasjax.spec import AttentionSpec, BlockSpec, ConvSpec, ModelSpec
 
 __all__ = ["Transformer", "Block", "Stack", "build", "max_attention_heads"]
@@ -54,7 +56,8 @@ def max_attention_heads(spec: ModelSpec) -> int:
 class Block(nn.Module):
     """One layer: token mixer sub-layer, then (optionally) an FFN sub-layer.
 
-    Norm placement per sub-layer F with norm N: ``pre`` x + F(N(x)); ``post``
+    Norm placement per sub-layer F with norm N: ``none`` F(x) (a whole-layer mixer such
+    as a Primer program); ``pre`` x + F(N(x)); ``post``
     N(x + F(x)); ``branch`` x + N(F(x)). Dropout acts on F's output.
     """
 
@@ -88,6 +91,9 @@ class Block(nn.Module):
                 name="mixer",
             )
             mixer = lambda h: conv(h, padding_mask=padding_mask, deterministic=deterministic)
+        elif isinstance(mixer_spec, ProgramSpec):
+            program = ProgramBlock(mixer_spec, init_std=model.init_std, dtype=self.dtype, name="mixer")
+            mixer = program
         else:  # a registered mixer kind that this version cannot build
             raise NotImplementedError(f"no module for mixer kind {getattr(mixer_spec, 'kind', mixer_spec)!r}")
 
@@ -101,7 +107,9 @@ class Block(nn.Module):
     def _sublayer(self, x_BxLxD, fn, placement, norm_name, deterministic):
         norm = make_norm(self.model.norm, self.model.norm_eps, name=norm_name, dtype=self.dtype)
         drop = lambda h: _dropout(h, self.model.dropout_rate, deterministic)
-        if placement == "pre":
+        if placement == "none":  # whole-layer mixer: its own residuals and norms
+            out = fn(x_BxLxD)
+        elif placement == "pre":
             out = x_BxLxD + drop(fn(norm(x_BxLxD)))
         elif placement == "post":
             out = norm(x_BxLxD + drop(fn(x_BxLxD)))

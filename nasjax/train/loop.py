@@ -170,6 +170,30 @@ class Trainer:
         self.compile_seconds += dt
         return dt
 
+    def memory_bytes(self) -> dict:
+        """XLA's memory analysis of the compiled train step (bytes per device), {} if unknown.
+
+        ``peak`` = arguments + outputs + temporaries - donated aliases: what one device
+        must hold while the step runs.
+        """
+        if self._compiled_train is None:
+            return {}
+        try:
+            m = self._compiled_train.memory_analysis()
+        except Exception:  # backends without a memory analysis
+            return {}
+        if m is None:
+            return {}
+        get = lambda name: int(getattr(m, name, 0) or 0)
+        out = {
+            "arguments": get("argument_size_in_bytes"),
+            "outputs": get("output_size_in_bytes"),
+            "temporaries": get("temp_size_in_bytes"),
+            "aliased": get("alias_size_in_bytes"),
+        }
+        out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+        return out
+
     def _eval_fn(self, batch: dict):
         if self._compiled_eval is None or self._compiled_eval[0] != tuple(sorted(batch)):
             batch_sh = {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}

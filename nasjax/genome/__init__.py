@@ -1,0 +1,1 @@
+"""Genomes: search-space encodings that decode to model specs (Primer programs, ...)."""

@@ -1,0 +1,251 @@
+"""Interpreter of Primer programs (:mod:`nasjax.genome.program`) as a Flax (linen) block.
+
+Legend: B batch, L length, D model width, W width of a hidden state (varies), k branches.
+
+Every hidden state is a [B, L, W] array. The rules that make any valid program run
+(deterministic, documented here once):
+
+* **Width mismatch** of a binary op: if either width is 1 it broadcasts; otherwise the
+  second input is resized to the first's width by :func:`match_width` (truncate the
+  trailing features, or tile the features cyclically), parameter-free.
+* **Position-by-position states.** ``T_MAT_MUL(a, b)`` gives [B, L, L] with
+  ``out[t, s] = a_t . b_s`` for ``s <= t`` and exactly 0 above the diagonal;
+  ``MAT_MUL(a, b)`` reads a's width as key positions (resizing it to L) and sums only
+  over ``s <= t``; ``MASK`` sets entries ``s > t`` (column index > row index) to
+  -1e9, so a following EXP gives exactly 0 there. Entries above the diagonal are
+  constants, so no later op can read the future through them: every op is causal.
+* **Learned ops** size their parameters by their input width; a learned op applied to
+  a position-by-position state therefore ties the program to one sequence length.
+* **Branches** (k > 1): the instruction (or called subprogram) runs k times with
+  independent parameters (``nn.vmap`` over a leading parameter axis, so the k copies
+  are one batched computation) and the outputs are concatenated along W (copy-major).
+* **MAIN's output** is resized to D with :func:`match_width` so blocks stack.
+* Numerics are the op's plain definition (LOG is log|x|, DIVIDE is a / b, RECIP is
+  1 / x, RED_PROD multiplies): a program that produces inf or NaN is rejected by the
+  search's finiteness probe or diverges in training, which the search records as a
+  failure.
+
+Parameter names come from :func:`~nasjax.genome.program.instruction_names` (the
+expression an instruction computes), e.g. ``main/conv_1x1_3fa2b1c0/kernel``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nasjax.genome.program import OPS, Program, ProgramSpec, instruction_names, resolve_reference
+from nasjax.layers.dconv import CausalDepthwiseConv
+from nasjax.layers.mlp import make_dense
+
+__all__ = ["PROGRAM_MASK_VALUE", "match_width", "apply_pure_op", "ProgramBlock", "SubprogramModule"]
+
+PROGRAM_MASK_VALUE = -1e9
+
+
+def match_width(y: jnp.ndarray, width: int) -> jnp.ndarray:
+    """Resize the last axis to ``width``: truncate, or tile cyclically then truncate."""
+    n = y.shape[-1]
+    if n == width:
+        return y
+    if n > width:
+        return y[..., :width]
+    reps = -(-width // n)
+    return jnp.tile(y, (1,) * (y.ndim - 1) + (reps,))[..., :width]
+
+
+def _lower_triangle(length: int, width: int) -> jnp.ndarray:
+    """[L, W] bool, True where column index <= row index."""
+    return jnp.arange(width)[None, :] <= jnp.arange(length)[:, None]
+
+
+def _binary_operands(a, b):
+    if a.shape[-1] == b.shape[-1] or a.shape[-1] == 1 or b.shape[-1] == 1:
+        return a, b
+    return a, match_width(b, a.shape[-1])
+
+
+_UNARY = {
+    "ABS": jnp.abs,
+    "ABS_ROOT": lambda x: jnp.sqrt(jnp.abs(x)),
+    "SQUARE": jnp.square,
+    "EXP": jnp.exp,
+    "LOG": lambda x: jnp.log(jnp.abs(x)),
+    "RECIP": jnp.reciprocal,
+    "SIGN": jnp.sign,
+    "COS": jnp.cos,
+    "SIN": jnp.sin,
+    "TANH": jnp.tanh,
+    "SIGMOID": jax.nn.sigmoid,
+}
+_BINARY = {
+    "ADD": jnp.add,
+    "DIFFERENCE": jnp.subtract,
+    "MULTIPLY": jnp.multiply,
+    "DIVIDE": jnp.divide,
+    "MAX": jnp.maximum,
+    "MIN": jnp.minimum,
+}
+_REDUCE = {"RED_MEAN": jnp.mean, "RED_SUM": jnp.sum, "RED_MIN": jnp.min, "RED_MAX": jnp.max, "RED_PROD": jnp.prod}
+
+
+def apply_pure_op(op: str, a: jnp.ndarray, b: jnp.ndarray, constant: float) -> jnp.ndarray:
+    """A parameter-free op on [B, L, W] states (see the module docstring for the rules)."""
+    if op in _UNARY:
+        return _UNARY[op](a)
+    if op in _BINARY:
+        x, y = _binary_operands(a, b)
+        return _BINARY[op](x, y)
+    if op in _REDUCE:
+        return _REDUCE[op](a, axis=-1, keepdims=True)
+    if op == "C_MUL":
+        return a * jnp.asarray(constant, a.dtype)
+    if op == "C_ADD":
+        return a + jnp.asarray(constant, a.dtype)
+    length = a.shape[1]
+    if op == "MAT_MUL":
+        weights_BxLxL = jnp.where(_lower_triangle(length, length), match_width(a, length), 0)
+        return jnp.einsum("bts,bsw->btw", weights_BxLxL, b.astype(a.dtype))
+    if op == "T_MAT_MUL":
+        scores_BxLxL = jnp.einsum("btw,bsw->bts", a, match_width(b, a.shape[-1]).astype(a.dtype))
+        return jnp.where(_lower_triangle(length, length), scores_BxLxL, 0)
+    if op == "MASK":
+        return jnp.where(_lower_triangle(length, a.shape[-1]), a, jnp.asarray(PROGRAM_MASK_VALUE, a.dtype))
+    if op == "CUM_SUM":
+        return jnp.cumsum(a, axis=1)
+    if op == "CUM_PROD":
+        return jnp.cumprod(a, axis=1)
+    raise ValueError(f"op {op!r} is not a parameter-free op")
+
+
+class LearnedOp(nn.Module):
+    """SCALE, SHIFT, CONV_1X1, CONV_kX1 (causal) and DCONV_kX1 (causal depthwise).
+
+    Attributes:
+      op: the op name.
+      features: output width of CONV ops (dims bank value x base_dim).
+      init_std: N(0, init_std) initialiser of conv / dense kernels.
+      dtype: computation dtype (None: the input dtype); parameters are float32.
+    """
+
+    op: str
+    features: int = 0
+    init_std: float = 0.02
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x_BxLxW: jnp.ndarray) -> jnp.ndarray:
+        op, width = self.op, x_BxLxW.shape[-1]
+        dtype = self.dtype or x_BxLxW.dtype
+        x = x_BxLxW.astype(dtype)
+        if op == "SCALE":
+            return x * self.param("scale", nn.initializers.ones, (width,), jnp.float32).astype(dtype)
+        if op == "SHIFT":
+            return x + self.param("shift", nn.initializers.zeros, (width,), jnp.float32).astype(dtype)
+        if op == "CONV_1X1":
+            dense = make_dense(self.features, (None, None), name="dense", use_bias=False, init_std=self.init_std)
+            return dense(x).astype(dtype)
+        kernel_size = int(op.split("_")[1].split("X")[0])
+        if op.startswith("DCONV_"):
+            return CausalDepthwiseConv(kernel_size, dtype=dtype, name="dconv")(x)
+        # Causal full conv: left-pad k-1 positions; kernel[k-1] multiplies the current position.
+        kernel = self.param(
+            "kernel", nn.initializers.normal(self.init_std), (kernel_size, width, self.features), jnp.float32
+        )
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel.astype(dtype),
+            window_strides=(1,),
+            padding=((kernel_size - 1, 0),),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+        )
+
+
+def _branched(module_cls, branches: int, name: str, **attrs):
+    """The module, or k copies of it with independent parameters run as one vmapped call."""
+    if branches == 1:
+        return module_cls(name=name, **attrs)
+    vmapped = nn.vmap(
+        module_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        out_axes=-2,
+        axis_size=branches,
+        # logically partitioned params (dense, dconv) get a leading "branch" axis (replicated)
+        metadata_params={nn.PARTITION_NAME: "branch"},
+    )
+    module = vmapped(name=name, **attrs)
+
+    def run(*inputs):
+        out_BxLxkxW = module(*inputs)
+        return out_BxLxkxW.reshape(out_BxLxkxW.shape[:-2] + (-1,))
+
+    return run
+
+
+class SubprogramModule(nn.Module):
+    """Runs subprogram ``index`` of ``program`` on its argument states; returns the last state."""
+
+    program: Program
+    index: int
+    base_dim: int
+    init_std: float = 0.02
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, *args: jnp.ndarray) -> jnp.ndarray:
+        program = self.program
+        sub = program.subprograms[self.index]
+        names = instruction_names(program, self.index)
+        states = list(args)
+        for ins, name in zip(sub.instructions, names):
+            a = states[resolve_reference(len(states), ins.in1)]
+            b = states[resolve_reference(len(states), ins.in2)]
+            if ins.op == "CALL":
+                callee = program.subprograms[ins.call]
+                inputs = (a,) if callee.n_args == 1 else (a, b)
+                fn = _branched(
+                    SubprogramModule,
+                    ins.branches,
+                    name,
+                    program=program,
+                    index=ins.call,
+                    base_dim=self.base_dim,
+                    init_std=self.init_std,
+                    dtype=self.dtype,
+                )
+                out = fn(*inputs)
+            elif OPS[ins.op].learned:
+                features = program.dims[ins.dim] * self.base_dim
+                fn = _branched(
+                    LearnedOp, ins.branches, name, op=ins.op, features=features, init_std=self.init_std, dtype=self.dtype
+                )
+                out = fn(a)
+            else:
+                out = apply_pure_op(ins.op, a, b, program.constants[ins.const])
+                if ins.branches > 1:  # identical parameter-free copies, concatenated
+                    out = jnp.tile(out, (1,) * (out.ndim - 1) + (ins.branches,))
+            states.append(out)
+        return states[-1]
+
+
+class ProgramBlock(nn.Module):
+    """A whole decoder layer given by a :class:`~nasjax.genome.program.ProgramSpec`.
+
+    Args of ``__call__``: x_BxLxD. Returns [B, L, D] (MAIN's output resized to D).
+    """
+
+    spec: ProgramSpec
+    init_std: float = 0.02
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
+        main = SubprogramModule(
+            self.spec.program, 0, self.spec.base_dim, init_std=self.init_std, dtype=self.dtype, name="main"
+        )
+        return match_width(main(x_BxLxD), x_BxLxD.shape[-1]).astype(x_BxLxD.dtype)

@@ -1,0 +1,1 @@
+"""Search algorithms, the journal and evaluation engines."""

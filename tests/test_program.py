@@ -1,0 +1,242 @@
+"""Primer programs: validation, JSON, names, the interpreter's op rules, seeds == zoo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nasjax.genome.primer import primer_ez_program, program_model_spec, vanilla_program
+from nasjax.genome.program import (
+    OPS,
+    Instruction,
+    Program,
+    Subprogram,
+    instruction_names,
+    render_program,
+)
+from nasjax.layers.program import apply_pure_op, match_width
+from nasjax.measure.probe import probe_model
+from nasjax.models import build, get_spec
+from nasjax.spec import ModelSpec, SpecError
+
+D, H, F, LEN = 64, 4, 256, 16
+
+
+def _spec(program, n_layers=2, base_dim=16):
+    return program_model_spec(program, base_dim=base_dim, d_model=D, n_layers=n_layers, vocab_size=262, max_len=64)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_json_round_trip_and_hash():
+    p = primer_ez_program(H, D, F)
+    assert Program.from_json(p.to_json()) == p
+    spec = _spec(p)
+    again = ModelSpec.from_json(spec.to_json())
+    assert again == spec and hash(again) == hash(spec)
+    assert again.architecture_hash() == spec.architecture_hash()
+    assert p.canonical_hash() != vanilla_program(H, D, F).canonical_hash()
+    # subprogram labels are not part of the identity
+    renamed = dataclasses.replace(p, subprograms=tuple(dataclasses.replace(s, name="x") for s in p.subprograms))
+    assert renamed.canonical_hash() == p.canonical_hash()
+
+
+@pytest.mark.parametrize(
+    "mutate, where",
+    [
+        (lambda d: d["subprograms"][2]["instructions"][0].update(op="FOO"), "subprograms[2].instructions[0].op"),
+        (lambda d: d["subprograms"][0]["instructions"][0].update(call=0), "subprograms[0].instructions[0].call"),
+        (lambda d: d["subprograms"][1]["instructions"][0].update(branches=3), "instructions[0].branches"),
+        (lambda d: d["subprograms"][1]["instructions"][1].update(dim=99), "instructions[1].dim"),
+        (lambda d: d["subprograms"][1]["instructions"][1].update(in1=0), "instructions[1].in1"),
+        (lambda d: d["subprograms"][1]["instructions"][1].update(bogus=1), "instructions[1].bogus"),
+        (lambda d: d.update(dims=[3]), "dims[0]"),
+        (lambda d: d.update(constants=["a"]), "constants[0]"),
+        (lambda d: d["subprograms"][0].update(n_args=2), "subprograms[0].n_args"),
+    ],
+)
+def test_malformed_programs_name_the_path(mutate, where):
+    d = json.loads(vanilla_program(H, D, F).to_json())
+    mutate(d)
+    with pytest.raises(SpecError, match=where.replace("[", r"\[").replace("]", r"\]")):
+        Program.from_dict(d)
+
+
+def test_model_spec_rejects_program_with_relative_positions():
+    p = vanilla_program(H, D, F)
+    with pytest.raises(SpecError, match="positions"):
+        _spec(p).replace(positions="relative")
+    with pytest.raises(SpecError, match="whole layer"):
+        dataclasses.replace(_spec(p).layers[0], mixer_norm="pre").validate("layers[0]", D)
+
+
+def test_spec_json_without_genome_import_parses():
+    """A spec file with a program parses in a fresh interpreter (lazy registration)."""
+    import subprocess
+    import sys
+
+    text = _spec(vanilla_program(H, D, F)).to_json()
+    code = "import sys; from nasjax.spec import ModelSpec; print(ModelSpec.from_json(sys.stdin.read()).n_layers)"
+    out = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2"
+
+
+def test_names_ignore_dead_code_and_position():
+    p = vanilla_program(H, D, F)
+    head = p.subprograms[2]
+    names = instruction_names(p, 2)
+    # insert an unused SIN of the input at the front; re-point later references past it
+    dead = Instruction("SIN", in1=1)
+    shifted = tuple(
+        dataclasses.replace(ins, in1=ins.in1 + (ins.in1 > i), in2=ins.in2 + (ins.in2 > i))
+        for i, ins in enumerate(head.instructions)
+    )
+    p2 = _replace_sub(p, 2, (dead,) + shifted)
+    names2 = instruction_names(p2, 2)
+    assert names2[1:] == names
+    assert render_program(p2).count("SIN") == 1
+
+
+def _replace_sub(p, index, instructions):
+    subs = list(p.subprograms)
+    subs[index] = dataclasses.replace(subs[index], instructions=tuple(instructions))
+    return dataclasses.replace(p, subprograms=tuple(subs))
+
+
+# --------------------------------------------------------------------------- op semantics
+
+
+def test_pure_op_rules():
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
+    # width mismatch: second input truncated / tiled to the first's width
+    np.testing.assert_allclose(apply_pure_op("ADD", a, b, 0.0), a + b[..., :3])
+    np.testing.assert_allclose(apply_pure_op("ADD", b, a, 0.0), b + jnp.tile(a, (1, 1, 3))[..., :7])
+    assert match_width(a, 3) is a
+    # reductions keep a width of 1, which broadcasts
+    assert apply_pure_op("RED_MEAN", b, b, 0.0).shape == (2, 5, 1)
+    # T_MAT_MUL is zero above the diagonal; MAT_MUL only reads s <= t
+    s = apply_pure_op("T_MAT_MUL", a, a, 0.0)
+    assert s.shape == (2, 5, 5) and float(jnp.abs(jnp.triu(s[0], 1)).max()) == 0.0
+    np.testing.assert_allclose(s[0, 3, 1], a[0, 3] @ a[0, 1], rtol=1e-6)
+    out = apply_pure_op("MAT_MUL", jnp.ones((1, 5, 5)), b[:1], 0.0)
+    np.testing.assert_allclose(out[0], np.cumsum(np.asarray(b[0]), axis=0), rtol=1e-5)
+    m = apply_pure_op("MASK", s, s, 0.0)
+    assert float(m[0, 1, 2]) == -1e9 and float(m[0, 2, 1]) == float(s[0, 2, 1])
+    np.testing.assert_allclose(apply_pure_op("CUM_SUM", a, a, 0.0), np.cumsum(np.asarray(a), axis=1), rtol=1e-6)
+    np.testing.assert_allclose(apply_pure_op("C_MUL", a, a, 2.5), 2.5 * a)
+
+
+def test_every_op_is_causal_and_runs():
+    """One program per op, applied to x and a position-by-position state; all causal."""
+    for op, info in OPS.items():
+        if op == "CALL":
+            continue
+        main = Subprogram(
+            (
+                Instruction("T_MAT_MUL", 1, 1),  # s1: [L, L] state
+                Instruction(op, in1=1, in2=2, dim=0),  # on (s1, x)
+                Instruction(op, in1=3, in2=2, dim=0),  # on (x, s1)
+                Instruction("ADD", in1=1, in2=2),
+            )
+        )
+        spec = _spec(Program((main,), (0.5,), (4,)), n_layers=1)
+        result = probe_model(spec, seq_len=LEN)
+        assert result.causal, (op, result)
+
+
+# --------------------------------------------------------------------------- seeds == zoo
+
+
+def _program_params_from_zoo(program, zoo_params, prog_params, mdha: bool):
+    """Copies the zoo model's weights into the program model's parameter tree."""
+    out = jax.tree.map(lambda x: x, nn.unbox(prog_params))
+    zoo = nn.unbox(zoo_params)
+    out["embed"] = zoo["embed"]
+    out["final_norm"] = zoo["final_norm"]
+    names = {i: instruction_names(program, i) for i in range(len(program.subprograms))}
+    ops = {i: [ins.op for ins in program.subprograms[i].instructions] for i in names}
+
+    def pick(i, op):
+        return [n for n, o in zip(names[i], ops[i]) if o == op]
+
+    ln1, attn, _, ln2, ffn, _ = names[0]
+    for layer in range(len(program_layers := [k for k in zoo["decoder"]])):
+        z = zoo["decoder"][f"layer_{layer}"]
+        main = out["decoder"][f"layer_{layer}"]["mixer"]["main"]
+        for call, norm in ((ln1, "mixer_norm"), (ln2, "ffn_norm")):
+            (scale,), (shift,) = pick(6, "SCALE"), pick(6, "SHIFT")
+            main[call][scale]["scale"] = z[norm]["scale"]
+            main[call][shift]["shift"] = z[norm]["bias"]
+        head_call, o_name = names[1]
+        head = main[attn][head_call]
+        for proj, conv in zip(("q", "k", "v"), pick(2, "CONV_1X1")):
+            head[conv]["dense"]["kernel"] = jnp.transpose(z["mixer"][f"{proj}_proj"]["kernel"], (1, 0, 2))
+        if mdha:
+            for proj, dconv in zip(("q", "k", "v"), pick(2, "DCONV_3X1")):
+                head[dconv]["dconv"] = dict(z["mixer"][f"{proj}_dconv"])
+        o = z["mixer"]["o_proj"]["kernel"]
+        main[attn][o_name]["dense"]["kernel"] = o.reshape(-1, o.shape[-1])
+        up, down = pick(4, "CONV_1X1")
+        b1, b2 = pick(4, "SHIFT")
+        main[ffn][up]["dense"]["kernel"] = z["ffn"]["up"]["kernel"]
+        main[ffn][b1]["shift"] = z["ffn"]["up"]["bias"]
+        main[ffn][down]["dense"]["kernel"] = z["ffn"]["down"]["kernel"]
+        main[ffn][b2]["shift"] = z["ffn"]["down"]["bias"]
+    del program_layers
+    return out
+
+
+@pytest.mark.parametrize("name", ["vanilla", "primer_ez"])
+def test_seed_programs_compute_the_zoo_function(name):
+    program = {"vanilla": vanilla_program, "primer_ez": primer_ez_program}[name](H, D, F)
+    zoo_spec = get_spec(name, "tiny", vocab_size=262, max_len=64, positions="sinusoidal")
+    prog_spec = _spec(program)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 262, (2, LEN)), jnp.int32)
+    zoo_model, prog_model = build(zoo_spec), build(prog_spec)
+    zoo_params = zoo_model.init({"params": jax.random.key(1)}, tokens)["params"]
+    # perturb norms / biases / dconv taps away from their init so every weight matters
+    zoo_params = jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape), nn.unbox(zoo_params)
+    )
+    prog_params = prog_model.init({"params": jax.random.key(2)}, tokens)["params"]
+    params = _program_params_from_zoo(program, zoo_params, prog_params, mdha=name == "primer_ez")
+    n_zoo = sum(x.size for x in jax.tree.leaves(zoo_params))
+    n_prog = sum(x.size for x in jax.tree.leaves(params))
+    assert n_zoo == n_prog
+    want = zoo_model.apply({"params": zoo_params}, tokens)
+    got = prog_model.apply({"params": params}, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5)
+
+
+def test_seed_programs_pass_the_probe():
+    for program in (vanilla_program(H, D, F), primer_ez_program(H, D, F)):
+        result = probe_model(_spec(program), seq_len=LEN)
+        assert result.finite and result.causal_leak == 0.0 and result.output_hash
+
+
+def test_probe_detects_a_leak(monkeypatch):
+    """An anti-causal op (a reverse cumulative sum patched into the interpreter) is caught."""
+    import nasjax.layers.program as interp
+
+    main = Subprogram((Instruction("CUM_SUM", 1), Instruction("ADD", 1, 2)))
+    spec = _spec(Program((main,), (1.0,), (1,)), n_layers=1)
+    assert probe_model(spec, seq_len=LEN).causal_leak == 0.0
+    real = interp.apply_pure_op
+
+    def leaky(op, a, b, c):
+        return jnp.flip(jnp.cumsum(jnp.flip(a, 1), axis=1), 1) if op == "CUM_SUM" else real(op, a, b, c)
+
+    monkeypatch.setattr(interp, "apply_pure_op", leaky)
+    result = probe_model(spec, seq_len=LEN)
+    assert not result.causal and result.causal_leak > 0.1
+    encoder = get_spec("bert", "tiny", vocab_size=262, max_len=64)
+    assert probe_model(encoder, seq_len=LEN).causal_leak is None  # encoders are not checked
