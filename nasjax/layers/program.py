@@ -221,9 +221,8 @@ class SubprogramModule(nn.Module):
                 out = fn(*inputs)
             elif OPS[ins.op].learned:
                 features = program.dims[ins.dim] * self.base_dim
-                fn = _branched(
-                    LearnedOp, ins.branches, name, op=ins.op, features=features, init_std=self.init_std, dtype=self.dtype
-                )
+                attrs = dict(op=ins.op, features=features, init_std=self.init_std, dtype=self.dtype)
+                fn = _branched(LearnedOp, ins.branches, name, **attrs)
                 out = fn(a)
             else:
                 out = apply_pure_op(ins.op, a, b, program.constants[ins.const])
