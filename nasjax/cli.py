@@ -5,6 +5,8 @@ nasjax train     --config=configs/train/lm.py:tiny --workdir=runs/a [--config.KE
 nasjax eval      --workdir=runs/a [--step=N] [--max_batches=N]
 nasjax describe  bert --size=base | spec.json | --config=FILE[:preset] | --workdir=runs/a
 nasjax finetune  --config=configs/train/finetune.py:tiny --workdir=runs/ft --config.data.path=X.jsonl
+nasjax search    --config=configs/search/primer.py:tiny --workdir=runs/s1   (same command resumes)
+nasjax results   runs/s1 [--top=N]   (results.csv, best_spec.json, best_program.txt, fitness.png)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ flags.DEFINE_integer("max_batches", 0, "eval: validation batches (0 = all).")
 flags.DEFINE_string("cache_dir", None, "data fetch: cache folder (default NASJAX_CACHE or ~/.cache/nasjax).")
 flags.DEFINE_bool("force", False, "data fetch: download again even if present.")
 flags.DEFINE_bool("progress", True, "train: show the progress bar.")
+flags.DEFINE_integer("top", 10, "results: rows of the leaderboard.")
 
 EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -82,7 +85,36 @@ def cmd_data(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "describe": cmd_describe, "finetune": cmd_finetune, "data": cmd_data}
+def cmd_search(args: list[str]) -> int:
+    from nasjax.search.results import export_results
+    from nasjax.search.run import run_search
+
+    cfg = _need("config", FLAGS.config, "search")
+    workdir = _need("workdir", FLAGS.workdir, "search")
+    summary = run_search(cfg, workdir)
+    print(export_results(workdir, top=FLAGS.top).leaderboard)
+    return EXIT_INTERRUPTED if summary.status == "interrupted" else 0
+
+
+def cmd_results(args: list[str]) -> int:
+    from nasjax.search.results import export_results
+
+    workdir = args[0] if args else FLAGS.workdir
+    summary = export_results(_need("workdir", workdir, "results DIR"), top=FLAGS.top)
+    print(summary.leaderboard)
+    print("wrote " + ", ".join(summary.files))
+    return 0
+
+
+COMMANDS = {
+    "search": cmd_search,
+    "results": cmd_results,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "describe": cmd_describe,
+    "finetune": cmd_finetune,
+    "data": cmd_data,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

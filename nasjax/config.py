@@ -30,6 +30,30 @@ mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining
 mesh.rules                logical -> mesh axis rules; empty = nasjax.sharding.DEFAULT_RULES
 compile_cache_dir         persistent XLA compilation cache ('' = default, 'none' = off)
 init_from                 (finetune) a training workdir whose weights and spec to start from
+
+Search configs (configs/search/*.py, :func:`search_config`) add ``search.*``; ``train.*``
+then describes the training of *each candidate* (``train.steps`` or, if positive,
+``train.budget_seconds`` is the per-candidate budget that the hurdles cut into bands):
+
+search.method             primer (regularized evolution over programs)
+search.max_evaluations    stop after this many finished or failed evaluations (resume may raise it)
+search.population_size    aging-evolution population (Primer: 100)
+search.tournament_size    tournament size (Primer: 10)
+search.hurdles            number of halving hurdles (Primer: 4); 0 = none
+search.hurdle_quantile    threshold = this quantile of earlier fitness at the hurdle (0.5 = median)
+search.hurdle_min_samples earlier values needed before a hurdle threshold applies
+search.seeds              comma-separated seed programs: vanilla, primer_ez
+search.mutations          comma-separated mutation kinds ('' = all six)
+search.branch_probability chance that a random instruction gets k > 1 branches
+search.d_model, n_layers, n_heads, d_ff   widths of the seed block / stack (0 = model.size's)
+search.base_dim           unit of the relative dimension sizes (0 = chosen from the widths)
+search.positions          sinusoidal | learned | none (program blocks have no relative bias)
+search.max_params         reject candidates with more parameters (0 = no bound)
+search.max_memory_bytes   reject candidates whose compiled train step needs more per device (0 = none)
+search.probe_batch        sequences in the causality / finiteness / equivalence probe
+search.val_batches        validation batches that define the fitness (0 = whole split)
+search.fec                reuse results of functionally equivalent candidates
+search.clear_caches       drop compiled programs after each candidate (long searches)
 """
 
 from __future__ import annotations
@@ -122,6 +146,42 @@ def from_preset(presets: dict, preset: str, source: str, model_name: str, finetu
     for key, value in train.items():
         config.train[key] = value
     return config
+
+
+def search_config(method: str = "primer") -> ml_collections.ConfigDict:
+    """:func:`base_config` plus the ``search`` section (defaults: Primer's published settings)."""
+    c = base_config()
+    c.model.name = ""
+    c.search = ml_collections.ConfigDict()
+    s = c.search
+    s.method = method
+    s.max_evaluations = 100
+    s.population_size = 100
+    s.tournament_size = 10
+    s.hurdles = 4
+    s.hurdle_quantile = 0.5
+    s.hurdle_min_samples = 5
+    s.seeds = "vanilla"
+    s.mutations = ""
+    s.branch_probability = 0.25
+    s.d_model = 0
+    s.n_layers = 0
+    s.n_heads = 0
+    s.d_ff = 0
+    s.base_dim = 0
+    s.positions = "sinusoidal"
+    s.max_params = 0
+    s.max_memory_bytes = 0
+    s.probe_batch = 2
+    s.val_batches = 16
+    s.fec = True
+    s.clear_caches = False
+    # Per-candidate training as in Primer's proxy: no dropout, rsqrt decay after warmup.
+    c.train.schedule = "rsqrt"
+    c.train.log_every = 10**9
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 0
+    return c
 
 
 class ConfigFileError(ValueError):

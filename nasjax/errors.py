@@ -3,6 +3,8 @@
 from nasjax.checkpointing import CheckpointError
 from nasjax.config import ConfigFileError
 from nasjax.data import DataError, DataFetchError
+from nasjax.search.journal import JournalError
+from nasjax.search.run import SearchError
 from nasjax.sharding import MeshError
 from nasjax.spec import SpecError
 from nasjax.train.loop import TrainConfigError
@@ -15,6 +17,8 @@ USER_ERRORS = (
     DataError,
     DataFetchError,
     MeshError,
+    JournalError,
+    SearchError,
     SpecError,
     TrainConfigError,
     OptimConfigError,

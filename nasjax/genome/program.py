@@ -57,6 +57,7 @@ child inherit its parent's weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -78,6 +79,8 @@ __all__ = [
     "Program",
     "ProgramSpec",
     "instruction_names",
+    "expression_digest",
+    "resolve_reference",
     "used_fields",
     "render_program",
 ]
@@ -367,6 +370,7 @@ def resolve_reference(n_states: int, ref: int) -> int:
     return max(0, n_states - ref)
 
 
+@functools.lru_cache(maxsize=8192)
 def instruction_names(program: Program, index: int) -> tuple[str, ...]:
     """Module names of subprogram ``index``'s instructions, derived from what they compute.
 
@@ -401,11 +405,18 @@ def instruction_names(program: Program, index: int) -> tuple[str, ...]:
 
 
 def _subprogram_digest(program: Program, index: int) -> str:
+    """Digest of the expression a subprogram returns (dead code inside it does not count)."""
     sub = program.subprograms[index]
     names = instruction_names(program, index)
     out = names[-1] if names else "arg0"
-    blob = f"{sub.n_args}|{out}|" + ",".join(names)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+    return hashlib.sha1(f"{sub.n_args}|{out}".encode()).hexdigest()[:12]
+
+
+def expression_digest(program: Program) -> str:
+    """Digest of the expression MAIN computes: equal for programs that differ only in dead
+    code, unreachable subprograms, unused bank entries or the order of independent
+    instructions (structurally identical functions)."""
+    return _subprogram_digest(program, 0)
 
 
 # --------------------------------------------------------------------------- rendering

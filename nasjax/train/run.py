@@ -85,7 +85,7 @@ def resolve_data_path(cfg, log=print) -> str:
     return str(fetch(name, cache_dir=cache, log=log))
 
 
-def _tokenizer_for_run(cfg, workdir: str, train_files) -> Any:
+def tokenizer_for_run(cfg, workdir: str, train_files) -> Any:
     saved = os.path.join(workdir, "tokenizer.json")
     if os.path.exists(saved):
         with open(saved) as f:
@@ -185,7 +185,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, log=print, progress: boo
         files = resolve_files(resolve_data_path(cfg, log))
         val_names = _val_names(cfg)
         split = split_files(files, val_names, cfg.data.val_fraction, cfg.seed)
-        tokenizer = _tokenizer_for_run(cfg, workdir, split.train)
+        tokenizer = tokenizer_for_run(cfg, workdir, split.train)
         spec = resolve_spec(cfg, tokenizer.vocab_size, cfg.data.seq_len, head=objective_head)
         init_params = None
         data = make_text_data(
@@ -400,7 +400,7 @@ def _finetune_setup(cfg, workdir: str, log):
         with open(os.path.join(workdir, "tokenizer.json"), "w") as f:
             json.dump(tokenizer.to_config(embed=True), f, indent=2)
     else:
-        tokenizer = _tokenizer_for_run(cfg, workdir, [])
+        tokenizer = tokenizer_for_run(cfg, workdir, [])
     data = _classification_data(cfg, tokenizer)
     if cfg.init_from:
         spec = pre_spec.replace(head="cls", n_classes=data.n_classes, pooler=True)

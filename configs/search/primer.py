@@ -1,0 +1,82 @@
+"""Primer-style evolutionary search over decoder-block programs (``nasjax search``).
+
+    nasjax search --config=configs/search/primer.py:tiny --workdir=runs/s1
+    nasjax results runs/s1
+
+Presets change sizes and budgets only:
+
+* ``tiny``: 2 CPU cores, about an hour for 60 evaluations. 2 layers x d_model 64, byte
+  vocabulary, sequence 64, 160 steps per candidate with 2 hurdles, population 12,
+  tournament 4. Step budgets make the search exactly reproducible (a resumed search
+  follows the uninterrupted trajectory).
+* ``small``: one GPU or TPU host: Primer's LM1B search model (6 layers x 512, 8 heads,
+  d_ff 2048, sequence 64, 4096 tokens per batch, Adafactor lr 0.01 rsqrt), a 30-minute
+  *time* budget per candidate (Primer: 7 TPUv2-hours) cut by 4 hurdles, population 100,
+  tournament 10. Point ``data.path`` at your corpus (e.g. LM1B text).
+"""
+
+from nasjax.config import search_config
+
+PRESETS = {
+    "tiny": dict(
+        size="tiny",
+        seq_len=64,
+        batch_size=16,
+        steps=160,
+        budget_seconds=0.0,
+        lr=3e-3,
+        warmup=20,
+        optimizer="adamw",
+        population=12,
+        tournament=4,
+        hurdles=2,
+        min_samples=3,
+        evaluations=60,
+        max_params=1_000_000,
+        max_memory=4 * 2**30,
+        val_batches=8,
+    ),
+    "small": dict(
+        size="small",
+        seq_len=64,
+        batch_size=64,
+        steps=10**7,
+        budget_seconds=1800.0,
+        lr=0.01,
+        warmup=1000,
+        optimizer="adafactor",
+        population=100,
+        tournament=10,
+        hurdles=4,
+        min_samples=10,
+        evaluations=5000,
+        max_params=100_000_000,
+        max_memory=60 * 2**30,
+        val_batches=64,
+    ),
+}
+
+
+def get_config(preset: str = "tiny"):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/search/primer.py; choose from {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    c = search_config("primer")
+    c.model.size = p["size"]
+    c.data.seq_len = p["seq_len"]
+    c.train.batch_size = p["batch_size"]
+    c.train.steps = p["steps"]
+    c.train.budget_seconds = p["budget_seconds"]
+    c.train.learning_rate = p["lr"]
+    c.train.warmup_steps = p["warmup"]
+    c.train.optimizer = p["optimizer"]
+    s = c.search
+    s.population_size = p["population"]
+    s.tournament_size = p["tournament"]
+    s.hurdles = p["hurdles"]
+    s.hurdle_min_samples = p["min_samples"]
+    s.max_evaluations = p["evaluations"]
+    s.max_params = p["max_params"]
+    s.max_memory_bytes = p["max_memory"]
+    s.val_batches = p["val_batches"]
+    return c

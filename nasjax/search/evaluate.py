@@ -1,0 +1,220 @@
+"""Evaluating one candidate: cheap checks, then training to a budget with halving hurdles.
+
+Stages, each of which can fail the candidate with a recorded reason (never an
+exception out of the search):
+
+``decode``   the genome does not decode to a valid model spec
+``params``   parameter count (``jax.eval_shape``, nothing allocated) above ``search.max_params``
+``probe``    at a fixed init on a fixed probe batch: non-finite outputs, or a causal leak
+             (:mod:`nasjax.measure.probe`); the probe also yields the functional-
+             equivalence hash the controller uses to skip duplicates
+``memory``   the compiled train step needs more than ``search.max_memory_bytes`` per device
+             (XLA memory analysis, before any step runs)
+``compile``  XLA could not compile the program
+``train``    a NaN/Inf loss or gradient, or a non-finite validation loss
+
+Training: the budget (``train.budget_seconds`` if positive, as in Primer, else
+``train.steps``) is cut into ``search.hurdles + 1`` doubling bands
+(:func:`~nasjax.search.evolution.hurdle_budgets`). After each band the validation loss
+on ``search.val_batches`` fixed batches is the fitness so far; at hurdle j a candidate
+whose fitness is above the threshold handed in by the controller stops there, with
+that fitness. Every candidate sees the same data in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import traceback
+from collections.abc import Callable
+
+import jax
+
+from nasjax import sharding as shd
+from nasjax.measure.params import count_params
+from nasjax.measure.probe import LEAK_TOLERANCE, probe_model
+from nasjax.search.evolution import hurdle_budgets, hurdle_steps
+from nasjax.spec import ModelSpec
+from nasjax.train.loop import Hooks, Trainer
+
+__all__ = ["CandidateFailed", "CheckResult", "TrainOutcome", "Interrupted", "TrainingEvaluator"]
+
+
+class CandidateFailed(Exception):
+    """A candidate is rejected at ``stage`` for ``reason`` (recorded, not fatal)."""
+
+    def __init__(self, stage: str, reason: str, **info):
+        super().__init__(f"{stage}: {reason}")
+        self.stage, self.reason, self.info = stage, reason, info
+
+
+class Interrupted(Exception):
+    """The user asked the search to stop while a candidate trained (it is not recorded)."""
+
+
+@dataclasses.dataclass
+class CheckResult:
+    params: int
+    output_hash: str | None
+    probe_seconds: float
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    fitness: float
+    stopped_at_hurdle: int | None
+    steps: int
+    compile_seconds: float
+    train_seconds: float
+    memory_bytes: int
+    hurdle_fitness: list[float]
+    val: dict
+
+
+def _short(e: BaseException, limit: int = 400) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class TrainingEvaluator:
+    """Checks and trains candidates of one search (data, mesh and settings shared).
+
+    Args:
+      cfg: the search config (``train``, ``search``, ``seed``, ``model.dtype``).
+      data: an :class:`~nasjax.data.pipeline.LMData` (fresh train iterator per candidate).
+      mesh, rules: where candidates train.
+      log: message sink.
+    """
+
+    def __init__(self, cfg, data, mesh, rules, log=print):
+        self.cfg, self.data, self.mesh, self.rules, self.log = cfg, data, mesh, rules, log
+        s, t = cfg.search, cfg.train
+        self.seq_len = int(cfg.data.seq_len)
+        self.n_hurdles = int(s.hurdles)
+        self.by_time = float(t.budget_seconds) > 0
+        if self.by_time:
+            self.budgets = hurdle_budgets(float(t.budget_seconds), self.n_hurdles)
+        else:
+            self.budgets = [float(b) for b in hurdle_steps(int(t.steps), self.n_hurdles)]
+        self.val_batches = int(s.val_batches) or None
+        self._val_cache = None
+
+    def budget_text(self) -> str:
+        unit = "s" if self.by_time else " steps"
+        return " / ".join(f"{b:.4g}{unit}" for b in self.budgets)
+
+    # ------------------------------------------------------------------ checks
+    def check(self, spec: ModelSpec) -> CheckResult:
+        """Parameter bound and the probe; raises :class:`CandidateFailed`."""
+        s = self.cfg.search
+        try:
+            params = int(count_params(spec)["total"])
+        except Exception as e:  # shape errors of a malformed program surface when tracing
+            raise CandidateFailed("decode", f"the model does not trace: {_short(e)}") from None
+        if s.max_params and params > s.max_params:
+            raise CandidateFailed("params", f"{params:,} parameters > search.max_params={int(s.max_params):,}")
+        try:
+            probe = probe_model(spec, self.seq_len, batch=int(s.probe_batch), seed=int(self.cfg.seed))
+        except Exception as e:
+            raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
+        if not probe.finite:
+            raise CandidateFailed("probe", "non-finite outputs at initialisation on the probe batch")
+        if not probe.causal:
+            raise CandidateFailed(
+                "probe",
+                f"causal leak: outputs depend on later positions (relative gradient {probe.causal_leak:.3g} > "
+                f"{LEAK_TOLERANCE:g})",
+            )
+        return CheckResult(params, probe.output_hash, probe.seconds)
+
+    # ------------------------------------------------------------------ training
+    def _fixed_val(self):
+        if self._val_cache is None:
+            self._val_cache = list(self.data.val_batches(self.val_batches))
+        return self._val_cache
+
+    def train(
+        self,
+        spec: ModelSpec,
+        thresholds: list[float | None],
+        on_hurdle: Callable[..., None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TrainOutcome:
+        """Trains ``spec`` band by band; raises :class:`CandidateFailed` or :class:`Interrupted`."""
+        cfg, s = self.cfg, self.cfg.search
+        try:
+            trainer = Trainer(spec, cfg.train, self.mesh, self.rules, cfg.seed, self.seq_len, dtype=cfg.model.dtype)
+            state = trainer.init_state()
+            iterator = self.data.train_iterator()
+            first = next(iterator)
+            trainer.compile(state, shd.shard_batch(first, self.mesh))
+        except CandidateFailed:
+            raise
+        except Exception as e:
+            raise CandidateFailed("compile", _short(e)) from None
+        memory = trainer.memory_bytes().get("peak", 0)
+        if s.max_memory_bytes and memory > s.max_memory_bytes:
+            raise CandidateFailed(
+                "memory", f"the train step needs {memory / 2**20:.1f} MiB per device > search.max_memory_bytes"
+            )
+        batches = _prepend(first, iterator)
+        hooks = Hooks(should_stop=should_stop)
+        fitness_at: list[float] = []
+        train_seconds = 0.0
+        val: dict = {}
+        stopped = None
+        result = None
+        for band, budget in enumerate(self.budgets):
+            if self.by_time:
+                total_steps, budget_seconds = int(cfg.train.steps), budget
+            else:
+                total_steps, budget_seconds = int(budget), 0.0
+            try:
+                state, result = trainer.fit(
+                    state,
+                    batches,
+                    total_steps=total_steps,
+                    budget_seconds=budget_seconds,
+                    train_seconds=train_seconds,
+                    hooks=hooks,
+                    log_every=10**9,
+                )
+            except Exception as e:
+                raise CandidateFailed("train", _short(e), trace=traceback.format_exc(limit=3)) from None
+            train_seconds = result.train_seconds
+            if result.status == "interrupted":
+                raise Interrupted()
+            if result.status == "diverged":
+                raise CandidateFailed("train", f"diverged: {result.reason}", steps=result.step)
+            val = trainer.evaluate(state.params, self._fixed_val())
+            fitness = float(val.get("val_loss", math.nan))
+            if not math.isfinite(fitness):
+                raise CandidateFailed("train", f"non-finite validation loss after step {result.step}")
+            fitness_at.append(fitness)
+            if band < self.n_hurdles:
+                threshold = thresholds[band] if band < len(thresholds) else None
+                passed = threshold is None or fitness <= threshold
+                if on_hurdle:
+                    on_hurdle(band, fitness, threshold, passed, result.step, train_seconds)
+                if not passed:
+                    stopped = band
+                    break
+        del state
+        if s.clear_caches:  # long searches: drop compiled programs of finished candidates
+            jax.clear_caches()
+        return TrainOutcome(
+            fitness=fitness_at[-1],
+            stopped_at_hurdle=stopped,
+            steps=result.step if result else 0,
+            compile_seconds=trainer.compile_seconds,
+            train_seconds=train_seconds,
+            memory_bytes=int(memory),
+            hurdle_fitness=fitness_at,
+            val=val,
+        )
+
+
+def _prepend(first, iterator):
+    yield first
+    yield from iterator

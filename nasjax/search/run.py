@@ -1,0 +1,394 @@
+"""``nasjax search``: the controller of an evolutionary search, driven by its journal.
+
+A search workdir::
+
+    WORKDIR/journal.jsonl    every event (the search's only state; resume = replay)
+    WORKDIR/config.json      the config the search was started with
+    WORKDIR/tokenizer.json   the tokenizer every candidate uses
+    WORKDIR/status.json      running | finished | interrupted, with counts and the best
+    WORKDIR/results.csv, best_spec.json, best_program.txt, fitness.png   (exports)
+
+Journal events (one JSON line each; fields beyond ``event``/``seq``/``time``):
+
+``search``    method, config (first record; a resume must use the same settings, only
+              ``search.max_evaluations`` and machine-local keys may change)
+``proposed``  id, parent, origin (``seed:NAME`` or the mutation kind), detail, hash, genome
+``started``   id, thresholds (the hurdle thresholds handed to this evaluation)
+``hurdle``    id, hurdle, fitness, threshold, passed, step, train_seconds
+``finished``  id, fitness, stopped_at_hurdle, hurdle_fitness, steps, params, compile_seconds,
+              train_seconds, probe_seconds, memory_bytes, hash, fec_hash, cached_from, reason
+``failed``    id, stage, reason, hash, fec_hash, params, cached_from
+
+Resume: the records are replayed into the evolution (proposals, results) and the hurdle
+book, a candidate that was proposed but never finished is evaluated again first (same
+genome), and the search continues. Hurdle observations enter the book when their
+candidate's result is told, so a half-evaluated candidate from a killed run never
+influences thresholds: with a step budget the resumed search follows exactly the
+trajectory of an uninterrupted one.
+
+Duplicates: a genome identical to an evaluated one (canonical hash), or one whose probe
+outputs hash like an evaluated one's (functional equivalence), reuses that result
+(``cached_from``) instead of training again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from nasjax.data import make_text_data, resolve_files, split_files
+from nasjax.search.evaluate import CandidateFailed, Interrupted, TrainingEvaluator
+from nasjax.search.evolution import HurdleBook, Proposal, RegularizedEvolution
+from nasjax.search.journal import Journal
+from nasjax.spec import SpecError
+from nasjax.train.run import StopFlag, make_mesh, resolve_data_path, setup_compile_cache, tokenizer_for_run
+
+__all__ = ["SearchError", "SearchSummary", "run_search", "make_space", "SPACES", "RESUMABLE_KEYS"]
+
+JOURNAL = "journal.jsonl"
+# Keys that may differ between the run that wrote a journal and the one resuming it.
+RESUMABLE_KEYS = ("search.max_evaluations", "search.clear_caches", "compile_cache_dir", "data.cache_dir")
+
+
+class SearchError(RuntimeError):
+    """A search cannot start or resume (clear message; the journal is untouched)."""
+
+
+def _spaces() -> dict[str, Any]:
+    from nasjax.search.primer import PrimerSpace
+
+    return {"primer": PrimerSpace}
+
+
+SPACES = ("primer",)
+
+
+def make_space(cfg, vocab_size: int):
+    """The genome space of ``search.method``."""
+    method = cfg.search.method
+    spaces = _spaces()
+    if method not in spaces:
+        raise SearchError(f"search.method={method!r} is not available; available: {', '.join(spaces)}")
+    return spaces[method](cfg, vocab_size)
+
+
+@dataclasses.dataclass
+class SearchSummary:
+    status: str
+    evaluations: int
+    failures: int
+    cache_hits: int
+    best_id: int | None
+    best_fitness: float | None
+    compile_seconds: float
+    train_seconds: float
+    wall_seconds: float
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _check_same_search(header: dict, cfg, path: str) -> None:
+    old = _flatten(header.get("config", {}))
+    new = _flatten(json.loads(cfg.to_json()))
+    if header.get("method") != cfg.search.method:
+        raise SearchError(f"{path} holds a {header.get('method')!r} search, not {cfg.search.method!r}")
+    diffs = [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+    if diffs:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diffs[:4])
+        raise SearchError(
+            f"{path} holds a search with different settings ({shown}); resume with the same config "
+            f"(only {', '.join(RESUMABLE_KEYS)} may change) or use a new --workdir"
+        )
+
+
+class _Controller:
+    """State rebuilt from the journal plus the evaluation loop."""
+
+    def __init__(self, cfg, workdir: str, journal: Journal, space, evaluator: TrainingEvaluator, log):
+        s = cfg.search
+        self.cfg, self.workdir, self.journal, self.space, self.evaluator, self.log = (
+            cfg,
+            workdir,
+            journal,
+            space,
+            evaluator,
+            log,
+        )
+        self.evo = RegularizedEvolution(
+            space.seeds(), space.mutate, int(s.population_size), int(s.tournament_size), int(cfg.seed)
+        )
+        self.book = HurdleBook(int(s.hurdles), float(s.hurdle_quantile), int(s.hurdle_min_samples))
+        self.by_hash: dict[str, dict] = {}
+        self.by_fec: dict[str, dict] = {}
+        self.open_hurdles: dict[int, list[tuple[int, float]]] = {}
+        self.terminal: dict[int, dict] = {}
+        self.compile_seconds = self.train_seconds = 0.0
+        self.cache_hits = 0
+
+    # ------------------------------------------------------------------ replay
+    def replay(self) -> None:
+        for rec in self.journal.records:
+            event = rec["event"]
+            if event == "proposed":
+                try:
+                    genome = self.space.genome_from_json(rec["genome"], f"journal record seq {rec.get('seq')}")
+                    self.evo.register(
+                        Proposal(rec["id"], genome, rec.get("parent"), rec.get("origin", ""), rec.get("detail", ""))
+                    )
+                except (KeyError, ValueError, SpecError) as e:
+                    raise SearchError(f"{self.journal.path}: cannot replay record seq {rec.get('seq')}: {e}") from None
+            elif event == "started":
+                self.open_hurdles[rec["id"]] = []
+            elif event == "hurdle":
+                self.open_hurdles.setdefault(rec["id"], []).append((rec["hurdle"], rec["fitness"]))
+            elif event in ("finished", "failed"):
+                self._told(rec)
+
+    def _told(self, rec: dict) -> None:
+        cid = rec["id"]
+        if cid not in self.evo.pending:
+            raise SearchError(f"{self.journal.path}: result for candidate {cid} that is not pending (seq {rec['seq']})")
+        fitness = rec.get("fitness") if rec["event"] == "finished" else None
+        self.evo.tell(cid, fitness)
+        for hurdle, value in self.open_hurdles.pop(cid, []):
+            self.book.record(hurdle, value)
+        self.terminal[cid] = rec
+        if rec.get("cached_from") is None:
+            if rec.get("hash"):
+                self.by_hash.setdefault(rec["hash"], rec)
+            if rec.get("fec_hash"):
+                self.by_fec.setdefault(rec["fec_hash"], rec)
+        else:
+            self.cache_hits += 1
+        self.compile_seconds += float(rec.get("compile_seconds") or 0.0)
+        self.train_seconds += float(rec.get("train_seconds") or 0.0)
+
+    # ------------------------------------------------------------------ evaluation
+    def failures(self) -> int:
+        return sum(1 for r in self.terminal.values() if r["event"] == "failed")
+
+    def _append_result(self, event: str, **fields) -> dict:
+        rec = self.journal.append(event, **fields)
+        self._told(rec)
+        return rec
+
+    def _reuse(self, proposal: Proposal, source: dict, why: str, **fields) -> dict:
+        keep = {k: source.get(k) for k in ("fitness", "stopped_at_hurdle", "hurdle_fitness", "steps", "params")}
+        if source["event"] == "failed":
+            return self._append_result(
+                "failed",
+                id=proposal.id,
+                stage=source.get("stage"),
+                reason=f"{why} #{source['id']}: {source.get('reason')}",
+                cached_from=source["id"],
+                **fields,
+            )
+        return self._append_result(
+            "finished", id=proposal.id, cached_from=source["id"], reason=f"{why} #{source['id']}", **keep, **fields
+        )
+
+    def evaluate(self, proposal: Proposal, stop: StopFlag) -> dict:
+        genome_hash = self.space.genome_hash(proposal.genome)
+        thresholds = self.book.thresholds()
+        self.journal.append("started", id=proposal.id, thresholds=thresholds)
+        self.open_hurdles[proposal.id] = []
+        if genome_hash in self.by_hash:
+            return self._reuse(proposal, self.by_hash[genome_hash], "identical genome to", hash=genome_hash)
+        base = {"hash": genome_hash}
+        try:
+            try:
+                spec = self.space.decode(proposal.genome)
+            except SpecError as e:
+                raise CandidateFailed("decode", str(e)) from None
+            check = self.evaluator.check(spec)
+            base.update(params=check.params, fec_hash=check.output_hash, probe_seconds=check.probe_seconds)
+            if self.cfg.search.fec and check.output_hash in self.by_fec:
+                return self._reuse(proposal, self.by_fec[check.output_hash], "functionally equivalent to", **base)
+
+            def on_hurdle(hurdle, fitness, threshold, passed, step, train_seconds):
+                self.journal.append(
+                    "hurdle",
+                    id=proposal.id,
+                    hurdle=hurdle,
+                    fitness=fitness,
+                    threshold=threshold,
+                    passed=passed,
+                    step=step,
+                    train_seconds=train_seconds,
+                )
+                self.open_hurdles[proposal.id].append((hurdle, fitness))
+
+            out = self.evaluator.train(spec, thresholds, on_hurdle=on_hurdle, should_stop=lambda: stop.stop)
+        except CandidateFailed as e:
+            return self._append_result("failed", id=proposal.id, stage=e.stage, reason=e.reason, **base)
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a bug or an unexpected backend error: record, never crash the search
+            reason = f"{type(e).__name__}: {e}"[:400]
+            return self._append_result("failed", id=proposal.id, stage="internal", reason=reason, **base)
+        return self._append_result(
+            "finished",
+            id=proposal.id,
+            fitness=out.fitness,
+            stopped_at_hurdle=out.stopped_at_hurdle,
+            hurdle_fitness=out.hurdle_fitness,
+            steps=out.steps,
+            compile_seconds=out.compile_seconds,
+            train_seconds=out.train_seconds,
+            memory_bytes=out.memory_bytes,
+            val_bpb=out.val.get("val_bpb"),
+            **base,
+        )
+
+    def progress_line(self, rec: dict, total: int, wall: float) -> str:
+        best = self.evo.best()
+        n = len(self.terminal)
+        p = self.evo.proposals[rec["id"]]
+        origin = p.origin if p.parent is None else f"{p.origin} of #{p.parent}"
+        if rec["event"] == "failed":
+            what = f"FAILED ({rec.get('stage')}: {rec.get('reason', '')[:70]})"
+        else:
+            stop = rec.get("stopped_at_hurdle")
+            what = f"fitness {rec['fitness']:.4f}" + (f" (stopped at hurdle {stop})" if stop is not None else "")
+            if rec.get("cached_from") is not None:
+                what += f" [reused #{rec['cached_from']}]"
+        best_text = f"best {best[1]:.4f} (#{best[0]})" if best else "best -"
+        share = self.compile_seconds / max(self.compile_seconds + self.train_seconds, 1e-9)
+        return (
+            f"[{n}/{total}] #{rec['id']} {origin}: {what} | {best_text} | failed {self.failures()} "
+            f"| compile {self.compile_seconds:.0f}s ({share:.0%}) train {self.train_seconds:.0f}s | {wall:.0f}s"
+        )
+
+
+def _build_data(cfg, workdir: str, log):
+    files = resolve_files(resolve_data_path(cfg, log))
+    val_names = [v.strip() for v in cfg.data.val_files.split(",") if v.strip()]
+    split = split_files(files, val_names, cfg.data.val_fraction, cfg.seed)
+    tokenizer = tokenizer_for_run(cfg, workdir, split.train)
+    data = make_text_data(
+        path=files,
+        val_files=val_names,
+        val_fraction=cfg.data.val_fraction,
+        tokenizer=tokenizer,
+        seq_len=cfg.data.seq_len,
+        global_batch_size=cfg.train.batch_size,
+        seed=cfg.seed,
+        kind="lm",
+        cache_dir=cfg.data.cache_dir or None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        log=log,
+    )
+    return tokenizer, data
+
+
+def run_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> SearchSummary:
+    """Runs (or resumes) the search of ``cfg`` in ``workdir``; see the module docstring."""
+    t_start = time.perf_counter()
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    if "search" not in cfg:
+        raise SearchError("this config has no 'search' section; use a search config (configs/search/*.py)")
+    if cfg.search.method not in _spaces():
+        raise SearchError(f"search.method={cfg.search.method!r} is not available; available: {', '.join(_spaces())}")
+    with Journal(os.path.join(workdir, JOURNAL), log=log) as journal:
+        header = next((r for r in journal.records if r["event"] == "search"), None)
+        if header is None and journal.records:
+            raise SearchError(f"{journal.path}: the first record is not the search header")
+        if header is not None:
+            _check_same_search(header, cfg, str(journal.path))
+        setup_compile_cache(cfg)
+        mesh, rules = make_mesh(cfg)
+        tokenizer, data = _build_data(cfg, workdir, log)
+        space = make_space(cfg, tokenizer.vocab_size)
+        if header is None:
+            journal.append("search", method=cfg.search.method, config=json.loads(cfg.to_json()))
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(cfg.to_json(indent=2))
+        evaluator = TrainingEvaluator(cfg, data, mesh, rules, log=log)
+        ctl = _Controller(cfg, workdir, journal, space, evaluator, log)
+        ctl.replay()
+        total = int(cfg.search.max_evaluations)
+        resumed = len(ctl.terminal)
+        log(
+            f"{space.describe()}\npopulation {cfg.search.population_size}, tournament {cfg.search.tournament_size}, "
+            f"{cfg.search.hurdles} hurdles; budget per candidate {evaluator.budget_text()}; devices "
+            f"{jax.device_count()} mesh {dict(mesh.shape)}"
+            + (f"\nresuming: {resumed} evaluations replayed from {journal.path}" if journal.records[1:] else "")
+        )
+        status = "finished"
+        _write_status(workdir, ctl, "running", total)
+        with StopFlag() as stop:
+            queue = sorted(ctl.evo.pending)
+            try:
+                while len(ctl.terminal) < total:
+                    if stop.stop:
+                        status = "interrupted"
+                        break
+                    if queue:
+                        proposal = ctl.evo.proposals[queue.pop(0)]
+                    else:
+                        proposal = ctl.evo.ask()
+                        journal.append(
+                            "proposed",
+                            id=proposal.id,
+                            parent=proposal.parent,
+                            origin=proposal.origin,
+                            detail=proposal.detail,
+                            hash=space.genome_hash(proposal.genome),
+                            genome=space.genome_to_json(proposal.genome),
+                        )
+                    rec = ctl.evaluate(proposal, stop)
+                    log(ctl.progress_line(rec, total, time.perf_counter() - t_start))
+            except (Interrupted, KeyboardInterrupt):
+                status = "interrupted"
+        if status == "interrupted":
+            log(f"search interrupted; the same command resumes from {journal.path}")
+        _write_status(workdir, ctl, status, total)
+    best = ctl.evo.best()
+    return SearchSummary(
+        status=status,
+        evaluations=len(ctl.terminal),
+        failures=ctl.failures(),
+        cache_hits=ctl.cache_hits,
+        best_id=best[0] if best else None,
+        best_fitness=best[1] if best else None,
+        compile_seconds=ctl.compile_seconds,
+        train_seconds=ctl.train_seconds,
+        wall_seconds=time.perf_counter() - t_start,
+    )
+
+
+def _write_status(workdir: str, ctl: _Controller, status: str, total: int) -> None:
+    best = ctl.evo.best()
+    info = {
+        "status": status,
+        "evaluations": len(ctl.terminal),
+        "max_evaluations": total,
+        "failures": ctl.failures(),
+        "cache_hits": ctl.cache_hits,
+        "best_id": best[0] if best else None,
+        "best_fitness": best[1] if best and math.isfinite(best[1]) else None,
+        "compile_seconds": ctl.compile_seconds,
+        "train_seconds": ctl.train_seconds,
+    }
+    tmp = os.path.join(workdir, "status.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, "status.json"))
