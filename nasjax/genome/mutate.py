@@ -146,7 +146,8 @@ def _apply(program: Program, kind: str, rng: np.random.Generator, branch_probabi
         instructions = list(sub.instructions)
         old = instructions[j].op
         instructions[j] = ins
-        return _with_instructions(program, index, instructions), f"subprogram {index}: replaced {old} at {j} by {ins.op}"
+        detail = f"subprogram {index}: replaced {old} at {j} by {ins.op}"
+        return _with_instructions(program, index, instructions), detail
     if kind == "change_field":
         if n == 0:
             return None

@@ -62,8 +62,7 @@ class PrimerSpace:
     # ------------------------------------------------------------------ genomes
     def seeds(self) -> list[tuple[str, Program]]:
         return [
-            (name, seed_program(name, self.n_heads, self.d_model, self.d_ff, self.base_dim))
-            for name in self.seed_names
+            (name, seed_program(name, self.n_heads, self.d_model, self.d_ff, self.base_dim)) for name in self.seed_names
         ]
 
     def mutate(self, genome: Program, rng: np.random.Generator) -> tuple[Program, str, str]:
