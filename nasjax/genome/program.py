@@ -375,10 +375,16 @@ def instruction_names(program: Program, index: int) -> tuple[str, ...]:
     """Module names of subprogram ``index``'s instructions, derived from what they compute.
 
     The name is ``{op}_{h}`` where h hashes the op, its used fields (bank *values*,
-    not indices), the callee's content and, recursively, the names of its inputs;
-    a repeated expression gets ``_2``, ``_3``... in program order. Dead code and
-    position shifts therefore leave every other name unchanged.
+    not indices), the callee's *index* for ``CALL`` and, recursively, the names of its
+    inputs; a repeated expression gets ``_2``, ``_3``... in program order. Dead code,
+    position shifts and edits inside a callee therefore leave every other name (and so
+    every other parameter's initial value) unchanged.
     """
+    return _names(program, index, content=False)
+
+
+@functools.lru_cache(maxsize=8192)
+def _names(program: Program, index: int, content: bool) -> tuple[str, ...]:
     sub = program.subprograms[index]
     states = [f"arg{a}" for a in range(sub.n_args)]
     names, seen = [], {}
@@ -394,7 +400,8 @@ def instruction_names(program: Program, index: int) -> tuple[str, ...]:
         if "dim" in fields:
             parts.append(f"d{program.dims[ins.dim]}")
         if ins.op == "CALL":
-            parts.append(f"sub:{_subprogram_digest(program, ins.call)}")
+            # content: what the callee computes (expression identity); else its index (param identity)
+            parts.append(f"sub:{_subprogram_digest(program, ins.call)}" if content else f"sub{ins.call}")
         digest = hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
         base = f"{ins.op.lower()}_{digest}"
         seen[base] = seen.get(base, 0) + 1
@@ -407,7 +414,7 @@ def instruction_names(program: Program, index: int) -> tuple[str, ...]:
 def _subprogram_digest(program: Program, index: int) -> str:
     """Digest of the expression a subprogram returns (dead code inside it does not count)."""
     sub = program.subprograms[index]
-    names = instruction_names(program, index)
+    names = _names(program, index, content=True)
     out = names[-1] if names else "arg0"
     return hashlib.sha1(f"{sub.n_args}|{out}".encode()).hexdigest()[:12]
 

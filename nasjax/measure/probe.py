@@ -5,10 +5,13 @@ Legend: B batch, L length, D model width, V vocabulary, T probed positions.
 :func:`probe_model` builds the spec (through :func:`nasjax.models.build`, the one spec
 interpreter), initialises it with a fixed key, and in one jitted call computes
 
-* the logits on a fixed probe batch: their finiteness, and a hash of their rounded
-  values (the *functional-equivalence* hash: two programs that compute the same
-  function give the same hash, so the search can reuse a recorded fitness instead of
-  training again; AutoML-Zero's FEC);
+* the logits on a fixed probe batch: their finiteness, and the *functional-equivalence*
+  hashes (AutoML-Zero's FEC): the last position's logits of each probe sequence,
+  projected on 32 fixed random directions and rounded to 3 significant digits (relative
+  to the largest), on two grids offset by half a step. Two programs that compute the
+  same function share at least one hash even when their compiled programs round
+  differently (a value near a step boundary of one grid is far from the other's), so
+  the search can reuse a recorded fitness instead of training again;
 * for decoders, the gradient of a random projection of the logits at a few positions t
   w.r.t. the input embeddings of every position s (the ``perturbations`` hook of the
   model): any gradient at s > t is a causal leak. The leak is reported relative to the
@@ -42,8 +45,8 @@ class ProbeResult:
       finite: all probe logits are finite.
       causal_leak: max |d out_t / d x_s| over s > t relative to the max over s <= t
         (0.0 for a causal model; None for encoders, which are not checked).
-      output_hash: hash of the logits rounded to ``digits`` significant decimals (None
-        if not finite).
+      output_hash, output_hash_alt: the two functional-equivalence hashes (None if not
+        finite).
       seconds: wall time of the probe (trace, compile and run).
     """
 
@@ -51,6 +54,7 @@ class ProbeResult:
     causal_leak: float | None
     output_hash: str | None
     seconds: float
+    output_hash_alt: str | None = None
 
     @property
     def causal(self) -> bool:
@@ -67,7 +71,7 @@ def _positions(seq_len: int) -> tuple[int, ...]:
     return tuple(sorted({0, seq_len // 3, seq_len // 2, max(seq_len - 2, 0)}))
 
 
-def probe_model(spec: ModelSpec, seq_len: int, batch: int = 2, seed: int = 0, digits: int = 5) -> ProbeResult:
+def probe_model(spec: ModelSpec, seq_len: int, batch: int = 2, seed: int = 0, digits: int = 3) -> ProbeResult:
     """Runs the checks of the module docstring on ``spec`` (one compile, CPU or default device).
 
     Raises whatever tracing raises (shape errors of a malformed program): callers record
@@ -110,13 +114,18 @@ def probe_model(spec: ModelSpec, seq_len: int, batch: int = 2, seed: int = 0, di
             leak = float("inf") if not np.isfinite(leak_abs) else 0.0
         else:
             leak = leak_abs / max(scale, 1e-30) if leak_abs > 0 else 0.0
-    digest = _output_hash(logits, digits) if finite else None
-    return ProbeResult(finite, leak, digest, time.perf_counter() - t0)
+    hashes = _output_hashes(logits, digits, seed) if finite else (None, None)
+    return ProbeResult(finite, leak, hashes[0], time.perf_counter() - t0, hashes[1])
 
 
-def _output_hash(logits: np.ndarray, digits: int) -> str:
-    """Hash of the logits rounded relative to their largest magnitude."""
-    scale = float(np.max(np.abs(logits))) or 1.0
-    exponent = int(np.floor(np.log10(scale)))
-    rounded = np.round(logits / 10.0**exponent, digits).astype(np.float64) + 0.0  # +0.0 folds -0.0
-    return hashlib.sha256(rounded.tobytes()).hexdigest()[:16]
+def _output_hashes(logits_BxLxV: np.ndarray, digits: int, seed: int) -> tuple[str, str]:
+    """The two FEC hashes of the module docstring."""
+    directions = np.random.default_rng(seed + 7).normal(size=(logits_BxLxV.shape[-1], 32))
+    summary = logits_BxLxV[:, -1, :] @ directions
+    scale = float(np.max(np.abs(summary))) or 1.0
+    steps = summary / 10.0 ** (np.floor(np.log10(scale)) - digits + 1)
+    out = []
+    for offset in (0.0, 0.5):
+        grid = np.floor(steps + offset).astype(np.int64)
+        out.append(hashlib.sha256(grid.tobytes()).hexdigest()[:16])
+    return out[0], out[1]

@@ -57,6 +57,7 @@ class CheckResult:
     params: int
     output_hash: str | None
     probe_seconds: float
+    output_hash_alt: str | None = None
 
 
 @dataclasses.dataclass
@@ -125,7 +126,7 @@ class TrainingEvaluator:
                 f"causal leak: outputs depend on later positions (relative gradient {probe.causal_leak:.3g} > "
                 f"{LEAK_TOLERANCE:g})",
             )
-        return CheckResult(params, probe.output_hash, probe.seconds)
+        return CheckResult(params, probe.output_hash, probe.seconds, probe.output_hash_alt)
 
     # ------------------------------------------------------------------ training
     def _fixed_val(self):

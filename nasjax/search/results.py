@@ -78,7 +78,7 @@ def _rows(records: list[dict]) -> tuple[list[dict], dict[int, dict]]:
             {
                 "id": rec["id"],
                 "status": _status(rec),
-                "fitness": "" if fitness is None else f"{fitness:.6f}",
+                "fitness": "" if fitness is None else repr(float(fitness)),
                 "hash": rec.get("hash") or prop.get("hash", ""),
                 "params": rec.get("params", ""),
                 "compile_seconds": f"{float(rec.get('compile_seconds') or 0):.2f}",

@@ -16,7 +16,7 @@ Journal events (one JSON line each; fields beyond ``event``/``seq``/``time``):
 ``started``   id, thresholds (the hurdle thresholds handed to this evaluation)
 ``hurdle``    id, hurdle, fitness, threshold, passed, step, train_seconds
 ``finished``  id, fitness, stopped_at_hurdle, hurdle_fitness, steps, params, compile_seconds,
-              train_seconds, probe_seconds, memory_bytes, hash, fec_hash, cached_from, reason
+              train_seconds, probe_seconds, memory_bytes, hash, fec_hash, fec_hash_alt, cached_from, reason
 ``failed``    id, stage, reason, hash, fec_hash, params, cached_from
 
 Resume: the records are replayed into the evolution (proposals, results) and the hurdle
@@ -55,6 +55,10 @@ __all__ = ["SearchError", "SearchSummary", "run_search", "make_space", "SPACES",
 JOURNAL = "journal.jsonl"
 # Keys that may differ between the run that wrote a journal and the one resuming it.
 RESUMABLE_KEYS = ("search.max_evaluations", "search.clear_caches", "compile_cache_dir", "data.cache_dir")
+
+
+# Failures that may not repeat (a backend hiccup, a compile-time OOM): never reused for duplicates.
+TRANSIENT_STAGES = ("internal", "compile")
 
 
 class SearchError(RuntimeError):
@@ -169,12 +173,14 @@ class _Controller:
         for hurdle, value in self.open_hurdles.pop(cid, []):
             self.book.record(hurdle, value)
         self.terminal[cid] = rec
-        if rec.get("cached_from") is None:
+        transient = rec["event"] == "failed" and rec.get("stage") in TRANSIENT_STAGES
+        if rec.get("cached_from") is None and not transient:
             if rec.get("hash"):
                 self.by_hash.setdefault(rec["hash"], rec)
-            if rec.get("fec_hash"):
-                self.by_fec.setdefault(rec["fec_hash"], rec)
-        else:
+            for key in ("fec_hash", "fec_hash_alt"):
+                if rec.get(key):
+                    self.by_fec.setdefault(f"{key}:{rec[key]}", rec)
+        elif rec.get("cached_from") is not None:
             self.cache_hits += 1
         self.compile_seconds += float(rec.get("compile_seconds") or 0.0)
         self.train_seconds += float(rec.get("train_seconds") or 0.0)
@@ -217,9 +223,16 @@ class _Controller:
             except SpecError as e:
                 raise CandidateFailed("decode", str(e)) from None
             check = self.evaluator.check(spec)
-            base.update(params=check.params, fec_hash=check.output_hash, probe_seconds=check.probe_seconds)
-            if self.cfg.search.fec and check.output_hash in self.by_fec:
-                return self._reuse(proposal, self.by_fec[check.output_hash], "functionally equivalent to", **base)
+            base.update(
+                params=check.params,
+                fec_hash=check.output_hash,
+                fec_hash_alt=check.output_hash_alt,
+                probe_seconds=check.probe_seconds,
+            )
+            keys = (f"fec_hash:{check.output_hash}", f"fec_hash_alt:{check.output_hash_alt}")
+            match = next((self.by_fec[k] for k in keys if k in self.by_fec), None)
+            if self.cfg.search.fec and match is not None:
+                return self._reuse(proposal, match, "functionally equivalent to", **base)
 
             def on_hurdle(hurdle, fitness, threshold, passed, step, train_seconds):
                 self.journal.append(
