@@ -37,6 +37,7 @@ then describes the training of *each candidate* (``train.steps`` or, if positive
 
 search.method             primer (regularized evolution over programs)
 search.max_evaluations    stop after this many finished or failed evaluations (resume may raise it)
+search.max_seconds        also stop after this much wall time of this process (0 = no limit)
 search.population_size    aging-evolution population (Primer: 100)
 search.tournament_size    tournament size (Primer: 10)
 search.hurdles            number of halving hurdles (Primer: 4); 0 = none
@@ -47,7 +48,7 @@ search.mutations          comma-separated mutation kinds ('' = all six)
 search.branch_probability chance that a random instruction gets k > 1 branches
 search.d_model, n_layers, n_heads, d_ff   widths of the seed block / stack (0 = model.size's)
 search.base_dim           unit of the relative dimension sizes (0 = chosen from the widths)
-search.positions          sinusoidal | learned | none (program blocks have no relative bias)
+search.positions          learned | sinusoidal | none (program blocks have no relative bias)
 search.max_params         reject candidates with more parameters (0 = no bound)
 search.max_memory_bytes   reject candidates whose compiled train step needs more per device (0 = none)
 search.probe_batch        sequences in the causality / finiteness / equivalence probe
@@ -156,6 +157,7 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     s = c.search
     s.method = method
     s.max_evaluations = 100
+    s.max_seconds = 0.0
     s.population_size = 100
     s.tournament_size = 10
     s.hurdles = 4
@@ -169,7 +171,7 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     s.n_heads = 0
     s.d_ff = 0
     s.base_dim = 0
-    s.positions = "sinusoidal"
+    s.positions = "learned"
     s.max_params = 0
     s.max_memory_bytes = 0
     s.probe_batch = 2

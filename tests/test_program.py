@@ -198,7 +198,7 @@ def _program_params_from_zoo(program, zoo_params, prog_params, mdha: bool):
 @pytest.mark.parametrize("name", ["vanilla", "primer_ez"])
 def test_seed_programs_compute_the_zoo_function(name):
     program = {"vanilla": vanilla_program, "primer_ez": primer_ez_program}[name](H, D, F)
-    zoo_spec = get_spec(name, "tiny", vocab_size=262, max_len=64, positions="sinusoidal")
+    zoo_spec = get_spec(name, "tiny", vocab_size=262, max_len=64, positions="learned")
     prog_spec = _spec(program)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 262, (2, LEN)), jnp.int32)
     zoo_model, prog_model = build(zoo_spec), build(prog_spec)

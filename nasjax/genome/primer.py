@@ -161,16 +161,18 @@ def program_model_spec(
     n_layers: int,
     vocab_size: int,
     max_len: int,
-    positions: str = "sinusoidal",
+    positions: str = "learned",
     norm_eps: float = 1e-6,
     init_std: float = 0.02,
     name: str = "program",
 ) -> ModelSpec:
     """A decoder LM whose ``n_layers`` layers each run ``program`` (own weights per layer).
 
-    The fixed parts follow Primer's search setup (T2T): token embedding + ``positions``
-    (sinusoidal by default), the program block stacked ``n_layers`` times, a final
-    LayerNorm, and the tied embedding as the softmax.
+    The fixed parts: token embedding + ``positions``, the program block stacked
+    ``n_layers`` times, a final LayerNorm, and the tied embedding as the softmax.
+    Positions default to a learned table: T2T's sinusoidal timing signal (unit scale)
+    would drown token embeddings initialised at ``init_std`` = 0.02 unless they were
+    rescaled by sqrt(D) as T2T does, which the zoo's embedding does not.
     """
     block = BlockSpec(ProgramSpec(program, base_dim), ffn=None, mixer_norm="none")
     return ModelSpec(

@@ -5,7 +5,7 @@ A search workdir::
     WORKDIR/journal.jsonl    every event (the search's only state; resume = replay)
     WORKDIR/config.json      the config the search was started with
     WORKDIR/tokenizer.json   the tokenizer every candidate uses
-    WORKDIR/status.json      running | finished | interrupted, with counts and the best
+    WORKDIR/status.json      running | finished | time_limit | interrupted, with counts and the best
     WORKDIR/results.csv, best_spec.json, best_program.txt, fitness.png   (exports)
 
 Journal events (one JSON line each; fields beyond ``event``/``seq``/``time``):
@@ -54,7 +54,13 @@ __all__ = ["SearchError", "SearchSummary", "run_search", "make_space", "SPACES",
 
 JOURNAL = "journal.jsonl"
 # Keys that may differ between the run that wrote a journal and the one resuming it.
-RESUMABLE_KEYS = ("search.max_evaluations", "search.clear_caches", "compile_cache_dir", "data.cache_dir")
+RESUMABLE_KEYS = (
+    "search.max_evaluations",
+    "search.max_seconds",
+    "search.clear_caches",
+    "compile_cache_dir",
+    "data.cache_dir",
+)
 
 
 # Failures that may not repeat (a backend hiccup, a compile-time OOM): never reused for duplicates.
@@ -93,6 +99,7 @@ class SearchSummary:
     best_fitness: float | None
     compile_seconds: float
     train_seconds: float
+    probe_seconds: float
     wall_seconds: float
 
 
@@ -142,7 +149,7 @@ class _Controller:
         self.by_fec: dict[str, dict] = {}
         self.open_hurdles: dict[int, list[tuple[int, float]]] = {}
         self.terminal: dict[int, dict] = {}
-        self.compile_seconds = self.train_seconds = 0.0
+        self.compile_seconds = self.train_seconds = self.probe_seconds = 0.0
         self.cache_hits = 0
 
     # ------------------------------------------------------------------ replay
@@ -184,6 +191,7 @@ class _Controller:
             self.cache_hits += 1
         self.compile_seconds += float(rec.get("compile_seconds") or 0.0)
         self.train_seconds += float(rec.get("train_seconds") or 0.0)
+        self.probe_seconds += float(rec.get("probe_seconds") or 0.0)
 
     # ------------------------------------------------------------------ evaluation
     def failures(self) -> int:
@@ -282,10 +290,11 @@ class _Controller:
             if rec.get("cached_from") is not None:
                 what += f" [reused #{rec['cached_from']}]"
         best_text = f"best {best[1]:.4f} (#{best[0]})" if best else "best -"
-        share = self.compile_seconds / max(self.compile_seconds + self.train_seconds, 1e-9)
+        compile_total = self.compile_seconds + self.probe_seconds
+        share = compile_total / max(compile_total + self.train_seconds, 1e-9)
         return (
             f"[{n}/{total}] #{rec['id']} {origin}: {what} | {best_text} | failed {self.failures()} "
-            f"| compile {self.compile_seconds:.0f}s ({share:.0%}) train {self.train_seconds:.0f}s | {wall:.0f}s"
+            f"| compile+probe {compile_total:.0f}s ({share:.0%}) train {self.train_seconds:.0f}s | {wall:.0f}s"
         )
 
 
@@ -354,6 +363,10 @@ def run_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> Searc
                     if stop.stop:
                         status = "interrupted"
                         break
+                    if cfg.search.max_seconds and time.perf_counter() - t_start >= cfg.search.max_seconds:
+                        status = "time_limit"
+                        log(f"search.max_seconds={cfg.search.max_seconds:g} reached; the same command continues")
+                        break
                     if queue:
                         proposal = ctl.evo.proposals[queue.pop(0)]
                     else:
@@ -384,6 +397,7 @@ def run_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> Searc
         best_fitness=best[1] if best else None,
         compile_seconds=ctl.compile_seconds,
         train_seconds=ctl.train_seconds,
+        probe_seconds=ctl.probe_seconds,
         wall_seconds=time.perf_counter() - t_start,
     )
 
@@ -400,6 +414,7 @@ def _write_status(workdir: str, ctl: _Controller, status: str, total: int) -> No
         "best_fitness": best[1] if best and math.isfinite(best[1]) else None,
         "compile_seconds": ctl.compile_seconds,
         "train_seconds": ctl.train_seconds,
+        "probe_seconds": ctl.probe_seconds,
     }
     tmp = os.path.join(workdir, "status.json.tmp")
     with open(tmp, "w") as f:
