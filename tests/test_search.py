@@ -100,7 +100,7 @@ def test_ten_thousand_mutations_are_valid_and_causal():
         assert expression_digest(m.program) != expression_digest(program)  # ... and different
         kinds.add(m.kind)
         program = m.program
-        if i % 400 == 399:
+        if i % 100 == 99:  # the most-mutated program of each chain (100 programs in all)
             sampled.append(program)
     assert kinds == set(MUTATIONS)
     # every sampled decoder program passes the gradient causality check (or is cleanly non-finite)
@@ -327,3 +327,11 @@ def test_resume_refuses_changed_settings(search_config, tmp_path):
         run_search(search_config(**{"search.population_size": 5}), str(work), log=lambda *a: None)
     with pytest.raises(SearchError, match="not available"):
         run_search(search_config(**{"search.method": "nope"}), str(tmp_path / "x"), log=lambda *a: None)
+
+
+def test_cli_results_on_a_non_search_dir_is_a_clear_error(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "nasjax.cli", "results", str(tmp_path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 2
+    assert "no journal" in out.stderr and "Traceback" not in out.stderr
