@@ -7,6 +7,8 @@ nasjax describe  bert --size=base | spec.json | --config=FILE[:preset] | --workd
 nasjax finetune  --config=configs/train/finetune.py:tiny --workdir=runs/ft --config.data.path=X.jsonl
 nasjax search    --config=configs/search/primer.py:tiny --workdir=runs/s1   (same command resumes)
 nasjax results   runs/s1 [--top=N]   (results.csv, best_spec.json, best_program.txt, fitness.png)
+nasjax search    --config=configs/search/lts.py:cpu --workdir=runs/lts   (pareto.csv, pareto.json, front/)
+nasjax lts-validate --config=configs/search/lts.py:cpu --workdir=runs/val   (proxy Spearman correlations)
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def cmd_search(args: list[str]) -> int:
     cfg = _need("config", FLAGS.config, "search")
     workdir = _need("workdir", FLAGS.workdir, "search")
     summary = run_search(cfg, workdir)
-    print(export_results(workdir, top=FLAGS.top).leaderboard)
+    print(export_results(workdir, top=FLAGS.top, log=lambda *a: None).leaderboard)
     return EXIT_INTERRUPTED if summary.status == "interrupted" else 0
 
 
@@ -106,8 +108,19 @@ def cmd_results(args: list[str]) -> int:
     return 0
 
 
+def cmd_lts_validate(args: list[str]) -> int:
+    from nasjax.search.lts_validate import validate_proxies
+
+    cfg = _need("config", FLAGS.config, "lts-validate")
+    summary = validate_proxies(cfg, _need("workdir", FLAGS.workdir, "lts-validate"))
+    print(summary.table)
+    print("wrote " + ", ".join(summary.files))
+    return 0
+
+
 COMMANDS = {
     "search": cmd_search,
+    "lts-validate": cmd_lts_validate,
     "results": cmd_results,
     "train": cmd_train,
     "eval": cmd_eval,

@@ -35,7 +35,8 @@ Search configs (configs/search/*.py, :func:`search_config`) add ``search.*``; ``
 then describes the training of *each candidate* (``train.steps`` or, if positive,
 ``train.budget_seconds`` is the per-candidate budget that the hurdles cut into bands):
 
-search.method             primer (regularized evolution over programs)
+search.method             primer (regularized evolution over programs) | lts (training-free Pareto search)
+search.iterations         (lts) evolution iterations after the random initial population
 search.max_evaluations    stop after this many finished or failed evaluations (resume may raise it)
 search.max_seconds        also stop after this much wall time of this process (0 = no limit)
 search.population_size    aging-evolution population (Primer: 100)
@@ -55,6 +56,14 @@ search.probe_batch        sequences in the causality / finiteness / equivalence 
 search.val_batches        validation batches that define the fitness (0 = whole split)
 search.fec                reuse results of functionally equivalent candidates
 search.clear_caches       drop compiled programs after each candidate (long searches)
+
+LTS (configs/search/lts.py) adds ``lts.*``: parent_size / mutation_size / crossover_size
+(20 / 40 / 40), mutation_prob (0.3), crossover_prob (0.5), seq_len and batch of the
+latency measurement (192, 1), latency_repeats (10), selection (pareto | convex_hull),
+proxies (comma-separated zero-cost proxies to record, '' = none), max_latency_s and
+max_memory_bytes (constraints, 0 = none), vocab_size (0 = the tokenizer's),
+validate_architectures (``nasjax lts-validate``), and ``lts.space.*`` (n_layer, d_model,
+d_inner, n_head choices, d_inner_ratio, min_params / max_params on decoder params).
 """
 
 from __future__ import annotations
@@ -156,9 +165,13 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     c.search = ml_collections.ConfigDict()
     s = c.search
     s.method = method
-    s.max_evaluations = 100
     s.max_seconds = 0.0
     s.population_size = 100
+    if method == "lts":
+        s.iterations = 30
+        c.lts = lts_config()
+        return c
+    s.max_evaluations = 100
     s.tournament_size = 10
     s.hurdles = 4
     s.hurdle_quantile = 0.5
@@ -183,6 +196,29 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     c.train.log_every = 10**9
     c.train.eval_every = 0
     c.train.checkpoint_every = 0
+    return c
+
+
+def lts_config() -> ml_collections.ConfigDict:
+    """The ``lts`` section: LiteTransformerSearch's published settings (methods.md §3(b))."""
+    from nasjax.genome.stack import SIZE_PRESETS
+
+    c = ml_collections.ConfigDict()
+    c.parent_size = 20
+    c.mutation_size = 40
+    c.crossover_size = 40
+    c.mutation_prob = 0.3
+    c.crossover_prob = 0.5
+    c.seq_len = 192
+    c.batch = 1
+    c.latency_repeats = 10
+    c.selection = "pareto"
+    c.proxies = ""
+    c.max_latency_s = 0.0
+    c.max_memory_bytes = 0
+    c.vocab_size = 0
+    c.validate_architectures = 30
+    c.space = ml_collections.ConfigDict({k: v for k, v in SIZE_PRESETS["gpt2"].items()})
     return c
 
 

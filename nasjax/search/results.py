@@ -139,6 +139,11 @@ def export_results(workdir: str, top: int = 10, log=print) -> ResultsSummary:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     records = read_journal(os.path.join(workdir, "journal.jsonl"), log=log)
     header = next((r for r in records if r["event"] == "search"), None)
+    if header is not None and header.get("method") == "lts":
+        from nasjax.search.lts_results import export_lts
+
+        out = export_lts(workdir, log=log)
+        return ResultsSummary(out.measured + out.failed, out.failed, None, None, out.table, out.files)
     rows, proposals = _rows(records)
     files = []
     csv_path = os.path.join(workdir, "results.csv")

@@ -50,12 +50,13 @@ from nasjax.search.journal import Journal
 from nasjax.spec import SpecError
 from nasjax.train.run import StopFlag, make_mesh, resolve_data_path, setup_compile_cache, tokenizer_for_run
 
-__all__ = ["SearchError", "SearchSummary", "run_search", "make_space", "SPACES", "RESUMABLE_KEYS"]
+__all__ = ["SearchError", "SearchSummary", "SearchContext", "run_search", "make_space", "RESUMABLE_KEYS"]
 
 JOURNAL = "journal.jsonl"
 # Keys that may differ between the run that wrote a journal and the one resuming it.
 RESUMABLE_KEYS = (
     "search.max_evaluations",
+    "search.iterations",
     "search.max_seconds",
     "search.clear_caches",
     "compile_cache_dir",
@@ -71,22 +72,13 @@ class SearchError(RuntimeError):
     """A search cannot start or resume (clear message; the journal is untouched)."""
 
 
-def _spaces() -> dict[str, Any]:
+def make_space(cfg, vocab_size: int):
+    """The genome space of an evolutionary (program) search."""
     from nasjax.search.primer import PrimerSpace
 
-    return {"primer": PrimerSpace}
-
-
-SPACES = ("primer",)
-
-
-def make_space(cfg, vocab_size: int):
-    """The genome space of ``search.method``."""
-    method = cfg.search.method
-    spaces = _spaces()
-    if method not in spaces:
-        raise SearchError(f"search.method={method!r} is not available; available: {', '.join(spaces)}")
-    return spaces[method](cfg, vocab_size)
+    if cfg.search.method != "primer":
+        raise SearchError(f"search.method={cfg.search.method!r} has no program space")
+    return PrimerSpace(cfg, vocab_size)
 
 
 @dataclasses.dataclass
@@ -101,6 +93,7 @@ class SearchSummary:
     train_seconds: float
     probe_seconds: float
     wall_seconds: float
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -320,15 +313,42 @@ def _build_data(cfg, workdir: str, log):
     return tokenizer, data
 
 
+@dataclasses.dataclass
+class SearchContext:
+    """What every search method gets from :func:`run_search` (journal opened, data built)."""
+
+    cfg: Any
+    workdir: str
+    journal: Journal
+    header: dict | None
+    tokenizer: Any
+    data: Any
+    mesh: Any
+    rules: Any
+    log: Any
+    t_start: float
+
+    def time_is_up(self) -> bool:
+        limit = self.cfg.search.max_seconds
+        return bool(limit) and time.perf_counter() - self.t_start >= limit
+
+
+def _drivers() -> dict[str, Any]:
+    from nasjax.search.lts import run_lts
+
+    return {"primer": _run_evolution, "lts": run_lts}
+
+
 def run_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> SearchSummary:
     """Runs (or resumes) the search of ``cfg`` in ``workdir``; see the module docstring."""
     t_start = time.perf_counter()
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
     if "search" not in cfg:
         raise SearchError("this config has no 'search' section; use a search config (configs/search/*.py)")
-    if cfg.search.method not in _spaces():
-        raise SearchError(f"search.method={cfg.search.method!r} is not available; available: {', '.join(_spaces())}")
+    drivers = _drivers()
+    if cfg.search.method not in drivers:
+        raise SearchError(f"search.method={cfg.search.method!r} is not available; available: {', '.join(drivers)}")
+    os.makedirs(workdir, exist_ok=True)
     with Journal(os.path.join(workdir, JOURNAL), log=log) as journal:
         header = next((r for r in journal.records if r["event"] == "search"), None)
         if header is None and journal.records:
@@ -338,55 +358,62 @@ def run_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> Searc
         setup_compile_cache(cfg)
         mesh, rules = make_mesh(cfg)
         tokenizer, data = _build_data(cfg, workdir, log)
-        space = make_space(cfg, tokenizer.vocab_size)
         if header is None:
-            journal.append("search", method=cfg.search.method, config=json.loads(cfg.to_json()))
+            header = journal.append("search", method=cfg.search.method, config=json.loads(cfg.to_json()))
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(cfg.to_json(indent=2))
-        evaluator = TrainingEvaluator(cfg, data, mesh, rules, log=log)
-        ctl = _Controller(cfg, workdir, journal, space, evaluator, log)
-        ctl.replay()
-        total = int(cfg.search.max_evaluations)
-        resumed = len(ctl.terminal)
-        log(
-            f"{space.describe()}\npopulation {cfg.search.population_size}, tournament {cfg.search.tournament_size}, "
-            f"{cfg.search.hurdles} hurdles; budget per candidate {evaluator.budget_text()}; devices "
-            f"{jax.device_count()} mesh {dict(mesh.shape)}"
-            + (f"\nresuming: {resumed} evaluations replayed from {journal.path}" if journal.records[1:] else "")
-        )
-        status = "finished"
-        _write_status(workdir, ctl, "running", total)
-        with StopFlag() as stop:
-            queue = sorted(ctl.evo.pending)
-            try:
-                while len(ctl.terminal) < total:
-                    if stop.stop:
-                        status = "interrupted"
-                        break
-                    if cfg.search.max_seconds and time.perf_counter() - t_start >= cfg.search.max_seconds:
-                        status = "time_limit"
-                        log(f"search.max_seconds={cfg.search.max_seconds:g} reached; the same command continues")
-                        break
-                    if queue:
-                        proposal = ctl.evo.proposals[queue.pop(0)]
-                    else:
-                        proposal = ctl.evo.ask()
-                        journal.append(
-                            "proposed",
-                            id=proposal.id,
-                            parent=proposal.parent,
-                            origin=proposal.origin,
-                            detail=proposal.detail,
-                            hash=space.genome_hash(proposal.genome),
-                            genome=space.genome_to_json(proposal.genome),
-                        )
-                    rec = ctl.evaluate(proposal, stop)
-                    log(ctl.progress_line(rec, total, time.perf_counter() - t_start))
-            except (Interrupted, KeyboardInterrupt):
-                status = "interrupted"
-        if status == "interrupted":
-            log(f"search interrupted; the same command resumes from {journal.path}")
-        _write_status(workdir, ctl, status, total)
+        ctx = SearchContext(cfg, workdir, journal, header, tokenizer, data, mesh, rules, log, t_start)
+        return drivers[cfg.search.method](ctx)
+
+
+def _run_evolution(ctx: SearchContext) -> SearchSummary:
+    """Regularized evolution with hurdles (Primer): the loop of the module docstring."""
+    cfg, journal, log, t_start = ctx.cfg, ctx.journal, ctx.log, ctx.t_start
+    space = make_space(cfg, ctx.tokenizer.vocab_size)
+    evaluator = TrainingEvaluator(cfg, ctx.data, ctx.mesh, ctx.rules, log=log)
+    ctl = _Controller(cfg, ctx.workdir, journal, space, evaluator, log)
+    ctl.replay()
+    total = int(cfg.search.max_evaluations)
+    resumed = len(ctl.terminal)
+    log(
+        f"{space.describe()}\npopulation {cfg.search.population_size}, tournament {cfg.search.tournament_size}, "
+        f"{cfg.search.hurdles} hurdles; budget per candidate {evaluator.budget_text()}; devices "
+        f"{jax.device_count()} mesh {dict(ctx.mesh.shape)}"
+        + (f"\nresuming: {resumed} evaluations replayed from {journal.path}" if journal.records[1:] else "")
+    )
+    status = "finished"
+    _write_status(ctx.workdir, ctl, "running", total)
+    with StopFlag() as stop:
+        queue = sorted(ctl.evo.pending)
+        try:
+            while len(ctl.terminal) < total:
+                if stop.stop:
+                    status = "interrupted"
+                    break
+                if ctx.time_is_up():
+                    status = "time_limit"
+                    log(f"search.max_seconds={cfg.search.max_seconds:g} reached; the same command continues")
+                    break
+                if queue:
+                    proposal = ctl.evo.proposals[queue.pop(0)]
+                else:
+                    proposal = ctl.evo.ask()
+                    journal.append(
+                        "proposed",
+                        id=proposal.id,
+                        parent=proposal.parent,
+                        origin=proposal.origin,
+                        detail=proposal.detail,
+                        hash=space.genome_hash(proposal.genome),
+                        genome=space.genome_to_json(proposal.genome),
+                    )
+                rec = ctl.evaluate(proposal, stop)
+                log(ctl.progress_line(rec, total, time.perf_counter() - t_start))
+        except (Interrupted, KeyboardInterrupt):
+            status = "interrupted"
+    if status == "interrupted":
+        log(f"search interrupted; the same command resumes from {journal.path}")
+    _write_status(ctx.workdir, ctl, status, total)
     best = ctl.evo.best()
     return SearchSummary(
         status=status,

@@ -1,0 +1,310 @@
+"""LiteTransformerSearch (methods.md §3): training-free, hardware-aware Pareto search.
+
+Nothing is trained. Each architecture of the heterogeneous GPT-2 space
+(:class:`~nasjax.genome.stack.StackSpace`) is decoded to a model spec and scored by
+
+* P: decoder (non-embedding) parameters, archai's analytic formula (higher is better:
+  the perplexity proxy);
+* latency: the jit-compiled forward at batch ``lts.batch`` (1) and ``lts.seq_len`` on the
+  device the search runs on, median of ``lts.latency_repeats`` runs after warm-up;
+* peak memory: XLA's memory analysis of that compiled forward (device statistics are
+  recorded too where the backend reports them);
+* optionally zero-cost proxies (``lts.proxies``) for comparison.
+
+Algorithm 1 of the paper as implemented in archai (``Evolution.search``): an initial
+population of ``search.population_size`` random valid genes; then, for
+``search.iterations`` iterations, the Pareto front over *everything measured so far*
+(objectives max_P - P, latency, memory, all minimised; strict dominance), ``lts.parent_size``
+parents drawn from the front with weights favouring rarely used members,
+``lts.mutation_size`` unseen valid mutants (per-gene resample probability
+``lts.mutation_prob``) and ``lts.crossover_size`` unseen valid crossovers
+(``lts.crossover_prob``). ``lts.selection = convex_hull`` keeps only front members on the
+lower convex hull of (latency, -P), the variant the seed text describes.
+
+Journal events: ``measured`` (id, key, iteration, origin, genome, decoder_params,
+total_params, latency_s, latency_std_s, peak_memory_bytes, device_peak_bytes, flops,
+compile_seconds, proxies), ``failed`` (same plus stage, reason: a latency or memory cap
+from the config, or a measurement error), ``iteration`` (iteration, population keys,
+front ids). Random draws come from ``default_rng([seed, iteration])``; on resume every
+population is regenerated from the replayed measurements, and an architecture whose
+key is in the journal is never measured again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from nasjax.genome.stack import StackGenome, StackSpace
+from nasjax.search.pareto import lower_convex_hull_indices, parent_weights, pareto_indices
+
+__all__ = ["run_lts", "LTSState", "front_records", "objectives"]
+
+SELECTIONS = ("pareto", "convex_hull")
+
+
+def objectives(records: list[dict], max_params: float) -> np.ndarray:
+    """[N, 3] minimised objectives (max_P - P, latency, memory) of measured records."""
+    return np.asarray(
+        [[max_params - r["decoder_params"], r["latency_s"], r["peak_memory_bytes"]] for r in records], np.float64
+    )
+
+
+def front_records(measured: list[dict], selection: str = "pareto") -> list[dict]:
+    """The non-dominated measured records (optionally only those on the lower convex hull)."""
+    if not measured:
+        return []
+    max_params = max(r["decoder_params"] for r in measured)
+    idx = pareto_indices(objectives(measured, max_params))
+    front = [measured[i] for i in idx]
+    if selection == "convex_hull" and len(front) > 2:
+        pts = np.asarray([[r["latency_s"], -r["decoder_params"]] for r in front], np.float64)
+        front = [front[i] for i in lower_convex_hull_indices(pts)]
+    return front
+
+
+@dataclasses.dataclass
+class LTSState:
+    """Everything rebuilt from the journal."""
+
+    by_key: dict[str, dict] = dataclasses.field(default_factory=dict)  # measured or failed, by genome key
+    measured: list[dict] = dataclasses.field(default_factory=list)
+    iterations: list[dict] = dataclasses.field(default_factory=list)
+    next_id: int = 0
+
+    def replay(self, records: list[dict]) -> None:
+        for rec in records:
+            if rec["event"] in ("measured", "failed"):
+                self.by_key[rec["key"]] = rec
+                self.next_id = max(self.next_id, int(rec["id"]) + 1)
+                if rec["event"] == "measured":
+                    self.measured.append(rec)
+            elif rec["event"] == "iteration":
+                self.iterations.append(rec)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for it in self.iterations:
+            for key in it["population"]:
+                out[key] = out.get(key, 0) + 1
+        return out
+
+
+class _Search:
+    def __init__(self, ctx):
+        from nasjax.measure.hardware import measure_hardware
+
+        self.ctx, self.cfg, self.log = ctx, ctx.cfg, ctx.log
+        self.lts = self.cfg.lts
+        self.space = StackSpace.from_config(self.lts.space)
+        self.vocab = int(self.lts.vocab_size) or int(ctx.tokenizer.vocab_size)
+        if self.lts.selection not in SELECTIONS:
+            raise ValueError(f"lts.selection: expected one of {', '.join(SELECTIONS)}, got {self.lts.selection!r}")
+        self.state = LTSState()
+        self.state.replay(ctx.journal.records)
+        self.measure_hardware = measure_hardware
+        self.proxies = tuple(p.strip() for p in str(self.lts.proxies).split(",") if p.strip())
+        self.n_measured_now = 0
+        self.measure_seconds = 0.0
+
+    # ------------------------------------------------------------------ measurement
+    def spec(self, genome: StackGenome):
+        return self.space.decode(genome, vocab_size=self.vocab, max_len=int(self.lts.seq_len))
+
+    def evaluate(self, genome: StackGenome, iteration: int, origin: str) -> dict:
+        key = genome.key()
+        if key in self.state.by_key:
+            return self.state.by_key[key]
+        base = {"id": self.state.next_id, "key": key, "iteration": iteration, "origin": origin}
+        base["genome"] = genome.to_dict()
+        self.state.next_id += 1
+        reason = self.space.check(genome)
+        if reason is not None:
+            return self._append("failed", stage="constraint", reason=reason, **base)
+        t0 = time.perf_counter()
+        try:
+            from nasjax.measure.params import count_params
+
+            spec = self.spec(genome)
+            counts = count_params(spec)
+            hw = self.measure_hardware(
+                spec, int(self.lts.seq_len), batch=int(self.lts.batch), repeats=int(self.lts.latency_repeats)
+            )
+            fields = dict(
+                decoder_params=int(self.space.decoder_params(genome)),
+                counted_decoder_params=int(counts["non_embedding"]),
+                total_params=int(counts["total"]),
+                latency_s=hw.latency_s,
+                latency_std_s=hw.latency_std_s,
+                peak_memory_bytes=int(hw.peak_memory_bytes),
+                device_peak_bytes=hw.device_peak_bytes,
+                flops=hw.flops,
+                compile_seconds=hw.compile_seconds,
+                backend=hw.backend,
+            )
+            if self.proxies:
+                from nasjax.measure.zero_cost import zero_cost_proxies
+
+                fields["proxies"] = zero_cost_proxies(spec, int(self.lts.seq_len), names=self.proxies)
+        except Exception as e:  # a measurement error is a failed record, never a crashed search
+            return self._append("failed", stage="measure", reason=f"{type(e).__name__}: {e}"[:400], **base)
+        finally:
+            self.measure_seconds += time.perf_counter() - t0
+        cap_lat, cap_mem = float(self.lts.max_latency_s), int(self.lts.max_memory_bytes)
+        if cap_lat and fields["latency_s"] > cap_lat:
+            reason = f"latency {fields['latency_s'] * 1e3:.2f} ms > lts.max_latency_s={cap_lat:g}"
+            return self._append("failed", stage="constraint", reason=reason, **base, **fields)
+        if cap_mem and fields["peak_memory_bytes"] > cap_mem:
+            reason = f"peak memory {fields['peak_memory_bytes'] / 2**20:.1f} MiB > lts.max_memory_bytes"
+            return self._append("failed", stage="constraint", reason=reason, **base, **fields)
+        self.n_measured_now += 1
+        return self._append("measured", **base, **fields)
+
+    def _append(self, event: str, **fields) -> dict:
+        rec = self.ctx.journal.append(event, **fields)
+        self.state.by_key[rec["key"]] = rec
+        if event == "measured":
+            self.state.measured.append(rec)
+        return rec
+
+    # ------------------------------------------------------------------ populations
+    def _unseen(self, make, n: int, seen: set[str]) -> list[tuple[StackGenome, str]]:
+        out, attempts = [], 0
+        while len(out) < n and attempts < 200 * max(n, 1):
+            attempts += 1
+            made = make()
+            if made is None:
+                break
+            genome, origin = made
+            key = genome.key()
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append((genome, origin))
+        return out
+
+    def population(self, iteration: int) -> list[tuple[StackGenome, str]]:
+        """The population of ``iteration``, from what earlier iterations measured only (so a
+        half-measured iteration regenerates identically on resume)."""
+        rng = np.random.default_rng([int(self.cfg.seed), iteration])
+        earlier = [r for r in self.state.by_key.values() if int(r["iteration"]) < iteration]
+        seen = {r["key"] for r in earlier}
+        if iteration == 0:
+            return self._unseen(lambda: (self.space.sample(rng), "random"), int(self.cfg.search.population_size), seen)
+        measured = [r for r in self.state.measured if int(r["iteration"]) < iteration]
+        front = front_records(measured, self.lts.selection)
+        if not front:  # nothing measurable yet: start again from random genes
+            return self._unseen(lambda: (self.space.sample(rng), "random"), int(self.cfg.search.population_size), seen)
+        counts = self.state.counts()
+        weights = parent_weights([counts.get(r["key"], 0) for r in front])
+        picks = rng.choice(len(front), size=int(self.lts.parent_size), replace=True, p=weights)
+        parents = [StackGenome.from_dict(front[int(i)]["genome"]) for i in picks]
+        pop = [(g, "parent") for g in parents]
+        prob_m, prob_c = float(self.lts.mutation_prob), float(self.lts.crossover_prob)
+        mutants = self._unseen(
+            lambda: (self.space.mutate(parents[rng.integers(len(parents))], rng, prob_m), "mutation"),
+            int(self.lts.mutation_size),
+            seen,
+        )
+        distinct = {g.key(): g for g in parents}
+        pool = list(distinct.values())
+
+        def cross():
+            if len(pool) < 2:
+                return None
+            a, b = rng.choice(len(pool), size=2, replace=False)
+            return self.space.crossover(pool[int(a)], pool[int(b)], rng, prob_c), "crossover"
+
+        crosses = self._unseen(cross, int(self.lts.crossover_size), seen)
+        return pop + mutants + crosses
+
+
+def run_lts(ctx) -> Any:
+    """The LTS driver for :func:`nasjax.search.run.run_search`."""
+    from nasjax.search.lts_results import export_lts
+    from nasjax.search.run import SearchSummary
+    from nasjax.train.run import StopFlag
+
+    search = _Search(ctx)
+    cfg, log, journal = ctx.cfg, ctx.log, ctx.journal
+    n_iter = int(cfg.search.iterations)
+    done = len(search.state.iterations)
+    log(
+        f"LTS on {jax_backend()}: {_describe(search.space)}; population {cfg.search.population_size}, "
+        f"{n_iter} iterations, seq_len {cfg.lts.seq_len}, batch {cfg.lts.batch}, {cfg.lts.latency_repeats} repeats"
+        + (f"\nresuming: {len(search.state.by_key)} architectures, {done} iterations from the journal" if done else "")
+    )
+    status = "finished"
+    with StopFlag() as stop:
+        try:
+            for iteration in range(done, n_iter + 1):
+                pop = search.population(iteration)
+                t0 = time.perf_counter()
+                for k, (genome, origin) in enumerate(pop):
+                    if stop.stop or ctx.time_is_up():
+                        break
+                    search.evaluate(genome, iteration, origin)
+                    if (k + 1) % 10 == 0 or k + 1 == len(pop):
+                        log(_progress(search, iteration, n_iter, k + 1, len(pop), ctx))
+                if stop.stop:
+                    status = "interrupted"
+                    break
+                if ctx.time_is_up():
+                    status = "time_limit"
+                    break
+                front = front_records(search.state.measured, cfg.lts.selection)
+                rec = journal.append(
+                    "iteration",
+                    iteration=iteration,
+                    population=[g.key() for g, _ in pop],
+                    front=[r["id"] for r in front],
+                    seconds=time.perf_counter() - t0,
+                )
+                search.state.iterations.append(rec)
+        except KeyboardInterrupt:
+            status = "interrupted"
+    if status != "finished":
+        log(f"search {status}; the same command resumes from {journal.path}")
+    exports = export_lts(ctx.workdir, log=log)
+    failures = sum(1 for r in search.state.by_key.values() if r["event"] == "failed")
+    return SearchSummary(
+        status=status,
+        evaluations=len(search.state.by_key),
+        failures=failures,
+        cache_hits=0,
+        best_id=None,
+        best_fitness=None,
+        compile_seconds=sum(float(r.get("compile_seconds") or 0) for r in search.state.measured),
+        train_seconds=0.0,
+        probe_seconds=0.0,
+        wall_seconds=time.perf_counter() - ctx.t_start,
+        extra={"front_size": exports.front_size, "measured_now": search.n_measured_now},
+    )
+
+
+def _describe(space: StackSpace) -> str:
+    span = lambda v: f"{v[0]}-{v[-1]}"
+    return (
+        f"GPT-2 decoders, {span(space.n_layer)} layers, d_model {span(space.d_model)}, d_inner "
+        f"{span(space.d_inner)} (> {space.d_inner_ratio:g} d_model), heads {list(space.n_head)}"
+    )
+
+
+def jax_backend() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{jax.default_backend()} ({d.device_kind})"
+
+
+def _progress(search: _Search, iteration: int, n_iter: int, k: int, n: int, ctx) -> str:
+    front = front_records(search.state.measured, search.lts.selection)
+    rate = search.n_measured_now / max(search.measure_seconds, 1e-9)
+    failed = sum(1 for r in search.state.by_key.values() if r["event"] == "failed")
+    return (
+        f"iteration {iteration}/{n_iter} [{k}/{n}] | measured {len(search.state.measured)} failed {failed} "
+        f"| front {len(front)} | {rate:.2f} arch/s | {time.perf_counter() - ctx.t_start:.0f}s"
+    )

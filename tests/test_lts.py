@@ -1,0 +1,124 @@
+"""LTS search driver: a tiny training-free search, its exports, resume without re-measuring."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_SPACE = {
+    "n_layer": (1, 2),
+    "d_model": (32, 64),
+    "d_inner": (64, 96, 128, 160, 192, 224, 256),
+    "n_head": (2, 4),
+    "d_inner_ratio": 1.7,
+    "min_params": 0,
+    "max_params": 0,
+}
+
+
+@pytest.fixture
+def lts_config(text_dir, tmp_path):
+    def make(**overrides):
+        from nasjax.config import apply_overrides, load_config_file
+
+        cfg = load_config_file(os.path.join(ROOT, "configs/search/lts.py:cpu"))
+        base = {
+            "data.path": str(text_dir),
+            "data.val_files": "doc_5.txt",
+            "data.seq_len": 16,
+            "data.cache_dir": str(tmp_path / "cache"),
+            "search.population_size": 6,
+            "search.iterations": 2,
+            "lts.parent_size": 2,
+            "lts.mutation_size": 2,
+            "lts.crossover_size": 2,
+            "lts.seq_len": 16,
+            "lts.latency_repeats": 2,
+            "compile_cache_dir": str(tmp_path / "xla"),
+        }
+        base.update({f"lts.space.{k}": v for k, v in TINY_SPACE.items()})
+        base.update(overrides)
+        return apply_overrides(cfg, base)
+
+    return make
+
+
+def test_lts_search_exports_and_resumes_without_remeasuring(lts_config, tmp_path, monkeypatch):
+    import nasjax.measure.hardware as hw
+    from nasjax.search.journal import read_journal
+    from nasjax.search.run import run_search
+    from nasjax.spec import load_spec
+
+    work = tmp_path / "lts"
+    summary = run_search(lts_config(**{"search.iterations": 1}), str(work), log=lambda *a: None)
+    assert summary.status == "finished"
+    recs = read_journal(str(work / "journal.jsonl"))
+    measured = [r for r in recs if r["event"] == "measured"]
+    assert len(measured) >= 6
+    for r in measured:  # analytic decoder params == counted (eval_shape) params
+        assert r["decoder_params"] == r["counted_decoder_params"]
+        assert r["latency_s"] > 0 and r["peak_memory_bytes"] > 0
+    assert len([r for r in recs if r["event"] == "iteration"]) == 2
+
+    # exports: front CSV/JSON, one trainable spec per member, plots
+    front = json.loads((work / "pareto.json").read_text())["front"]
+    assert front and len(list(csv.DictReader(open(work / "pareto.csv")))) == len(front)
+    for entry in front:
+        spec = load_spec(str(work / entry["spec"]))
+        assert spec.name.startswith("lts-front-")
+    assert (work / "params_vs_latency.png").exists() and (work / "front_over_iterations.png").exists()
+    assert len(list(csv.DictReader(open(work / "results.csv")))) == len({r["key"] for r in measured})
+
+    # resume with one more iteration: nothing already measured is measured again
+    calls = []
+    real = hw.measure_hardware
+
+    def counting(spec, *a, **k):
+        calls.append(spec.architecture_hash())
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(hw, "measure_hardware", counting)
+    run_search(lts_config(), str(work), log=lambda *a: None)
+    recs2 = read_journal(str(work / "journal.jsonl"))
+    keys = [r["key"] for r in recs2 if r["event"] in ("measured", "failed")]
+    assert len(keys) == len(set(keys))  # no architecture recorded twice
+    assert len(calls) == len(keys) - len([r for r in recs if r["event"] in ("measured", "failed")])
+    assert len([r for r in recs2 if r["event"] == "iteration"]) == 3
+
+
+def test_lts_constraints_are_recorded(lts_config, tmp_path):
+    from nasjax.search.journal import read_journal
+    from nasjax.search.run import run_search
+
+    cfg = lts_config(**{"search.iterations": 0, "lts.max_memory_bytes": 1})
+    run_search(cfg, str(tmp_path / "c"), log=lambda *a: None)
+    failed = [r for r in read_journal(str(tmp_path / "c" / "journal.jsonl")) if r["event"] == "failed"]
+    assert failed and all(r["stage"] == "constraint" and "max_memory_bytes" in r["reason"] for r in failed)
+
+
+def test_spearman():
+    from nasjax.search.lts_validate import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+
+
+def test_lts_validate_resumes(lts_config, tmp_path):
+    from nasjax.search.journal import read_journal
+    from nasjax.search.lts_validate import validate_proxies
+
+    cfg = lts_config(**{"lts.validate_architectures": 3, "train.steps": 3, "train.batch_size": 8,
+                        "train.eval_batches": 1, "lts.proxies": "grad_norm,synflow"})  # fmt: skip
+    summary = validate_proxies(cfg, str(tmp_path / "v"), log=lambda *a: None)
+    assert summary.n == 3
+    assert {"decoder_params", "total_params", "flops", "grad_norm", "synflow"} <= set(summary.correlations)
+    assert (tmp_path / "v" / "proxy_scatter.png").exists()
+    n_records = len(read_journal(str(tmp_path / "v" / "journal.jsonl")))
+    validate_proxies(cfg, str(tmp_path / "v"), log=lambda *a: None)  # nothing left to train
+    assert len(read_journal(str(tmp_path / "v" / "journal.jsonl"))) == n_records
