@@ -100,7 +100,7 @@ def test_ten_thousand_mutations_are_valid_and_causal():
         assert expression_digest(m.program) != expression_digest(program)  # ... and different
         kinds.add(m.kind)
         program = m.program
-        if i % 100 == 99:  # the most-mutated program of each chain (100 programs in all)
+        if i % 250 == 249:  # a deeply mutated program every 2.5 chains (40 programs in all)
             sampled.append(program)
     assert kinds == set(MUTATIONS)
     # every sampled decoder program passes the gradient causality check (or is cleanly non-finite)
