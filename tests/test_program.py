@@ -161,7 +161,7 @@ def test_every_op_is_causal_and_runs():
         params = module.init(jax.random.key(0), x)
         out = module.apply(params, x)
         assert out.shape[:2] == (1, length), op
-        jac = jax.jacrev(lambda v: module.apply(params, v)[0])(x)  # [L, W', 1, L, W]
+        jac = jax.jacrev(lambda v, m=module, p=params: m.apply(p, v)[0])(x)  # [L, W', 1, L, W]
         # non-finite entries (e.g. x / 0 above the diagonal) make the output non-finite, which
         # the search rejects before training; a causal leak is a finite non-zero dependence
         dep_TxS = np.asarray(jnp.where(jnp.isfinite(jac), jnp.abs(jac), 0.0).sum(axis=(1, 2, 4)))

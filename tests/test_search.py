@@ -335,3 +335,15 @@ def test_cli_results_on_a_non_search_dir_is_a_clear_error(tmp_path):
     )
     assert out.returncode == 2
     assert "no journal" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_reused_record_copies_the_outcome_and_keeps_own_fields():
+    from nasjax.search.run import reused_record
+
+    source = {"event": "finished", "id": 3, "fitness": 2.5, "stopped_at_hurdle": None, "params": 10, "steps": 7}
+    event, rec = reused_record(9, source, "functionally equivalent to", {"params": 12, "fec_hash": "ab", "hash": "h"})
+    assert event == "finished" and rec["fitness"] == 2.5 and rec["params"] == 12 and rec["cached_from"] == 3
+    assert rec["id"] == 9 and rec["reason"] == "functionally equivalent to #3"
+    failed = {"event": "failed", "id": 4, "stage": "probe", "reason": "causal leak"}
+    event, rec = reused_record(10, failed, "identical genome to", {"hash": "h"})
+    assert event == "failed" and rec["stage"] == "probe" and "causal leak" in rec["reason"]

@@ -196,19 +196,8 @@ class _Controller:
         return rec
 
     def _reuse(self, proposal: Proposal, source: dict, why: str, **fields) -> dict:
-        keep = {k: source.get(k) for k in ("fitness", "stopped_at_hurdle", "hurdle_fitness", "steps", "params")}
-        if source["event"] == "failed":
-            return self._append_result(
-                "failed",
-                id=proposal.id,
-                stage=source.get("stage"),
-                reason=f"{why} #{source['id']}: {source.get('reason')}",
-                cached_from=source["id"],
-                **fields,
-            )
-        return self._append_result(
-            "finished", id=proposal.id, cached_from=source["id"], reason=f"{why} #{source['id']}", **keep, **fields
-        )
+        event, record = reused_record(proposal.id, source, why, fields)
+        return self._append_result(event, **record)
 
     def evaluate(self, proposal: Proposal, stop: StopFlag) -> dict:
         genome_hash = self.space.genome_hash(proposal.genome)
@@ -289,6 +278,22 @@ class _Controller:
             f"[{n}/{total}] #{rec['id']} {origin}: {what} | {best_text} | failed {self.failures()} "
             f"| compile+probe {compile_total:.0f}s ({share:.0%}) train {self.train_seconds:.0f}s | {wall:.0f}s"
         )
+
+
+def reused_record(candidate_id: int, source: dict, why: str, fields: dict) -> tuple[str, dict]:
+    """(event, fields) of a result copied from ``source`` (identical or equivalent candidate).
+
+    The source's outcome (fitness, hurdle stop, steps, or its failure stage and reason)
+    is copied; ``fields`` (this candidate's own hash, probe hashes, params) win on overlap.
+    """
+    if source["event"] == "failed":
+        record = {"stage": source.get("stage"), "reason": f"{why} #{source['id']}: {source.get('reason')}"}
+    else:
+        record = {k: source.get(k) for k in ("fitness", "stopped_at_hurdle", "hurdle_fitness", "steps", "params")}
+        record["reason"] = f"{why} #{source['id']}"
+    record.update(fields)
+    record.update(id=candidate_id, cached_from=source["id"])
+    return source["event"], record
 
 
 def _build_data(cfg, workdir: str, log):
