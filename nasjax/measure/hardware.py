@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nasjax.measure.zero_cost import FAST_COMPILE
+from nasjax.measure.probe import compile_for_one_run
 from nasjax.spec import ModelSpec
 
 __all__ = ["HardwareMeasurement", "measure_hardware", "compiled_memory_bytes", "device_peak_delta"]
@@ -124,14 +124,6 @@ def _compiled_flops(compiled) -> float | None:
         return None
     flops = float(cost["flops"])
     return flops if flops >= 0 else None
-
-
-def _compile_once(lowered):
-    """Compiles a program that runs once (the init) without backend optimisation."""
-    try:
-        return lowered.compile(FAST_COMPILE)
-    except Exception:  # a backend that rejects the option: compile normally
-        return lowered.compile()
 
 
 def _memory_stats(device) -> dict | None:
@@ -218,7 +210,7 @@ def measure_hardware(
         tokens = jax.device_put(jnp.zeros((batch, seq_len), jnp.int32), device)
         key = jax.random.key(seed)
         init = jax.jit(lambda k, t: nn.unbox(model.init({"params": k}, t)["params"]))
-        params = _compile_once(init.lower(key, tokens))(key, tokens)
+        params = compile_for_one_run(init.lower(key, tokens))(key, tokens)
         params = jax.block_until_ready(jax.device_put(params, device))
 
         forward = jax.jit(lambda p, x: model.apply({"params": p}, x))

@@ -58,10 +58,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nasjax.measure.probe import probe_tokens
+from nasjax.measure.probe import FAST_COMPILE, compile_for_one_run, probe_tokens
 from nasjax.spec import ModelSpec
 
-__all__ = ["PROXIES", "HIGHER_IS_BETTER", "FAST_COMPILE", "zero_cost_proxies"]
+__all__ = ["PROXIES", "HIGHER_IS_BETTER", "FAST_COMPILE", "compile_for_one_run", "zero_cost_proxies"]
 
 PROXIES = ("grad_norm", "synflow", "jacob_cov", "snip")
 
@@ -69,19 +69,6 @@ PROXIES = ("grad_norm", "synflow", "jacob_cov", "snip")
 HIGHER_IS_BETTER = {name: True for name in PROXIES}
 
 _JACOB_EPS = 1e-5
-
-# XLA options for programs that run once: skip backend (LLVM) optimisation.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def _compile(lowered, fast: bool):
-    """``lowered.compile()``, with :data:`FAST_COMPILE` if asked and the backend accepts it."""
-    if fast:
-        try:
-            return lowered.compile(FAST_COMPILE)
-        except Exception:  # a backend that rejects the option: compile normally
-            pass
-    return lowered.compile()
 
 
 def _check_int(value, name: str, minimum: int) -> int:
@@ -221,7 +208,7 @@ def zero_cost_proxies(
         return scores
 
     lowered = jax.jit(jax.vmap(one_init)).lower(keys)
-    compiled = _compile(lowered, fast_compile)
+    compiled = compile_for_one_run(lowered, fast_compile)
     per_init = jax.device_get(compiled(keys))
     result: dict[str, float] = {}
     for name in names:
