@@ -39,7 +39,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
-    ("branch", None),  # parallel copies inside a Primer program (nn.vmap axis)
     ("layers", None),
 )
 

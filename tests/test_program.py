@@ -255,3 +255,22 @@ def test_probe_detects_a_leak(monkeypatch):
     assert not result.causal and result.causal_leak > 0.1
     encoder = get_spec("bert", "tiny", vocab_size=262, max_len=64)
     assert probe_model(encoder, seq_len=LEN).causal_leak is None  # encoders are not checked
+
+
+def test_nested_branches_train_under_a_mesh(tiny_config, tmp_path):
+    """A CALL with branches inside a branched CALL: parameters get two leading copy axes."""
+    from nasjax import sharding as shd
+    from nasjax.train.loop import Trainer
+
+    head = Subprogram((Instruction("CONV_1X1", 1, dim=0, branches=2),), 1, "head")
+    mid = Subprogram((Instruction("CALL", 1, call=2, branches=2), Instruction("DCONV_3X1", 1)), 1, "mid")
+    main = Subprogram((Instruction("CALL", 1, call=1, branches=2), Instruction("ADD", 1, 2)), 1, "main")
+    spec = _spec(Program((main, mid, head), (1.0,), (1,)), n_layers=1)
+    cfg = tiny_config()
+    mesh = shd.make_mesh((-1, 1, 1))
+    trainer = Trainer(spec, cfg.train, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
+    state = trainer.init_state()
+    batch = {"inputs": np.zeros((8, LEN), np.int32), "targets": np.ones((8, LEN), np.int32),
+             "weights": np.ones((8, LEN), np.float32)}  # fmt: skip
+    state, metrics = trainer.step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))

@@ -175,8 +175,9 @@ def _branched(module_cls, branches: int, name: str, **attrs):
         in_axes=None,
         out_axes=-2,
         axis_size=branches,
-        # logically partitioned params (dense, dconv) get a leading "branch" axis (replicated)
-        metadata_params={nn.PARTITION_NAME: "branch"},
+        # logically partitioned params (dense, dconv) get a leading unnamed (replicated) axis;
+        # a name would repeat under nested branches, which logical partitioning rejects
+        metadata_params={nn.PARTITION_NAME: None},
     )
     module = vmapped(name=name, **attrs)
 
