@@ -58,7 +58,7 @@ def main():
     recs = read_journal(os.path.join(args.workdir, "journal.jsonl"), log=lambda *a: None)
     measured = [r for r in recs if r["event"] == "measured"]
     seconds = sum(r["seconds"] for r in recs if r["event"] == "iteration")
-    front = sorted(front_records(measured, cfg.lts.selection), key=lambda r: r["latency_s"])
+    front = sorted(front_records(measured, cfg.lts.selection, cfg.lts.memory), key=lambda r: r["latency_s"])
     print("\n| metric | value |\n|---|---|")
     print(f"| backend | {measured[0].get('backend') if measured else '?'} |")
     print(f"| architectures measured (all runs) | {len(measured)} |")

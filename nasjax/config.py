@@ -60,6 +60,7 @@ search.clear_caches       drop compiled programs after each candidate (long sear
 LTS (configs/search/lts.py) adds ``lts.*``: parent_size / mutation_size / crossover_size
 (20 / 40 / 40), mutation_prob (0.3), crossover_prob (0.5), seq_len and batch of the
 latency measurement (192, 1), latency_repeats (10), selection (pareto | convex_hull),
+memory (activations: allocated on top of the weights, as the paper's profiler | total),
 proxies (comma-separated zero-cost proxies to record, '' = none), max_latency_s and
 max_memory_bytes (constraints, 0 = none), vocab_size (0 = the tokenizer's),
 validate_architectures (``nasjax lts-validate``), and ``lts.space.*`` (n_layer, d_model,
@@ -213,6 +214,7 @@ def lts_config() -> ml_collections.ConfigDict:
     c.batch = 1
     c.latency_repeats = 10
     c.selection = "pareto"
+    c.memory = "activations"
     c.proxies = ""
     c.max_latency_s = 0.0
     c.max_memory_bytes = 0

@@ -68,6 +68,9 @@ class HardwareMeasurement:
         earlier, larger program masks this one (see the module docstring).
       flops: XLA's FLOP count of the compiled forward, None if not reported.
       backend: device platform and kind, e.g. ``"cpu (cpu)"`` or ``"gpu (NVIDIA H100)"``.
+      activation_memory_bytes: the same analysis without the arguments (the weights and
+        the input): outputs + temporaries - aliased, the memory the forward allocates
+        on top of the resident weights (what LTS's PyTorch profiler counts).
     """
 
     latency_s: float
@@ -79,6 +82,7 @@ class HardwareMeasurement:
     device_peak_bytes: int | None
     flops: float | None
     backend: str
+    activation_memory_bytes: int = 0
 
     def to_dict(self) -> dict:
         """Plain dict of the fields (JSON-serialisable)."""
@@ -226,6 +230,7 @@ def measure_hardware(
             jax.block_until_ready(compiled(params, tokens))
             times.append(time.perf_counter() - t0)
     stats_after = _memory_stats(device)
+    memory = compiled_memory_bytes(compiled)
 
     return HardwareMeasurement(
         latency_s=float(statistics.median(times)),
@@ -233,7 +238,8 @@ def measure_hardware(
         latency_std_s=float(statistics.pstdev(times)),
         repeats=repeats,
         compile_seconds=float(compile_seconds),
-        peak_memory_bytes=int(compiled_memory_bytes(compiled).get("peak", 0)),
+        peak_memory_bytes=int(memory.get("peak", 0)),
+        activation_memory_bytes=int(max(memory.get("peak", 0) - memory.get("arguments", 0), 0)),
         device_peak_bytes=device_peak_delta(stats_before, stats_after),
         flops=_compiled_flops(compiled),
         backend=f"{device.platform} ({device.device_kind})",

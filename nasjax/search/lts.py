@@ -7,8 +7,12 @@ Nothing is trained. Each architecture of the heterogeneous GPT-2 space
   the perplexity proxy);
 * latency: the jit-compiled forward at batch ``lts.batch`` (1) and ``lts.seq_len`` on the
   device the search runs on, median of ``lts.latency_repeats`` runs after warm-up;
-* peak memory: XLA's memory analysis of that compiled forward (device statistics are
-  recorded too where the backend reports them);
+* memory: XLA's memory analysis of that compiled forward. ``lts.memory = activations``
+  (default) is what the forward allocates on top of the resident weights, the quantity
+  the paper's PyTorch profiler sums (weights exist before profiling starts); ``total``
+  adds the weights, which makes memory nearly a function of the parameter count and the
+  front nearly everything measured. Both are recorded, and device statistics too where
+  the backend reports them;
 * optionally zero-cost proxies (``lts.proxies``) for comparison.
 
 Algorithm 1 of the paper as implemented in archai (``Evolution.search``): an initial
@@ -41,24 +45,33 @@ import numpy as np
 from nasjax.genome.stack import StackGenome, StackSpace
 from nasjax.search.pareto import lower_convex_hull_indices, parent_weights, pareto_indices
 
-__all__ = ["run_lts", "LTSState", "front_records", "objectives"]
+__all__ = ["run_lts", "LTSState", "front_records", "objectives", "memory_of", "MEMORY_KEYS"]
 
 SELECTIONS = ("pareto", "convex_hull")
 
 
-def objectives(records: list[dict], max_params: float) -> np.ndarray:
+MEMORY_KEYS = {"activations": "activation_memory_bytes", "total": "peak_memory_bytes"}
+
+
+def memory_of(record: dict, memory: str = "activations") -> float:
+    """The memory objective of a record: ``activations`` (default) or ``total`` (with weights)."""
+    value = record.get(MEMORY_KEYS[memory])
+    return float(record["peak_memory_bytes"] if value is None else value)
+
+
+def objectives(records: list[dict], max_params: float, memory: str = "activations") -> np.ndarray:
     """[N, 3] minimised objectives (max_P - P, latency, memory) of measured records."""
     return np.asarray(
-        [[max_params - r["decoder_params"], r["latency_s"], r["peak_memory_bytes"]] for r in records], np.float64
+        [[max_params - r["decoder_params"], r["latency_s"], memory_of(r, memory)] for r in records], np.float64
     )
 
 
-def front_records(measured: list[dict], selection: str = "pareto") -> list[dict]:
+def front_records(measured: list[dict], selection: str = "pareto", memory: str = "activations") -> list[dict]:
     """The non-dominated measured records (optionally only those on the lower convex hull)."""
     if not measured:
         return []
     max_params = max(r["decoder_params"] for r in measured)
-    idx = pareto_indices(objectives(measured, max_params))
+    idx = pareto_indices(objectives(measured, max_params, memory))
     front = [measured[i] for i in idx]
     if selection == "convex_hull" and len(front) > 2:
         pts = np.asarray([[r["latency_s"], -r["decoder_params"]] for r in front], np.float64)
@@ -101,6 +114,8 @@ class _Search:
         self.lts = self.cfg.lts
         self.space = StackSpace.from_config(self.lts.space)
         self.vocab = int(self.lts.vocab_size) or int(ctx.tokenizer.vocab_size)
+        if self.lts.memory not in MEMORY_KEYS:
+            raise ValueError(f"lts.memory: expected one of {', '.join(MEMORY_KEYS)}, got {self.lts.memory!r}")
         if self.lts.selection not in SELECTIONS:
             raise ValueError(f"lts.selection: expected one of {', '.join(SELECTIONS)}, got {self.lts.selection!r}")
         self.state = LTSState()
@@ -140,6 +155,7 @@ class _Search:
                 latency_s=hw.latency_s,
                 latency_std_s=hw.latency_std_s,
                 peak_memory_bytes=int(hw.peak_memory_bytes),
+                activation_memory_bytes=int(hw.activation_memory_bytes),
                 device_peak_bytes=hw.device_peak_bytes,
                 flops=hw.flops,
                 compile_seconds=hw.compile_seconds,
@@ -157,8 +173,9 @@ class _Search:
         if cap_lat and fields["latency_s"] > cap_lat:
             reason = f"latency {fields['latency_s'] * 1e3:.2f} ms > lts.max_latency_s={cap_lat:g}"
             return self._append("failed", stage="constraint", reason=reason, **base, **fields)
-        if cap_mem and fields["peak_memory_bytes"] > cap_mem:
-            reason = f"peak memory {fields['peak_memory_bytes'] / 2**20:.1f} MiB > lts.max_memory_bytes"
+        if cap_mem and memory_of(fields, self.lts.memory) > cap_mem:
+            mib = memory_of(fields, self.lts.memory) / 2**20
+            reason = f"{self.lts.memory} memory {mib:.1f} MiB > lts.max_memory_bytes"
             return self._append("failed", stage="constraint", reason=reason, **base, **fields)
         self.n_measured_now += 1
         return self._append("measured", **base, **fields)
@@ -195,7 +212,7 @@ class _Search:
         if iteration == 0:
             return self._unseen(lambda: (self.space.sample(rng), "random"), int(self.cfg.search.population_size), seen)
         measured = [r for r in self.state.measured if int(r["iteration"]) < iteration]
-        front = front_records(measured, self.lts.selection)
+        front = front_records(measured, self.lts.selection, self.lts.memory)
         if not front:  # nothing measurable yet: start again from random genes
             return self._unseen(lambda: (self.space.sample(rng), "random"), int(self.cfg.search.population_size), seen)
         counts = self.state.counts()
@@ -255,7 +272,7 @@ def run_lts(ctx) -> Any:
                 if ctx.time_is_up():
                     status = "time_limit"
                     break
-                front = front_records(search.state.measured, cfg.lts.selection)
+                front = front_records(search.state.measured, cfg.lts.selection, cfg.lts.memory)
                 rec = journal.append(
                     "iteration",
                     iteration=iteration,
@@ -301,7 +318,7 @@ def jax_backend() -> str:
 
 
 def _progress(search: _Search, iteration: int, n_iter: int, k: int, n: int, ctx) -> str:
-    front = front_records(search.state.measured, search.lts.selection)
+    front = front_records(search.state.measured, search.lts.selection, search.lts.memory)
     rate = search.n_measured_now / max(search.measure_seconds, 1e-9)
     failed = sum(1 for r in search.state.by_key.values() if r["event"] == "failed")
     return (

@@ -41,6 +41,7 @@ COLUMNS = (
     "total_params",
     "latency_ms",
     "peak_memory_mb",
+    "activation_memory_mb",
     "device_peak_mb",
     "flops",
     "compile_seconds",
@@ -75,6 +76,7 @@ def _row(rec: dict) -> dict:
         "total_params": rec.get("total_params", ""),
         "latency_ms": "" if rec.get("latency_s") is None else f"{rec['latency_s'] * 1e3:.4f}",
         "peak_memory_mb": mb(rec.get("peak_memory_bytes")),
+        "activation_memory_mb": mb(rec.get("activation_memory_bytes")),
         "device_peak_mb": mb(rec.get("device_peak_bytes")),
         "flops": rec.get("flops") or "",
         "compile_seconds": "" if rec.get("compile_seconds") is None else f"{rec['compile_seconds']:.3f}",
@@ -132,7 +134,7 @@ def _front_over_iterations(path, records, iterations):
 
 def export_lts(workdir: str, log=print) -> LTSExport:
     """Writes the files of the module docstring from the journal of ``workdir``."""
-    from nasjax.search.lts import front_records
+    from nasjax.search.lts import front_records, memory_of
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     records = read_journal(os.path.join(workdir, "journal.jsonl"), log=log)
@@ -141,7 +143,8 @@ def export_lts(workdir: str, log=print) -> LTSExport:
     archs = [r for r in records if r["event"] in ("measured", "failed")]
     measured = [r for r in archs if r["event"] == "measured"]
     iterations = [r for r in records if r["event"] == "iteration"]
-    front = sorted(front_records(measured, cfg.lts.selection), key=lambda r: r["latency_s"])
+    memory = cfg.lts.get("memory", "total")
+    front = sorted(front_records(measured, cfg.lts.selection, memory), key=lambda r: r["latency_s"])
     files = []
 
     path = os.path.join(workdir, "results.csv")
@@ -180,15 +183,15 @@ def export_lts(workdir: str, log=print) -> LTSExport:
         files.append(_scatter(os.path.join(workdir, "params_vs_latency.png"), measured, front,
                               lambda r: r["latency_s"] * 1e3, "latency (ms)"))  # fmt: skip
         files.append(_scatter(os.path.join(workdir, "params_vs_memory.png"), measured, front,
-                              lambda r: r["peak_memory_bytes"] / 2**20, "peak memory (MiB)"))  # fmt: skip
+                              lambda r: memory_of(r, memory) / 2**20, f"{memory} memory (MiB)"))  # fmt: skip
     if iterations:
         files.append(_front_over_iterations(os.path.join(workdir, "front_over_iterations.png"), records, iterations))
 
-    lines = [f"{'id':>5} {'layers':>6} {'d_model':>7} {'dec. params':>12} {'latency ms':>11} {'memory MiB':>11}"]
+    lines = [f"{'id':>5} {'layers':>6} {'d_model':>7} {'dec. params':>12} {'latency ms':>11} {memory + ' MiB':>16}"]
     for r in front:
         lines.append(
             f"{r['id']:>5} {StackGenome.from_dict(r['genome']).n_layer:>6} {r['genome']['d_model']:>7} "
-            f"{r['decoder_params']:>12,} {r['latency_s'] * 1e3:>11.3f} {r['peak_memory_bytes'] / 2**20:>11.2f}"
+            f"{r['decoder_params']:>12,} {r['latency_s'] * 1e3:>11.3f} {memory_of(r, memory) / 2**20:>16.2f}"
         )
     failed = len(archs) - len(measured)
     lines.append(f"Pareto front: {len(front)} of {len(measured)} measured architectures ({failed} rejected)")
