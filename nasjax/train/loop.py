@@ -178,21 +178,9 @@ class Trainer:
         """
         if self._compiled_train is None:
             return {}
-        try:
-            m = self._compiled_train.memory_analysis()
-        except Exception:  # backends without a memory analysis
-            return {}
-        if m is None:
-            return {}
-        get = lambda name: int(getattr(m, name, 0) or 0)
-        out = {
-            "arguments": get("argument_size_in_bytes"),
-            "outputs": get("output_size_in_bytes"),
-            "temporaries": get("temp_size_in_bytes"),
-            "aliased": get("alias_size_in_bytes"),
-        }
-        out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
-        return out
+        from nasjax.measure.hardware import compiled_memory_bytes
+
+        return compiled_memory_bytes(self._compiled_train)
 
     def _eval_fn(self, batch: dict):
         if self._compiled_eval is None or self._compiled_eval[0] != tuple(sorted(batch)):
