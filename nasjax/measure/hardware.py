@@ -36,7 +36,6 @@ on the same device under the same load (LTS uses one inference thread).
 from __future__ import annotations
 
 import dataclasses
-import operator
 import statistics
 import time
 
@@ -44,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nasjax.measure.probe import check_int as _check_int
 from nasjax.measure.probe import compile_for_one_run
 from nasjax.spec import ModelSpec
 
@@ -153,18 +153,6 @@ def device_peak_delta(before: dict | None, after: dict | None) -> int | None:
     if in_use is None or peak0 is None or peak1 is None or peak1 <= peak0:
         return None
     return int(peak1 - in_use)
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def measure_hardware(

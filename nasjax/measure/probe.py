@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,19 @@ __all__ = ["ProbeResult", "probe_tokens", "probe_model", "LEAK_TOLERANCE", "FAST
 # XLA options for programs that run once (probes, zero-cost proxies): skip backend (LLVM)
 # optimisation, which on CPU is about half the compile time and buys nothing for one run.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (bools refused), else a ValueError naming ``name``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def compile_for_one_run(lowered, fast: bool = True):

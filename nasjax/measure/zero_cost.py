@@ -50,7 +50,6 @@ compile skips XLA's backend optimisations by default (``fast_compile``).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 
 import flax.linen as nn
@@ -59,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nasjax.measure.probe import FAST_COMPILE, compile_for_one_run, probe_tokens
+from nasjax.measure.probe import check_int as _check_int
 from nasjax.spec import ModelSpec
 
 __all__ = ["PROXIES", "HIGHER_IS_BETTER", "FAST_COMPILE", "compile_for_one_run", "zero_cost_proxies"]
@@ -69,18 +69,6 @@ PROXIES = ("grad_norm", "synflow", "jacob_cov", "snip")
 HIGHER_IS_BETTER = {name: True for name in PROXIES}
 
 _JACOB_EPS = 1e-5
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_names(names) -> tuple[str, ...]:
