@@ -36,6 +36,7 @@ then describes the training of *each candidate* (``train.steps`` or, if positive
 ``train.budget_seconds`` is the per-candidate budget that the hurdles cut into bands):
 
 search.method             primer (regularized evolution over programs) | lts (training-free Pareto search)
+                          | autobert (OP-NAS over BERT backbones)
 search.iterations         (lts) evolution iterations after the random initial population
 search.max_evaluations    stop after this many finished or failed evaluations (resume may raise it)
 search.max_seconds        also stop after this much wall time of this process (0 = no limit)
@@ -56,6 +57,17 @@ search.probe_batch        sequences in the causality / finiteness / equivalence 
 search.val_batches        validation batches that define the fitness (0 = whole split)
 search.fec                reuse results of functionally equivalent candidates
 search.clear_caches       drop compiled programs after each candidate (long searches)
+
+AutoBERT-Zero (configs/search/autobert.py) adds ``autobert.*`` (see nasjax/search/autobert.py):
+n_layers, d_model / n_heads / d_ff (0 = model.size's), dropout, kernel_sizes (odd), max_nodes
+(graph size bound), mutations (op, flip, kernel; '' = all), delete_probability, ucb_alpha,
+ucb_reward (rank | improvement), ucb_selection (softmax | argmax), ucb_temperature, biws (bi-branch
+weight sharing on/off), biws_update_rate (1 = overwrite), tasks (comma-separated JSONL files,
+TRAIN.jsonl|VAL.jsonl pairs, or glue/NAME), task_seq_len, task_val_fraction, finetune_steps,
+finetune_batch_size, finetune_lr, finetune_warmup, mlm_weight (fitness = 1 - mean accuracy +
+mlm_weight * MLM validation loss). ``search.seeds`` names seed genomes (bert, autobert_zero,
+all_conv); ``train.*`` is each candidate's MLM pre-training. ``data.corpus`` may name several
+fetched corpora (``shakespeare,austen``).
 
 LTS (configs/search/lts.py) adds ``lts.*``: parent_size / mutation_size / crossover_size
 (20 / 40 / 40), mutation_prob (0.3), crossover_prob (0.5), seq_len and batch of the
@@ -174,6 +186,21 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
         return c
     s.max_evaluations = 100
     s.tournament_size = 10
+    s.max_params = 0
+    s.probe_batch = 2
+    s.val_batches = 16
+    s.fec = True
+    s.clear_caches = False
+    c.train.log_every = 10**9
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 0
+    if method == "autobert":
+        s.seeds = "bert,autobert_zero"
+        c.autobert = autobert_config()
+        c.data.corpus = "shakespeare,austen"
+        c.train.schedule = "linear"
+        c.train.weight_decay = 0.01
+        return c
     s.hurdles = 4
     s.hurdle_quantile = 0.5
     s.hurdle_min_samples = 5
@@ -186,17 +213,40 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     s.d_ff = 0
     s.base_dim = 0
     s.positions = "learned"
-    s.max_params = 0
     s.max_memory_bytes = 0
-    s.probe_batch = 2
-    s.val_batches = 16
-    s.fec = True
-    s.clear_caches = False
     # Per-candidate training as in Primer's proxy: no dropout, rsqrt decay after warmup.
     c.train.schedule = "rsqrt"
-    c.train.log_every = 10**9
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 0
+    return c
+
+
+def autobert_config() -> ml_collections.ConfigDict:
+    """The ``autobert`` section (AutoBERT-Zero, methods.md §1; UNCONFIRMED values are documented choices)."""
+    c = ml_collections.ConfigDict()
+    c.n_layers = 12
+    c.d_model = 0
+    c.n_heads = 0
+    c.d_ff = 0
+    c.dropout = 0.1
+    c.kernel_sizes = (3, 5, 7, 9, 15, 31, 65)
+    c.max_nodes = 16
+    c.mutations = ""
+    c.delete_probability = 0.25
+    c.ucb_alpha = 1.0
+    c.ucb_reward = "rank"
+    c.ucb_selection = "softmax"
+    c.ucb_temperature = 0.25
+    c.biws = True
+    c.biws_update_rate = 1.0
+    c.tasks = ",".join(
+        f"../shared/data/classification/{name}.jsonl" for name in ("polarity_sentences", "uncertainty_conll2010")
+    )
+    c.task_seq_len = 64
+    c.task_val_fraction = 0.1
+    c.finetune_steps = 300
+    c.finetune_batch_size = 32
+    c.finetune_lr = 1e-4
+    c.finetune_warmup = 30
+    c.mlm_weight = 0.0
     return c
 
 

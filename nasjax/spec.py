@@ -128,7 +128,7 @@ class ConvSpec:
 MIXER_KINDS: dict[str, type] = {"attention": AttentionSpec, "glu_conv": ConvSpec}
 # Kinds defined outside this file, imported on first use so JSON specs parse without
 # the caller importing the genome package first.
-_LAZY_MIXER_MODULES = {"program": "nasjax.genome.program"}
+_LAZY_MIXER_MODULES = {"program": "nasjax.genome.program", "attention_graph": "nasjax.genome.attn_graph"}
 
 
 def register_mixer(cls: type) -> type:
@@ -287,6 +287,8 @@ class ModelSpec:
                     f"layers[{i}] is a {block.mixer.kind!r} mixer, which supports positions "
                     f"{', '.join(supported)}; got {self.positions!r}",
                 )
+            if getattr(block.mixer, "encoder_only", False) and self.kind != "encoder":
+                _fail(f"layers[{i}].mixer", f"a {block.mixer.kind!r} mixer is bidirectional; use kind='encoder'")
         if self.positions == "rotary":
             for i, block in enumerate(self.layers):
                 m = block.mixer

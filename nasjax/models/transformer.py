@@ -34,10 +34,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nasjax.genome.attn_graph import GraphAttentionSpec
 from nasjax.genome.program import ProgramSpec
 from nasjax.layers.attention import MultiHeadAttention, padding_key_bias
 from nasjax.layers.conv import GLUConvBlock
 from nasjax.layers.embed import Embeddings, RelativePositionBias
+from nasjax.layers.graph_attention import GraphAttention
 from nasjax.layers.mlp import FFN, make_dense
 from nasjax.layers.norms import make_norm
 from nasjax.layers.program import ProgramBlock
@@ -91,6 +93,9 @@ class Block(nn.Module):
                 name="mixer",
             )
             mixer = lambda h: conv(h, padding_mask=padding_mask, deterministic=deterministic)
+        elif isinstance(mixer_spec, GraphAttentionSpec):
+            graph_attn = GraphAttention(mixer_spec, init_std=model.init_std, dtype=self.dtype, name="mixer")
+            mixer = lambda h: graph_attn(h, padding_mask=padding_mask, deterministic=deterministic)
         elif isinstance(mixer_spec, ProgramSpec):
             program = ProgramBlock(mixer_spec, init_std=model.init_std, dtype=self.dtype, name="mixer")
             mixer = program

@@ -11,6 +11,11 @@ opened read-only):
 * ``best_program.txt``: the best program rendered as readable text, with its origin;
 * ``fitness.png``: fitness of every evaluation against its index, and the best so far.
 
+AutoBERT-Zero searches also get ``architectures.txt`` (every evaluated candidate's
+layers, attention graphs written as equations), ``ucb.csv`` (the OP-NAS statistics
+N_i, mu_i, u_i per op after the last result) and extra ``results.csv`` columns
+(mean_accuracy, mlm_loss, layout, op, and one accuracy column per task).
+
 Returns (and the CLI prints) a leaderboard of the top candidates.
 """
 
@@ -104,7 +109,7 @@ def _space_for(workdir: str, header: dict):
     return make_space(cfg, vocab)
 
 
-def _plot(rows: list[dict], path: str) -> str | None:
+def _plot(rows: list[dict], path: str, ylabel: str | None = None) -> str | None:
     points = [(i, r["_fitness"]) for i, r in enumerate(rows) if math.isfinite(r["_fitness"])]
     if not points:
         return None
@@ -124,7 +129,7 @@ def _plot(rows: list[dict], path: str) -> str | None:
     if failed:
         ax.plot(failed, [max(f for _, f in points)] * len(failed), "x", color="red", alpha=0.5, label="failed")
     ax.set_xlabel("evaluation")
-    ax.set_ylabel("validation loss (lower is better)")
+    ax.set_ylabel(ylabel or "validation loss (lower is better)")
     ax.set_title("search fitness")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -132,6 +137,55 @@ def _plot(rows: list[dict], path: str) -> str | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _autobert_exports(workdir, records, rows, proposals, header) -> tuple[list[str], list[str]]:
+    """architectures.txt, ucb.csv and the accuracy columns of results.csv (AutoBERT-Zero)."""
+    space = _space_for(workdir, header)
+    results = {r["id"]: r for r in records if r["event"] in ("finished", "failed")}
+    tasks = sorted({t for r in results.values() for t in (r.get("accuracy") or {})})
+    arch_path = os.path.join(workdir, "architectures.txt")
+    with open(arch_path, "w") as f:
+        for row in rows:
+            rec, prop = results[row["id"]], proposals.get(row["id"], {})
+            genome = space.genome_from_json(prop["genome"], f"candidate {row['id']}")
+            row["layout"] = genome.layout
+            row["op"] = prop.get("op") or ""
+            acc = rec.get("accuracy") or {}
+            row["mean_accuracy"] = f"{sum(acc.values()) / len(acc):.4f}" if acc else ""
+            row["mlm_loss"] = "" if rec.get("mlm_loss") is None else f"{rec['mlm_loss']:.4f}"
+            for t in tasks:
+                row[f"acc_{t}"] = "" if t not in acc else f"{acc[t]:.4f}"
+            score = f"fitness {row['_fitness']:.4f}" if math.isfinite(row["_fitness"]) else f"failed: {row['reason']}"
+            origin = prop.get("origin", "") + (f" of #{prop['parent']}" if prop.get("parent") is not None else "")
+            detail = f" ({prop['detail']})" if prop.get("detail") else ""
+            f.write(f"# candidate #{row['id']} {origin}{detail}: {score}\n{space.render(genome)}\n\n")
+    csv_path = os.path.join(workdir, "results.csv")
+    columns = COLUMNS + ("mean_accuracy", "mlm_loss", "layout", "op") + tuple(f"acc_{t}" for t in tasks)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    snapshot = next((r for r in reversed(records) if r["event"] == "ucb"), None)
+    lines = []
+    files = [arch_path]
+    if snapshot is not None:
+        ucb_path = os.path.join(workdir, "ucb.csv")
+        table = snapshot["table"]
+        with open(ucb_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["op", "n", "mu", "u"])
+            for op, st in table.items():
+                writer.writerow([op, st["n"], st["mu"], "" if st["u"] is None else st["u"]])
+        files.append(ucb_path)
+        tried = sorted(((st["u"], op, st) for op, st in table.items() if st["u"] is not None), reverse=True)
+        shown = ", ".join(f"{op} {st['mu']:.2f}/{st['n']}" for _, op, st in tried[:8])
+        lines.append(f"UCB (op mu/N, by priority, N={snapshot['total']}): {shown or 'no op chosen yet'}")
+    best = min((r for r in rows if math.isfinite(r["_fitness"])), key=lambda r: (r["_fitness"], r["id"]), default=None)
+    if best is not None:
+        genome = space.genome_from_json(proposals[best["id"]]["genome"], f"candidate {best['id']}")
+        lines.append(f"best architecture (#{best['id']}):\n{space.render(genome)}")
+    return files, lines
 
 
 def export_results(workdir: str, top: int = 10, log=print) -> ResultsSummary:
@@ -172,7 +226,12 @@ def export_results(workdir: str, top: int = 10, log=print) -> ResultsSummary:
             f.write(space.render(genome))
         files += [spec_path, text_path]
         lines.append(f"best: #{best['id']} fitness {best['_fitness']:.4f} -> {spec_path}")
-    plot = _plot(rows, os.path.join(workdir, "fitness.png"))
+    if header is not None and header.get("method") == "autobert":
+        extra_files, extra_lines = _autobert_exports(workdir, records, rows, proposals, header)
+        files += extra_files
+        lines += extra_lines
+    ylabel = "1 - mean accuracy (lower is better)" if header and header.get("method") == "autobert" else None
+    plot = _plot(rows, os.path.join(workdir, "fitness.png"), ylabel=ylabel)
     if plot:
         files.append(plot)
     return ResultsSummary(

@@ -74,10 +74,14 @@ class SearchError(RuntimeError):
 
 def make_space(cfg, vocab_size: int):
     """The genome space of an evolutionary (program) search."""
+    if cfg.search.method == "autobert":
+        from nasjax.search.autobert import AutoBertSpace
+
+        return AutoBertSpace(cfg, vocab_size)
     from nasjax.search.primer import PrimerSpace
 
     if cfg.search.method != "primer":
-        raise SearchError(f"search.method={cfg.search.method!r} has no program space")
+        raise SearchError(f"search.method={cfg.search.method!r} has no evolution space")
     return PrimerSpace(cfg, vocab_size)
 
 
@@ -309,7 +313,7 @@ def _build_data(cfg, workdir: str, log):
         seq_len=cfg.data.seq_len,
         global_batch_size=cfg.train.batch_size,
         seed=cfg.seed,
-        kind="lm",
+        kind="mlm" if cfg.search.method == "autobert" else "lm",
         cache_dir=cfg.data.cache_dir or None,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -339,9 +343,10 @@ class SearchContext:
 
 
 def _drivers() -> dict[str, Any]:
+    from nasjax.search.autobert import run_autobert
     from nasjax.search.lts import run_lts
 
-    return {"primer": _run_evolution, "lts": run_lts}
+    return {"primer": _run_evolution, "lts": run_lts, "autobert": run_autobert}
 
 
 def run_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> SearchSummary:
@@ -387,7 +392,7 @@ def _run_evolution(ctx: SearchContext) -> SearchSummary:
         + (f"\nresuming: {resumed} evaluations replayed from {journal.path}" if journal.records[1:] else "")
     )
     status = "finished"
-    _write_status(ctx.workdir, ctl, "running", total)
+    write_status(ctx.workdir, ctl, "running", total)
     with StopFlag() as stop:
         queue = sorted(ctl.evo.pending)
         try:
@@ -418,7 +423,7 @@ def _run_evolution(ctx: SearchContext) -> SearchSummary:
             status = "interrupted"
     if status == "interrupted":
         log(f"search interrupted; the same command resumes from {journal.path}")
-    _write_status(ctx.workdir, ctl, status, total)
+    write_status(ctx.workdir, ctl, status, total)
     best = ctl.evo.best()
     return SearchSummary(
         status=status,
@@ -434,7 +439,8 @@ def _run_evolution(ctx: SearchContext) -> SearchSummary:
     )
 
 
-def _write_status(workdir: str, ctl: _Controller, status: str, total: int) -> None:
+def write_status(workdir: str, ctl, status: str, total: int) -> None:
+    """Writes ``WORKDIR/status.json`` (atomically) from an evolution controller's counters."""
     best = ctl.evo.best()
     info = {
         "status": status,

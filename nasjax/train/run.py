@@ -72,17 +72,20 @@ def make_mesh(cfg):
 # ---------------------------------------------------------------------- data and spec
 
 
-def resolve_data_path(cfg, log=print) -> str:
-    """``data.path`` or the fetched corpus (fetched now if it is missing)."""
+def resolve_data_path(cfg, log=print) -> str | list[str]:
+    """``data.path``, or the fetched corpus (or corpora: ``shakespeare,austen``), fetched now if missing."""
     if cfg.data.path:
         return os.path.expanduser(cfg.data.path)
-    name = cfg.data.corpus
-    if not name:
+    names = [n.strip() for n in str(cfg.data.corpus).split(",") if n.strip()]
+    if not names:
         raise RunError("data.path is empty and no data.corpus is named; set --config.data.path")
     cache = cfg.data.cache_dir or None
-    if not is_fetched(name, cache_dir=cache):
-        log(f"corpus {name!r} not fetched yet; fetching it now (nasjax data fetch {name})")
-    return str(fetch(name, cache_dir=cache, log=log))
+    folders = []
+    for name in names:
+        if not is_fetched(name, cache_dir=cache):
+            log(f"corpus {name!r} not fetched yet; fetching it now (nasjax data fetch {name})")
+        folders.append(str(fetch(name, cache_dir=cache, log=log)))
+    return folders[0] if len(folders) == 1 else folders
 
 
 def tokenizer_for_run(cfg, workdir: str, train_files) -> Any:

@@ -1,0 +1,617 @@
+"""AutoBERT-Zero search: OP-NAS evolution with UCB op priority and BIWS (methods.md §1).
+
+    nasjax search --config=configs/search/autobert.py:tiny --workdir=runs/ab
+    nasjax results runs/ab
+
+Candidates are :class:`~nasjax.genome.autobert.BertGenome` s (per layer an attention
+graph or a GLU light-conv), decoded to BERT encoder specs. The loop is aging evolution
+with tournament selection (:class:`~nasjax.search.evolution.RegularizedEvolution`;
+lower fitness is better), mutations from :func:`~nasjax.genome.autobert.mutate_genome`
+whose ops are chosen by :class:`~nasjax.search.opnas.OpPriority`.
+
+Evaluation of one candidate (stages recorded on failure, never fatal):
+
+1. ``decode``/``params``/``probe``: the spec builds, stays under ``search.max_params``,
+   and gives finite outputs at a fixed init on a probe batch (a graph whose ops overflow
+   is rejected here). Identical genomes (and, with ``search.fec``, functionally
+   equivalent ones: same probe outputs) reuse the recorded result.
+2. ``pretrain``: MLM pre-training for ``train.steps`` on the corpus (Shakespeare +
+   Austen by default), starting from the BIWS supernet (``autobert.biws``) or from a
+   fresh init; the MLM validation loss on ``search.val_batches`` fixed batches is
+   recorded. With BIWS the trained weights are written back to the supernet.
+3. ``finetune``: for every task of ``autobert.tasks`` (JSONL files, or ``glue/NAME``
+   through tfds), fine-tune the pre-trained encoder for ``autobert.finetune_steps`` and
+   measure validation accuracy.
+
+Fitness (lower is better) = ``1 - mean task accuracy + autobert.mlm_weight * MLM val
+loss`` (the paper scores on GLUE dev; the weight, 0 by default, lets MLM break ties).
+
+Journal: the Primer events (``search``, ``proposed`` (+ ``op``), ``started``,
+``finished`` (+ ``accuracy``, ``mlm_loss``, ``supernet_version``, ``ucb``), ``failed``).
+UCB statistics are rebuilt by replay and a snapshot (``ucb``) is stored with every
+result. The supernet lives in ``WORKDIR/supernet/supernet_VVVVVV.npz``; the journal
+names the version each result produced, so a resumed search reloads the right one.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from nasjax import sharding as shd
+from nasjax.data.classification import ClassificationData
+from nasjax.genome.attn_graph import OPS
+from nasjax.genome.autobert import (
+    GENOME_SEEDS,
+    MUTATION_KINDS,
+    BertGenome,
+    LayerGene,
+    decode_genome,
+    mutate_genome,
+    render_genome,
+    seed_genome,
+)
+from nasjax.measure.params import count_params
+from nasjax.measure.probe import probe_model
+from nasjax.search.biws import SuperNet, SuperNetError
+from nasjax.search.evaluate import CandidateFailed, Interrupted, _prepend, _short
+from nasjax.search.evolution import Proposal, RegularizedEvolution
+from nasjax.search.opnas import REWARDS, OpPriority, rank_reward
+from nasjax.search.primer import split_names
+from nasjax.spec import ModelSpec, SpecError
+from nasjax.train.loop import Hooks, Trainer
+from nasjax.train.run import StopFlag
+
+__all__ = ["AutoBertSpace", "AutoBertEvaluator", "run_autobert", "load_tasks", "autobert_fitness"]
+
+
+def autobert_fitness(accuracies: dict[str, float], mlm_loss: float, mlm_weight: float) -> float:
+    """``1 - mean accuracy + mlm_weight * mlm_loss`` (lower is better)."""
+    mean_acc = sum(accuracies.values()) / len(accuracies) if accuracies else 0.0
+    return 1.0 - mean_acc + mlm_weight * mlm_loss
+
+
+class AutoBertSpace:
+    """BERT backbones (attention graphs / convs per layer) as the search driver sees them."""
+
+    name = "autobert"
+
+    def __init__(self, cfg, vocab_size: int):
+        a = cfg.autobert
+        self.cfg = cfg
+        self.size = str(cfg.model.size)
+        self.n_layers = int(a.n_layers)
+        self.d_model, self.n_heads, self.d_ff = int(a.d_model), int(a.n_heads), int(a.d_ff)
+        self.vocab_size = int(vocab_size)
+        self.seq_len = int(cfg.data.seq_len)
+        self.max_len = max(self.seq_len, int(a.task_seq_len))
+        self.dropout = float(a.dropout)
+        ks = tuple(int(k) for k in a.kernel_sizes)
+        bad = [k for k in ks if k < 1 or k % 2 == 0]
+        if not ks or bad:
+            raise SpecError(f"autobert.kernel_sizes must be positive odd ints, got {ks}")
+        self.kernel_sizes = tuple(sorted(set(ks)))
+        self.max_nodes = int(a.max_nodes)
+        self.seed_names = split_names(cfg.search.seeds, "search.seeds", GENOME_SEEDS) or ("bert",)
+        self.mutation_kinds = split_names(a.mutations, "autobert.mutations", MUTATION_KINDS) or MUTATION_KINDS
+        self.delete_probability = float(a.delete_probability)
+        self.priority: OpPriority | None = None
+        self.last_mutation = None
+        # fail early on widths that do not fit
+        self.decode(self.seeds()[0][1])
+
+    def seeds(self) -> list[tuple[str, BertGenome]]:
+        return [(n, seed_genome(n, self.n_layers, self.seq_len, self.kernel_sizes)) for n in self.seed_names]
+
+    def mutate(self, genome: BertGenome, rng: np.random.Generator) -> tuple[BertGenome, str, str]:
+        choose = self.priority.choose if self.priority is not None else (lambda ops, r: ops[int(r.integers(len(ops)))])
+        m = mutate_genome(
+            genome,
+            rng,
+            kernel_sizes=self.kernel_sizes,
+            max_nodes=self.max_nodes,
+            choose_op=choose,
+            kinds=self.mutation_kinds,
+            delete_probability=self.delete_probability,
+        )
+        self.last_mutation = m
+        return m.genome, m.kind, m.detail
+
+    def decode(self, genome: BertGenome) -> ModelSpec:
+        return decode_genome(
+            genome,
+            size=self.size,
+            vocab_size=self.vocab_size,
+            max_len=self.max_len,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            d_ff=self.d_ff,
+            dropout_rate=self.dropout,
+        )
+
+    @staticmethod
+    def genome_to_json(genome: BertGenome) -> Any:
+        return genome.to_json()
+
+    @staticmethod
+    def genome_from_json(data: Any, where: str = "genome") -> BertGenome:
+        return BertGenome.from_json(data, where)
+
+    @staticmethod
+    def genome_hash(genome: BertGenome) -> str:
+        return genome.canonical_hash()
+
+    def render(self, genome: BertGenome) -> str:
+        return render_genome(genome)
+
+    def describe(self) -> str:
+        spec = self.decode(self.seeds()[0][1])
+        return (
+            f"autobert backbones: {self.n_layers} layers x d_model {spec.d_model}, kernels {self.kernel_sizes}, "
+            f"<= {self.max_nodes} graph nodes, seeds {', '.join(self.seed_names)}, vocab {self.vocab_size}, "
+            f"seq_len {self.seq_len}"
+        )
+
+
+# ---------------------------------------------------------------------- tasks
+
+
+def load_tasks(cfg, tokenizer, log=print) -> list[tuple[str, ClassificationData]]:
+    """``autobert.tasks``: comma-separated JSONL files (``TRAIN.jsonl|VAL.jsonl`` for a fixed
+    split) or ``glue/NAME`` (tfds, the optional ``[tfds]`` extra)."""
+    a = cfg.autobert
+    entries = [e.strip() for e in str(a.tasks).split(",") if e.strip()]
+    if not entries:
+        raise SpecError("autobert.tasks is empty: name at least one labelled JSONL file or glue/NAME task")
+    out = []
+    for entry in entries:
+        if entry.startswith("glue/"):
+            from nasjax.data.tfds_source import make_glue_data
+
+            data = make_glue_data(entry, tokenizer, int(a.task_seq_len), int(a.finetune_batch_size), int(cfg.seed))
+            name = entry
+        else:
+            paths = [os.path.expanduser(p) for p in entry.split("|")]
+            data = ClassificationData(
+                paths[0] if len(paths) == 1 else tuple(paths),
+                tokenizer,
+                int(a.task_seq_len),
+                int(a.finetune_batch_size),
+                int(cfg.seed),
+                float(a.task_val_fraction),
+            )
+            name = os.path.splitext(os.path.basename(paths[0]))[0]
+        log(f"task {name}: {data.num_train} train / {data.num_val} validation examples, {data.n_classes} classes")
+        out.append((name, data))
+    return out
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+class AutoBertEvaluator:
+    """Checks, pre-trains (MLM) and fine-tunes candidates (see the module docstring)."""
+
+    def __init__(self, cfg, data, tasks, mesh, rules, log=print):
+        self.cfg, self.data, self.tasks, self.mesh, self.rules, self.log = cfg, data, tasks, mesh, rules, log
+        self.seq_len = int(cfg.data.seq_len)
+        self.val_batches = int(cfg.search.val_batches) or None
+        self._val_cache = None
+        a = cfg.autobert
+        ft = copy.deepcopy(cfg.train)
+        ft.steps = int(a.finetune_steps)
+        ft.learning_rate = float(a.finetune_lr)
+        ft.batch_size = int(a.finetune_batch_size)
+        ft.warmup_steps = int(a.finetune_warmup)
+        ft.budget_seconds = 0.0
+        self.finetune_cfg = ft
+
+    def check(self, spec: ModelSpec) -> dict:
+        s = self.cfg.search
+        try:
+            params = int(count_params(spec)["total"])
+        except Exception as e:
+            raise CandidateFailed("decode", f"the model does not trace: {_short(e)}") from None
+        if s.max_params and params > s.max_params:
+            raise CandidateFailed("params", f"{params:,} parameters > search.max_params={int(s.max_params):,}")
+        try:
+            probe = probe_model(spec, self.seq_len, batch=int(s.probe_batch), seed=int(self.cfg.seed))
+        except Exception as e:
+            raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
+        if not probe.finite:
+            raise CandidateFailed("probe", "non-finite outputs at initialisation on the probe batch")
+        return {
+            "params": params,
+            "fec_hash": probe.output_hash,
+            "fec_hash_alt": probe.output_hash_alt,
+            "probe_seconds": probe.seconds,
+        }
+
+    def _fixed_val(self):
+        if self._val_cache is None:
+            self._val_cache = list(self.data.val_batches(self.val_batches))
+        return self._val_cache
+
+    def _trainer(self, spec: ModelSpec, train_cfg, seq_len: int) -> Trainer:
+        return Trainer(spec, train_cfg, self.mesh, self.rules, self.cfg.seed, seq_len, dtype=self.cfg.model.dtype)
+
+    def initial_params(self, spec: ModelSpec) -> dict:
+        """Fresh init of ``spec`` (the supernet template), as numpy."""
+        trainer = self._trainer(spec, self.cfg.train, self.seq_len)
+        return jax.device_get(trainer.init_state().params)
+
+    def _fit(self, trainer, state, iterator, steps, stage, should_stop):
+        try:
+            first = next(iterator)
+            trainer.compile(state, shd.shard_batch(first, self.mesh))
+        except Exception as e:
+            raise CandidateFailed("compile", _short(e)) from None
+        try:
+            state, result = trainer.fit(
+                state,
+                _prepend(first, iterator),
+                total_steps=steps,
+                hooks=Hooks(should_stop=should_stop),
+                log_every=10**9,
+            )
+        except Exception as e:
+            raise CandidateFailed(stage, _short(e)) from None
+        if result.status == "interrupted":
+            raise Interrupted()
+        if result.status == "diverged":
+            raise CandidateFailed(stage, f"diverged: {result.reason}")
+        return state, result
+
+    def pretrain(self, spec: ModelSpec, init=None, should_stop=None) -> dict:
+        """MLM pre-training from ``init`` (a BIWS callable params -> params) or fresh."""
+        try:
+            trainer = self._trainer(spec, self.cfg.train, self.seq_len)
+            state = trainer.init_state()
+            inherited = 0
+            if init is not None:
+                params, inherited = init(jax.device_get(state.params))
+                state, _ = trainer.with_params(state, params)
+        except Exception as e:
+            raise CandidateFailed("compile", _short(e)) from None
+        state, result = self._fit(
+            trainer, state, self.data.train_iterator(), int(self.cfg.train.steps), "pretrain", should_stop
+        )
+        val = trainer.evaluate(state.params, self._fixed_val())
+        loss = float(val.get("val_loss", math.nan))
+        if not math.isfinite(loss):
+            raise CandidateFailed("pretrain", f"non-finite MLM validation loss after step {result.step}")
+        return {
+            "params": jax.device_get(state.params),
+            "mlm_loss": loss,
+            "steps": result.step,
+            "inherited": inherited,
+            "compile_seconds": trainer.compile_seconds,
+            "train_seconds": result.train_seconds,
+        }
+
+    def finetune(self, spec: ModelSpec, params, should_stop=None) -> dict:
+        """Fine-tunes the pre-trained encoder on every task; returns accuracies and costs."""
+        accuracies, compile_s, train_s = {}, 0.0, 0.0
+        trainers: dict[int, Trainer] = {}
+        seq_len = int(self.cfg.autobert.task_seq_len)
+        for name, data in self.tasks:
+            trainer = trainers.get(data.n_classes)
+            if trainer is None:
+                cls_spec = spec.replace(head="cls", n_classes=data.n_classes, pooler=True)
+                try:
+                    trainer = trainers[data.n_classes] = self._trainer(cls_spec, self.finetune_cfg, seq_len)
+                except Exception as e:
+                    raise CandidateFailed("compile", _short(e)) from None
+            before = trainer.compile_seconds
+            state, _ = trainer.with_params(trainer.init_state(), params)
+            state, result = self._fit(
+                trainer, state, data.train_iterator(), int(self.finetune_cfg.steps), "finetune", should_stop
+            )
+            val = trainer.evaluate(state.params, data.val_batches())
+            acc = float(val.get("val_accuracy", math.nan))
+            if not math.isfinite(acc):
+                raise CandidateFailed("finetune", f"no validation accuracy on task {name}")
+            accuracies[name] = acc
+            compile_s += trainer.compile_seconds - before
+            train_s += result.train_seconds
+        return {"accuracy": accuracies, "compile_seconds": compile_s, "train_seconds": train_s}
+
+
+# ---------------------------------------------------------------------- controller
+
+_SUPERNET_KEEP = 3
+
+
+class _AutoBertController:
+    def __init__(self, ctx, space: AutoBertSpace, evaluator: AutoBertEvaluator):
+        cfg = ctx.cfg
+        a, s = cfg.autobert, cfg.search
+        self.ctx, self.cfg, self.space, self.evaluator = ctx, cfg, space, evaluator
+        self.journal, self.log = ctx.journal, ctx.log
+        if str(a.ucb_reward) not in REWARDS:
+            raise SpecError(f"autobert.ucb_reward must be one of {', '.join(REWARDS)}, got {a.ucb_reward!r}")
+        self.priority = OpPriority(OPS, float(a.ucb_alpha), str(a.ucb_selection), float(a.ucb_temperature))
+        space.priority = self.priority
+        self.evo = RegularizedEvolution(
+            space.seeds(), space.mutate, int(s.population_size), int(s.tournament_size), int(cfg.seed)
+        )
+        self.ops: dict[int, str | None] = {}
+        self.history: list[float] = []
+        self.terminal: dict[int, dict] = {}
+        self.by_hash: dict[str, dict] = {}
+        self.by_fec: dict[str, dict] = {}
+        self.supernet_version = 0
+        self.cache_hits = 0
+        self.compile_seconds = self.train_seconds = self.probe_seconds = 0.0
+        self.biws = bool(a.biws)
+        self.supernet_dir = os.path.join(ctx.workdir, "supernet")
+        self.supernet: SuperNet | None = None
+
+    # ------------------------------------------------------------------ replay
+    def replay(self) -> None:
+        from nasjax.search.run import SearchError
+
+        for rec in self.journal.records:
+            event = rec["event"]
+            if event == "proposed":
+                try:
+                    genome = self.space.genome_from_json(rec["genome"], f"journal record seq {rec.get('seq')}")
+                    self.evo.register(
+                        Proposal(rec["id"], genome, rec.get("parent"), rec.get("origin", ""), rec.get("detail", ""))
+                    )
+                except (KeyError, ValueError, SpecError) as e:
+                    raise SearchError(f"{self.journal.path}: cannot replay record seq {rec.get('seq')}: {e}") from None
+                self.ops[rec["id"]] = rec.get("op")
+            elif event in ("finished", "failed"):
+                if rec["id"] not in self.evo.pending:
+                    raise SearchError(f"{self.journal.path}: result for candidate {rec['id']} that is not pending")
+                self._told(rec)
+
+    def _reward(self, cid: int, fitness: float) -> float:
+        if self.cfg.autobert.ucb_reward == "improvement":
+            parent = self.evo.proposals[cid].parent
+            parent_fitness = self.evo.results.get(parent, math.inf) if parent is not None else math.inf
+            return 1.0 if math.isfinite(fitness) and fitness < parent_fitness else 0.0
+        return rank_reward(fitness, self.history)
+
+    def _told(self, rec: dict) -> None:
+        from nasjax.search.run import TRANSIENT_STAGES
+
+        cid = rec["id"]
+        fitness = float(rec["fitness"]) if rec["event"] == "finished" and rec.get("fitness") is not None else math.inf
+        self.priority.observe(self.ops.get(cid), self._reward(cid, fitness))
+        self.history.append(fitness)
+        self.evo.tell(cid, fitness if math.isfinite(fitness) else None)
+        self.terminal[cid] = rec
+        if rec.get("supernet_version") is not None:
+            self.supernet_version = max(self.supernet_version, int(rec["supernet_version"]))
+        transient = rec["event"] == "failed" and rec.get("stage") in TRANSIENT_STAGES
+        if rec.get("cached_from") is None and not transient:
+            if rec.get("hash"):
+                self.by_hash.setdefault(rec["hash"], rec)
+            for key in ("fec_hash", "fec_hash_alt"):
+                if rec.get(key):
+                    self.by_fec.setdefault(f"{key}:{rec[key]}", rec)
+        elif rec.get("cached_from") is not None:
+            self.cache_hits += 1
+        for k in ("compile_seconds", "train_seconds", "probe_seconds"):
+            setattr(self, k, getattr(self, k) + float(rec.get(k) or 0.0))
+
+    # ------------------------------------------------------------------ supernet
+    def _supernet_path(self, version: int) -> str:
+        return os.path.join(self.supernet_dir, f"supernet_{version:06d}.npz")
+
+    def load_supernet(self) -> None:
+        if not self.biws:
+            return
+        os.makedirs(self.supernet_dir, exist_ok=True)
+        version = self.supernet_version
+        if version == 0 and not os.path.exists(self._supernet_path(0)):
+            self.supernet = self._initial_supernet()
+            self.supernet.save(self._supernet_path(0))
+            return
+        for v in range(version, -1, -1):
+            try:
+                self.supernet = SuperNet.load(self._supernet_path(v))
+            except SuperNetError as e:
+                self.log(f"warning: {e}")
+                continue
+            if v != version:
+                self.log(
+                    f"warning: continuing from supernet version {v} (the journal's results went up to {version}); "
+                    "the evaluations already recorded are kept, later children inherit older shared weights"
+                )
+                self.journal.append("supernet_fallback", wanted=version, loaded=v)
+            self.supernet.version = version
+            return
+        self.log("warning: no readable supernet file; starting BIWS from a fresh supernet")
+        self.supernet = self._initial_supernet()
+        self.supernet.version = version
+
+    def _initial_supernet(self) -> SuperNet:
+        n, seq, ks = self.space.n_layers, self.space.seq_len, self.space.kernel_sizes
+        attn = self.evaluator.initial_params(self.space.decode(seed_genome("bert", n, seq, ks)))
+        conv_genome = BertGenome(tuple(LayerGene("conv", kernel=max(ks)) for _ in range(n)))
+        conv = self.evaluator.initial_params(self.space.decode(conv_genome))
+        return SuperNet.initial(attn, conv)
+
+    def _save_supernet(self) -> int:
+        version = self.supernet.version
+        self.supernet.save(self._supernet_path(version))
+        for path in sorted(glob.glob(os.path.join(self.supernet_dir, "supernet_*.npz")))[:-_SUPERNET_KEEP]:
+            os.remove(path)
+        return version
+
+    # ------------------------------------------------------------------ evaluation
+    def _append_result(self, event: str, **fields) -> dict:
+        rec = self.journal.append(event, **fields)
+        self._told(rec)
+        # the snapshot after this result, for `nasjax results`
+        self.journal.append("ucb", id=rec["id"], table=self.priority.table(), total=self.priority.total)
+        return rec
+
+    def evaluate(self, proposal: Proposal, stop: StopFlag) -> dict:
+        from nasjax.search.run import reused_record
+
+        genome = proposal.genome
+        genome_hash = self.space.genome_hash(genome)
+        self.journal.append("started", id=proposal.id)
+        base: dict = {"hash": genome_hash}
+        if genome_hash in self.by_hash:
+            event, record = reused_record(proposal.id, self.by_hash[genome_hash], "identical genome to", base)
+            return self._append_result(event, **_with_extras(record, self.by_hash[genome_hash]))
+        try:
+            try:
+                spec = self.space.decode(genome)
+            except SpecError as e:
+                raise CandidateFailed("decode", str(e)) from None
+            base.update(self.evaluator.check(spec))
+            keys = (f"fec_hash:{base['fec_hash']}", f"fec_hash_alt:{base['fec_hash_alt']}")
+            match = next((self.by_fec[k] for k in keys if k in self.by_fec), None)
+            if self.cfg.search.fec and match is not None:
+                event, record = reused_record(proposal.id, match, "functionally equivalent to", base)
+                return self._append_result(event, **_with_extras(record, match))
+            kinds = tuple(g.kind for g in genome.layers)
+            init = None
+            if self.supernet is not None:
+                init = lambda p: self.supernet.inherit(p, kinds)[:2]  # noqa: E731
+            should_stop = lambda: stop.stop  # noqa: E731
+            pre = self.evaluator.pretrain(spec, init, should_stop)
+            if self.supernet is not None:
+                self.supernet.update(pre["params"], kinds, float(self.cfg.autobert.biws_update_rate))
+                # recorded with the result, failed or not: a resume reloads this version
+                base["supernet_version"] = self._save_supernet()
+            ft = self.evaluator.finetune(spec, pre["params"], should_stop)
+        except CandidateFailed as e:
+            return self._append_result("failed", id=proposal.id, stage=e.stage, reason=e.reason, **base)
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as e:  # never crash the search on one candidate
+            reason = f"{type(e).__name__}: {e}"[:400]
+            return self._append_result("failed", id=proposal.id, stage="internal", reason=reason, **base)
+        fitness = autobert_fitness(ft["accuracy"], pre["mlm_loss"], float(self.cfg.autobert.mlm_weight))
+        return self._append_result(
+            "finished",
+            id=proposal.id,
+            fitness=fitness,
+            accuracy=ft["accuracy"],
+            mlm_loss=pre["mlm_loss"],
+            steps=pre["steps"],
+            inherited=pre["inherited"],
+            compile_seconds=pre["compile_seconds"] + ft["compile_seconds"],
+            train_seconds=pre["train_seconds"] + ft["train_seconds"],
+            **base,
+        )
+
+    def failures(self) -> int:
+        return sum(1 for r in self.terminal.values() if r["event"] == "failed")
+
+    def progress_line(self, rec: dict, total: int, wall: float) -> str:
+        best = self.evo.best()
+        p = self.evo.proposals[rec["id"]]
+        origin = p.origin if p.parent is None else f"{p.origin} of #{p.parent}"
+        if rec["event"] == "failed":
+            what = f"FAILED ({rec.get('stage')}: {rec.get('reason', '')[:70]})"
+        else:
+            accs = rec.get("accuracy") or {}
+            acc_text = " ".join(f"{k[:10]} {v:.3f}" for k, v in accs.items())
+            what = f"fitness {rec['fitness']:.4f} (mlm {rec.get('mlm_loss', float('nan')):.3f}; {acc_text})"
+            if rec.get("cached_from") is not None:
+                what += f" [reused #{rec['cached_from']}]"
+        best_text = f"best {best[1]:.4f} (#{best[0]})" if best else "best -"
+        failed = self.failures()
+        return (
+            f"[{len(self.terminal)}/{total}] #{rec['id']} {origin} [{p.genome.layout}]: {what} | {best_text} | "
+            f"failed {failed} | compile+probe {self.compile_seconds + self.probe_seconds:.0f}s train "
+            f"{self.train_seconds:.0f}s | {wall:.0f}s"
+        )
+
+
+def _with_extras(record: dict, source: dict) -> dict:
+    """A reused record also carries the source's accuracies and MLM loss (not its supernet version)."""
+    out = dict(record)
+    for k in ("accuracy", "mlm_loss"):
+        if source.get(k) is not None:
+            out[k] = source[k]
+    return out
+
+
+def run_autobert(ctx):
+    """The ``autobert`` search driver (called by :func:`nasjax.search.run.run_search`)."""
+    from nasjax.search.run import SearchSummary, write_status
+
+    cfg, journal, log, t_start = ctx.cfg, ctx.journal, ctx.log, ctx.t_start
+    space = AutoBertSpace(cfg, ctx.tokenizer.vocab_size)
+    tasks = load_tasks(cfg, ctx.tokenizer, log)
+    evaluator = AutoBertEvaluator(cfg, ctx.data, tasks, ctx.mesh, ctx.rules, log)
+    ctl = _AutoBertController(ctx, space, evaluator)
+    ctl.replay()
+    ctl.load_supernet()
+    total = int(cfg.search.max_evaluations)
+    a = cfg.autobert
+    log(
+        f"{space.describe()}\npopulation {cfg.search.population_size}, tournament {cfg.search.tournament_size}; "
+        f"per candidate: MLM {cfg.train.steps} steps + {a.finetune_steps} fine-tuning steps on "
+        f"{', '.join(n for n, _ in tasks)}; BIWS {'on' if ctl.biws else 'off'}; UCB alpha {a.ucb_alpha} "
+        f"({a.ucb_selection}, reward {a.ucb_reward}); devices {jax.device_count()}"
+        + (f"\nresuming: {len(ctl.terminal)} evaluations replayed from {journal.path}" if journal.records[1:] else "")
+    )
+    status = "finished"
+    write_status(ctx.workdir, ctl, status="running", total=total)
+    with StopFlag() as stop:
+        queue = sorted(ctl.evo.pending)
+        try:
+            while len(ctl.terminal) < total:
+                if stop.stop:
+                    status = "interrupted"
+                    break
+                if ctx.time_is_up():
+                    status = "time_limit"
+                    log(f"search.max_seconds={cfg.search.max_seconds:g} reached; the same command continues")
+                    break
+                if queue:
+                    proposal = ctl.evo.proposals[queue.pop(0)]
+                else:
+                    space.last_mutation = None
+                    proposal = ctl.evo.ask()
+                    op = space.last_mutation.op if space.last_mutation is not None else None
+                    ctl.ops[proposal.id] = op
+                    journal.append(
+                        "proposed",
+                        id=proposal.id,
+                        parent=proposal.parent,
+                        origin=proposal.origin,
+                        detail=proposal.detail,
+                        op=op,
+                        hash=space.genome_hash(proposal.genome),
+                        genome=space.genome_to_json(proposal.genome),
+                    )
+                rec = ctl.evaluate(proposal, stop)
+                log(ctl.progress_line(rec, total, time.perf_counter() - t_start))
+        except (Interrupted, KeyboardInterrupt):
+            status = "interrupted"
+    if status == "interrupted":
+        log(f"search interrupted; the same command resumes from {journal.path}")
+    failures = ctl.failures()
+    write_status(ctx.workdir, ctl, status=status, total=total)
+    best = ctl.evo.best()
+    return SearchSummary(
+        status=status,
+        evaluations=len(ctl.terminal),
+        failures=failures,
+        cache_hits=ctl.cache_hits,
+        best_id=best[0] if best else None,
+        best_fitness=best[1] if best else None,
+        compile_seconds=ctl.compile_seconds,
+        train_seconds=ctl.train_seconds,
+        probe_seconds=ctl.probe_seconds,
+        wall_seconds=time.perf_counter() - t_start,
+        extra={"supernet_version": ctl.supernet_version if ctl.biws else None, "ucb": ctl.priority.table()},
+    )
