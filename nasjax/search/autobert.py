@@ -47,7 +47,7 @@ import numpy as np
 
 from nasjax import sharding as shd
 from nasjax.data.classification import ClassificationData
-from nasjax.genome.attn_graph import OPS
+from nasjax.genome.attn_graph import OPS, seed_graph
 from nasjax.genome.autobert import (
     GENOME_SEEDS,
     MUTATION_KINDS,
@@ -69,7 +69,14 @@ from nasjax.spec import ModelSpec, SpecError
 from nasjax.train.loop import Hooks, Trainer
 from nasjax.train.run import StopFlag
 
-__all__ = ["AutoBertSpace", "AutoBertEvaluator", "run_autobert", "load_tasks", "autobert_fitness"]
+__all__ = [
+    "AutoBertSpace",
+    "AutoBertEvaluator",
+    "run_autobert",
+    "load_tasks",
+    "autobert_fitness",
+    "initial_supernet",
+]
 
 
 def autobert_fitness(accuracies: dict[str, float], mlm_loss: float, mlm_weight: float) -> float:
@@ -436,11 +443,7 @@ class _AutoBertController:
         self.supernet.version = version
 
     def _initial_supernet(self) -> SuperNet:
-        n, seq, ks = self.space.n_layers, self.space.seq_len, self.space.kernel_sizes
-        attn = self.evaluator.initial_params(self.space.decode(seed_genome("bert", n, seq, ks)))
-        conv_genome = BertGenome(tuple(LayerGene("conv", kernel=max(ks)) for _ in range(n)))
-        conv = self.evaluator.initial_params(self.space.decode(conv_genome))
-        return SuperNet.initial(attn, conv)
+        return initial_supernet(self.space, self.evaluator)
 
     def _save_supernet(self) -> int:
         version = self.supernet.version
@@ -532,6 +535,19 @@ class _AutoBertController:
             f"failed {failed} | compile+probe {self.compile_seconds + self.probe_seconds:.0f}s train "
             f"{self.train_seconds:.0f}s | {wall:.0f}s"
         )
+
+
+def initial_supernet(space: AutoBertSpace, evaluator: AutoBertEvaluator) -> SuperNet:
+    """A fresh supernet: shared + attention branches from an all-attention model, conv
+    branches from an all-conv model at the largest kernel (both at the search's seed)."""
+    n, ks = space.n_layers, space.kernel_sizes
+    attn = evaluator.initial_params(
+        space.decode(BertGenome(tuple(LayerGene("attn", seed_graph("bert")) for _ in range(n))))
+    )
+    conv = evaluator.initial_params(
+        space.decode(BertGenome(tuple(LayerGene("conv", kernel=max(ks)) for _ in range(n))))
+    )
+    return SuperNet.initial(attn, conv)
 
 
 def _with_extras(record: dict, source: dict) -> dict:
