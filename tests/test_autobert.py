@@ -392,3 +392,17 @@ def test_autobert_search_without_biws_and_bad_config(autobert_config, tmp_path):
     assert out.evaluations == 2 and not os.path.exists(os.path.join(workdir, "supernet"))
     with pytest.raises(SpecError, match="kernel_sizes must be positive odd"):
         run_search(autobert_config(**{"autobert.kernel_sizes": (3, 4)}), str(tmp_path / "bad"), log=lambda *_: None)
+
+
+def test_graph_flops_and_describe():
+    from nasjax.measure.flops import mixer_flops_per_token
+    from nasjax.measure.report import mixer_summary
+
+    bert = GraphAttentionSpec(4, SEED_GRAPHS["bert"])
+    assert mixer_flops_per_token(bert, 64, 128) == mixer_flops_per_token(AttentionSpec(4, use_bias=True), 64, 128)
+    # abz_l6: no V projection, the same two n x n matmuls
+    l6 = mixer_flops_per_token(GraphAttentionSpec(4, SEED_GRAPHS["abz_l6"]), 64, 128)
+    assert mixer_flops_per_token(bert, 64, 128) - l6 == 2 * 64 * 64
+    assert mixer_summary(GraphAttentionSpec(4, SEED_GRAPHS["abz_l6"]), 64).endswith(
+        "O = softmax(Q·softplus(-K^T)/√d)·Q"
+    )

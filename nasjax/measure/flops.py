@@ -63,7 +63,27 @@ def mixer_flops_per_token(mixer, d_model: int, seq_len: int) -> int:
     if isinstance(mixer, ConvSpec):
         inner = 2 * d if mixer.use_glu else d
         return 2 * d * inner + 2 * mixer.kernel_size * d + 2 * d * d
+    if getattr(mixer, "kind", None) == "attention_graph":
+        return _graph_flops_per_token(mixer, d, seq_len)
     raise NotImplementedError(f"no FLOP formula for mixer kind {getattr(mixer, 'kind', mixer)!r}")
+
+
+def _graph_flops_per_token(mixer, d_model: int, seq_len: int) -> int:
+    """A searched attention graph: its projections plus every matmul node
+    ((a, b) @ (b, c) costs 2·a·b·c per head and sequence, a, b, c in {n = seq_len, d = head dim})."""
+    from nasjax.genome.attn_graph import LEAVES
+
+    head_dim = mixer.resolved_head_dim(d_model)
+    hk = mixer.n_heads * head_dim
+    size = {"n": seq_len, "d": head_dim}
+    types = mixer.graph.types()
+    flops = (3 if mixer.uses_value else 2) * 2 * d_model * hk + 2 * hk * d_model
+    per_sequence = 0
+    for j, node in enumerate(mixer.graph.nodes):
+        if node.op == "matmul":
+            (a, b), c = types[node.inputs[0]], types[len(LEAVES) + j][1]
+            per_sequence += 2 * size[a] * size[b] * size[c]
+    return flops + mixer.n_heads * per_sequence // seq_len
 
 
 def ffn_flops_per_token(block: BlockSpec, d_model: int) -> int:

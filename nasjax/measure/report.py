@@ -32,6 +32,10 @@ def mixer_summary(mixer, d_model: int) -> str:
         return " ".join(parts)
     if isinstance(mixer, ConvSpec):
         return f"{'glu_conv' if mixer.use_glu else 'conv'} k={mixer.kernel_size} H={mixer.n_heads}"
+    if getattr(mixer, "kind", None) == "attention_graph":
+        from nasjax.genome.attn_graph import render_graph
+
+        return f"graph H={mixer.n_heads}{'' if mixer.uses_value else ' noV'}: {render_graph(mixer.graph)}"
     return str(getattr(mixer, "kind", type(mixer).__name__))
 
 
