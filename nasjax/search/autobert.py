@@ -58,16 +58,13 @@ from nasjax.genome.autobert import (
     render_genome,
     seed_genome,
 )
-from nasjax.measure.params import count_params
-from nasjax.measure.probe import probe_model
 from nasjax.search.biws import SuperNet, SuperNetError
-from nasjax.search.evaluate import CandidateFailed, Interrupted, _prepend, _short
+from nasjax.search.evaluate import CandidateFailed, Interrupted, _prepend, _short, check_params_and_probe
 from nasjax.search.evolution import Proposal, RegularizedEvolution
 from nasjax.search.opnas import REWARDS, OpPriority, rank_reward
 from nasjax.search.primer import split_names
 from nasjax.spec import ModelSpec, SpecError
 from nasjax.train.loop import Hooks, Trainer
-from nasjax.train.run import StopFlag
 
 __all__ = [
     "AutoBertSpace",
@@ -221,19 +218,8 @@ class AutoBertEvaluator:
         self.finetune_cfg = ft
 
     def check(self, spec: ModelSpec) -> dict:
-        s = self.cfg.search
-        try:
-            params = int(count_params(spec)["total"])
-        except Exception as e:
-            raise CandidateFailed("decode", f"the model does not trace: {_short(e)}") from None
-        if s.max_params and params > s.max_params:
-            raise CandidateFailed("params", f"{params:,} parameters > search.max_params={int(s.max_params):,}")
-        try:
-            probe = probe_model(spec, self.seq_len, batch=int(s.probe_batch), seed=int(self.cfg.seed))
-        except Exception as e:
-            raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
-        if not probe.finite:
-            raise CandidateFailed("probe", "non-finite outputs at initialisation on the probe batch")
+        """Parameter bound and the finiteness probe; raises :class:`CandidateFailed`."""
+        params, probe = check_params_and_probe(spec, self.cfg, self.seq_len)
         return {
             "params": params,
             "fec_hash": probe.output_hash,
@@ -460,7 +446,7 @@ class _AutoBertController:
         self.journal.append("ucb", id=rec["id"], table=self.priority.table(), total=self.priority.total)
         return rec
 
-    def evaluate(self, proposal: Proposal, stop: StopFlag) -> dict:
+    def evaluate(self, proposal: Proposal, stop) -> dict:
         from nasjax.search.run import reused_record
 
         genome = proposal.genome
@@ -561,7 +547,7 @@ def _with_extras(record: dict, source: dict) -> dict:
 
 def run_autobert(ctx):
     """The ``autobert`` search driver (called by :func:`nasjax.search.run.run_search`)."""
-    from nasjax.search.run import SearchSummary, write_status
+    from nasjax.search.run import SearchSummary, evolution_loop
 
     cfg, journal, log, t_start = ctx.cfg, ctx.journal, ctx.log, ctx.t_start
     space = AutoBertSpace(cfg, ctx.tokenizer.vocab_size)
@@ -579,44 +565,14 @@ def run_autobert(ctx):
         f"({a.ucb_selection}, reward {a.ucb_reward}); devices {jax.device_count()}"
         + (f"\nresuming: {len(ctl.terminal)} evaluations replayed from {journal.path}" if journal.records[1:] else "")
     )
-    status = "finished"
-    write_status(ctx.workdir, ctl, status="running", total=total)
-    with StopFlag() as stop:
-        queue = sorted(ctl.evo.pending)
-        try:
-            while len(ctl.terminal) < total:
-                if stop.stop:
-                    status = "interrupted"
-                    break
-                if ctx.time_is_up():
-                    status = "time_limit"
-                    log(f"search.max_seconds={cfg.search.max_seconds:g} reached; the same command continues")
-                    break
-                if queue:
-                    proposal = ctl.evo.proposals[queue.pop(0)]
-                else:
-                    space.last_mutation = None
-                    proposal = ctl.evo.ask()
-                    op = space.last_mutation.op if space.last_mutation is not None else None
-                    ctl.ops[proposal.id] = op
-                    journal.append(
-                        "proposed",
-                        id=proposal.id,
-                        parent=proposal.parent,
-                        origin=proposal.origin,
-                        detail=proposal.detail,
-                        op=op,
-                        hash=space.genome_hash(proposal.genome),
-                        genome=space.genome_to_json(proposal.genome),
-                    )
-                rec = ctl.evaluate(proposal, stop)
-                log(ctl.progress_line(rec, total, time.perf_counter() - t_start))
-        except (Interrupted, KeyboardInterrupt):
-            status = "interrupted"
-    if status == "interrupted":
-        log(f"search interrupted; the same command resumes from {journal.path}")
+
+    def proposal_fields(proposal: Proposal) -> dict:
+        op = space.last_mutation.op if proposal.parent is not None and space.last_mutation is not None else None
+        ctl.ops[proposal.id] = op
+        return {"op": op}
+
+    status = evolution_loop(ctx, ctl, space, total, proposal_fields)
     failures = ctl.failures()
-    write_status(ctx.workdir, ctl, status=status, total=total)
     best = ctl.evo.best()
     return SearchSummary(
         status=status,

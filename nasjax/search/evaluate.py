@@ -77,6 +77,29 @@ def _short(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def check_params_and_probe(spec: ModelSpec, cfg, seq_len: int):
+    """``search.max_params`` (from eval_shape) and the finiteness probe at a fixed init.
+
+    Returns:
+      (parameter count, :class:`~nasjax.measure.probe.ProbeResult`); raises
+      :class:`CandidateFailed` at stage ``decode``, ``params`` or ``probe``.
+    """
+    s = cfg.search
+    try:
+        params = int(count_params(spec)["total"])
+    except Exception as e:  # shape errors of a malformed genome surface when tracing
+        raise CandidateFailed("decode", f"the model does not trace: {_short(e)}") from None
+    if s.max_params and params > s.max_params:
+        raise CandidateFailed("params", f"{params:,} parameters > search.max_params={int(s.max_params):,}")
+    try:
+        probe = probe_model(spec, seq_len, batch=int(s.probe_batch), seed=int(cfg.seed))
+    except Exception as e:
+        raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
+    if not probe.finite:
+        raise CandidateFailed("probe", "non-finite outputs at initialisation on the probe batch")
+    return params, probe
+
+
 class TrainingEvaluator:
     """Checks and trains candidates of one search (data, mesh and settings shared).
 
@@ -107,19 +130,7 @@ class TrainingEvaluator:
     # ------------------------------------------------------------------ checks
     def check(self, spec: ModelSpec) -> CheckResult:
         """Parameter bound and the probe; raises :class:`CandidateFailed`."""
-        s = self.cfg.search
-        try:
-            params = int(count_params(spec)["total"])
-        except Exception as e:  # shape errors of a malformed program surface when tracing
-            raise CandidateFailed("decode", f"the model does not trace: {_short(e)}") from None
-        if s.max_params and params > s.max_params:
-            raise CandidateFailed("params", f"{params:,} parameters > search.max_params={int(s.max_params):,}")
-        try:
-            probe = probe_model(spec, self.seq_len, batch=int(s.probe_batch), seed=int(self.cfg.seed))
-        except Exception as e:
-            raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
-        if not probe.finite:
-            raise CandidateFailed("probe", "non-finite outputs at initialisation on the probe batch")
+        params, probe = check_params_and_probe(spec, self.cfg, self.seq_len)
         if not probe.causal:
             raise CandidateFailed(
                 "probe",

@@ -391,6 +391,32 @@ def _run_evolution(ctx: SearchContext) -> SearchSummary:
         f"{jax.device_count()} mesh {dict(ctx.mesh.shape)}"
         + (f"\nresuming: {resumed} evaluations replayed from {journal.path}" if journal.records[1:] else "")
     )
+    status = evolution_loop(ctx, ctl, space, total)
+    best = ctl.evo.best()
+    return SearchSummary(
+        status=status,
+        evaluations=len(ctl.terminal),
+        failures=ctl.failures(),
+        cache_hits=ctl.cache_hits,
+        best_id=best[0] if best else None,
+        best_fitness=best[1] if best else None,
+        compile_seconds=ctl.compile_seconds,
+        train_seconds=ctl.train_seconds,
+        probe_seconds=ctl.probe_seconds,
+        wall_seconds=time.perf_counter() - t_start,
+    )
+
+
+def evolution_loop(ctx: SearchContext, ctl, space, total: int, proposal_fields=None) -> str:
+    """The ask -> journal -> evaluate loop shared by the evolutionary searches.
+
+    ``ctl`` needs ``evo`` (a RegularizedEvolution), ``terminal``, ``evaluate(proposal,
+    stop)`` and ``progress_line(rec, total, wall)``; pending proposals (a resumed search's
+    in-flight candidate) are evaluated first. ``proposal_fields(proposal)`` adds fields to
+    the ``proposed`` record. Returns the final status (finished | interrupted | time_limit)
+    after writing it to ``status.json``.
+    """
+    cfg, journal, log = ctx.cfg, ctx.journal, ctx.log
     status = "finished"
     write_status(ctx.workdir, ctl, "running", total)
     with StopFlag() as stop:
@@ -414,29 +440,18 @@ def _run_evolution(ctx: SearchContext) -> SearchSummary:
                         parent=proposal.parent,
                         origin=proposal.origin,
                         detail=proposal.detail,
+                        **(proposal_fields(proposal) if proposal_fields else {}),
                         hash=space.genome_hash(proposal.genome),
                         genome=space.genome_to_json(proposal.genome),
                     )
                 rec = ctl.evaluate(proposal, stop)
-                log(ctl.progress_line(rec, total, time.perf_counter() - t_start))
+                log(ctl.progress_line(rec, total, time.perf_counter() - ctx.t_start))
         except (Interrupted, KeyboardInterrupt):
             status = "interrupted"
     if status == "interrupted":
         log(f"search interrupted; the same command resumes from {journal.path}")
     write_status(ctx.workdir, ctl, status, total)
-    best = ctl.evo.best()
-    return SearchSummary(
-        status=status,
-        evaluations=len(ctl.terminal),
-        failures=ctl.failures(),
-        cache_hits=ctl.cache_hits,
-        best_id=best[0] if best else None,
-        best_fitness=best[1] if best else None,
-        compile_seconds=ctl.compile_seconds,
-        train_seconds=ctl.train_seconds,
-        probe_seconds=ctl.probe_seconds,
-        wall_seconds=time.perf_counter() - t_start,
-    )
+    return status
 
 
 def write_status(workdir: str, ctl, status: str, total: int) -> None:
