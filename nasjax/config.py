@@ -63,11 +63,11 @@ n_layers, d_model / n_heads / d_ff (0 = model.size's), dropout, kernel_sizes (od
 (graph size bound), mutations (op, flip, kernel; '' = all), delete_probability, ucb_alpha,
 ucb_reward (rank | improvement), ucb_selection (softmax | argmax), ucb_temperature, biws (bi-branch
 weight sharing on/off), biws_update_rate (1 = overwrite), tasks (comma-separated JSONL files,
-TRAIN.jsonl|VAL.jsonl pairs, or glue/NAME), task_seq_len, task_val_fraction, finetune_steps,
-finetune_batch_size, finetune_lr, finetune_warmup, mlm_weight (fitness = 1 - mean accuracy +
-mlm_weight * MLM validation loss). ``search.seeds`` names seed genomes (bert, autobert_zero,
-all_conv); ``train.*`` is each candidate's MLM pre-training. ``data.corpus`` may name several
-fetched corpora (``shakespeare,austen``).
+TRAIN.jsonl|VAL.jsonl pairs, or glue/NAME), tfds_data_dir (for glue/*; '' = tfds's default),
+task_seq_len, task_val_fraction, finetune_steps, finetune_batch_size, finetune_lr, finetune_warmup,
+mlm_weight (fitness = 1 - mean accuracy + mlm_weight * MLM validation loss). ``search.seeds``
+names seed genomes (bert, autobert_zero, all_conv); ``train.*`` is each candidate's MLM
+pre-training. ``data.corpus`` may name several fetched corpora (``shakespeare,austen``).
 
 LTS (configs/search/lts.py) adds ``lts.*``: parent_size / mutation_size / crossover_size
 (20 / 40 / 40), mutation_prob (0.3), crossover_prob (0.5), seq_len and batch of the
@@ -240,6 +240,7 @@ def autobert_config() -> ml_collections.ConfigDict:
     c.tasks = ",".join(
         f"../shared/data/classification/{name}.jsonl" for name in ("polarity_sentences", "uncertainty_conll2010")
     )
+    c.tfds_data_dir = ""
     c.task_seq_len = 64
     c.task_val_fraction = 0.1
     c.finetune_steps = 300

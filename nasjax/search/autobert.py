@@ -179,7 +179,15 @@ def load_tasks(cfg, tokenizer, log=print) -> list[tuple[str, ClassificationData]
         if entry.startswith("glue/"):
             from nasjax.data.tfds_source import make_glue_data
 
-            data = make_glue_data(entry, tokenizer, int(a.task_seq_len), int(a.finetune_batch_size), int(cfg.seed))
+            data = make_glue_data(
+                entry,
+                tokenizer,
+                int(a.task_seq_len),
+                int(a.finetune_batch_size),
+                int(cfg.seed),
+                data_dir=str(a.tfds_data_dir) or None,
+                cache_dir=cfg.data.cache_dir or None,
+            )
             name = entry
         else:
             paths = [os.path.expanduser(p) for p in entry.split("|")]
