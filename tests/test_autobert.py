@@ -406,3 +406,28 @@ def test_graph_flops_and_describe():
     assert mixer_summary(GraphAttentionSpec(4, SEED_GRAPHS["abz_l6"]), 64).endswith(
         "O = softmax(Q·softplus(-K^T)/√d)·Q"
     )
+
+
+def test_crash_after_supernet_save_resumes_on_the_same_trajectory(autobert_config, tmp_path):
+    """A kill between the supernet write-back and the journal record: the resumed search
+    reloads the supernet version its journal knows and re-evaluates the candidate to the
+    same result."""
+    from nasjax.search.journal import read_journal
+    from nasjax.search.run import run_search
+
+    workdir = str(tmp_path / "crash")
+    cfg = autobert_config(**{"search.max_evaluations": 2, "search.fec": False})
+    run_search(cfg, workdir, log=lambda *_: None)
+    path = os.path.join(workdir, "journal.jsonl")
+    lines = open(path).read().splitlines()
+    recs = [json.loads(x) for x in lines]
+    original = next(r for r in recs if r["event"] == "finished" and r["id"] == 1)
+    assert original["supernet_version"] == 2
+    cut = next(i for i, r in enumerate(recs) if r["event"] == "finished" and r["id"] == 1)
+    with open(path, "w") as f:  # candidate 1 was "in flight": its supernet file exists, its record does not
+        f.write("\n".join(lines[:cut]) + "\n")
+    run_search(cfg, workdir, log=lambda *_: None)
+    again = next(r for r in read_journal(path) if r["event"] == "finished" and r["id"] == 1)
+    assert again["supernet_version"] == 2
+    assert again["mlm_loss"] == pytest.approx(original["mlm_loss"], rel=1e-5)
+    assert again["accuracy"] == original["accuracy"]
