@@ -1,0 +1,153 @@
+"""AutoDistil: the paper's counts, relation distillation, SuperLM slicing."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nasjax.genome.autodistil import (
+    PAPER_SUBSPACES,
+    Subnet,
+    layer_map,
+    paper_flops,
+    paper_params,
+    scaled_subspaces,
+    subnet_spec,
+)
+from nasjax.measure.params import count_params
+from nasjax.models import build, get_spec
+from nasjax.spec import SpecError
+from nasjax.train.distill import last_layer_qkv, relation_kd, relations, scatter_grads, slice_params
+
+
+def _teacher(**kw):
+    base = dict(n_layers=4, d_model=64, n_heads=4, d_ff=256, max_len=32, vocab_size=300, dropout_rate=0.0)
+    base.update(kw)
+    return get_spec("bert", "tiny", attention_dropout_rate=0.0, **base)
+
+
+def test_paper_formulas_reproduce_the_reported_student():
+    s = Subnet(7, 160, 10, 3.5)  # AutoDisProxyT
+    assert paper_params(s) == 6_887_600
+    assert paper_flops(s) / 1e9 == pytest.approx(0.2747, abs=5e-5)
+    assert layer_map(7, 12) == [0, 1, 3, 5, 6, 8, 10]
+    assert [len(sp.subnets()) for sp in PAPER_SUBSPACES] == [256, 256, 256]
+    # the config files' comments give approximate ranges (4.35-10.57M, 12.3-27.8M, 38.5-79.3M);
+    # the formula lands within 3% of them
+    for sp, (lo, hi) in zip(PAPER_SUBSPACES, ((4.35, 10.57), (12.3, 27.8), (38.5, 79.3))):
+        counts = [paper_params(x) / 1e6 for x in sp.subnets()]
+        assert min(counts) == pytest.approx(lo, rel=0.03) and max(counts) == pytest.approx(hi, rel=0.03)
+
+
+def test_subnet_specs_count_exactly_and_reject_oversize():
+    teacher = _teacher()
+    s = Subnet(3, 48, 2, 2.5)
+    spec = subnet_spec(teacher, s)
+    assert spec.n_layers == 3 and spec.d_model == 48 and spec.layers[0].ffn.d_ff == 120
+    assert spec.layers[0].mixer.n_heads == 2 and spec.layers[0].mixer.head_dim == 16  # head size kept
+    d, f, hk = 48, 120, 32
+    per_layer = 3 * (d * hk + hk) + hk * d + d + 2 * d * f + f + d + 4 * d
+    assert count_params(spec)["total"] - count_params(subnet_spec(teacher, Subnet(2, 48, 2, 2.5)))["total"] == per_layer
+    with pytest.raises(SpecError, match="hidden 96 > teacher's 64"):
+        subnet_spec(teacher, Subnet(2, 96, 2, 2.0))
+    for sub in scaled_subspaces(teacher):
+        for sn in sub.subnets():
+            subnet_spec(teacher, sn)
+
+
+def _qkv(seed, b=2, n=6, d=32):
+    return tuple(jax.random.normal(jax.random.key(seed + i), (b, n, d)) for i in range(3))
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse"])
+def test_relation_kd_zero_for_identical_and_positive_otherwise(kind):
+    mask = jnp.arange(6)[None, :] < jnp.array([[6], [4]])
+    a = _qkv(0)
+    assert float(relation_kd(a, a, mask, n_rel=4, kind=kind)) == pytest.approx(0.0, abs=1e-6)
+    assert float(relation_kd(_qkv(5), a, mask, n_rel=4, kind=kind)) > 0.01
+    # the student may be narrower than the teacher: relations are L x L
+    narrow = tuple(x[..., :16] for x in _qkv(7))
+    assert np.isfinite(float(relation_kd(narrow, a, mask, n_rel=4, kind=kind)))
+    # padded positions do not count
+    noisy = tuple(x.at[1, 4:].add(5.0) for x in a)
+    assert float(relation_kd(noisy, a, mask, n_rel=4, kind=kind)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_relations_match_the_reference():
+    x = np.random.default_rng(0).normal(size=(1, 5, 12)).astype(np.float32)
+    r = np.asarray(relations(jnp.asarray(x), 3))
+    xr = x.reshape(1, 5, 3, 4)
+    want = np.einsum("bird,bjrd->brij", xr, xr) / 2.0
+    np.testing.assert_allclose(r, want, rtol=1e-5)
+
+
+def test_relation_kd_does_not_depend_on_the_students_head_split():
+    """Same projection weights split into 2x16 or 4x8 heads: same merged Q/K/V, same loss."""
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 6, 200)
+    teacher = _teacher(n_layers=1)
+    t_params = build(teacher).init(jax.random.key(1), tokens)["params"]
+    _, t_state = build(teacher).apply({"params": t_params}, tokens, mutable=["intermediates"])
+    t_qkv = last_layer_qkv(t_state["intermediates"], 1)
+    losses = []
+    base = None
+    for heads, head_dim in ((2, 16), (4, 8)):
+        spec = subnet_spec(teacher, Subnet(1, 32, 2, 2.0))
+        spec = spec.replace(
+            layers=tuple(
+                dataclasses.replace(b, mixer=dataclasses.replace(b.mixer, n_heads=heads, head_dim=head_dim))
+                for b in spec.layers
+            )
+        )
+        params = jax.device_get(build(spec).init(jax.random.key(2), tokens)["params"])
+        params = jax.tree.map(np.asarray, nn.meta.unbox(params))
+        if base is None:
+            base = params
+        else:  # the same weights, split differently into heads
+            for name in ("q_proj", "k_proj", "v_proj"):
+                m = params["encoder"]["layer_0"]["mixer"][name]
+                b = base["encoder"]["layer_0"]["mixer"][name]
+                m["kernel"] = b["kernel"].reshape(m["kernel"].shape)
+                m["bias"] = b["bias"].reshape(m["bias"].shape)
+            for key in ("embed",):
+                params[key] = base[key]
+        _, state = build(spec).apply({"params": params}, tokens, mutable=["intermediates"])
+        losses.append(float(relation_kd(last_layer_qkv(state["intermediates"], 1), t_qkv, n_rel=4)))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_full_size_subnet_is_the_teacher_and_gradients_land_in_the_prefix():
+    teacher = _teacher()
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 6, 300)
+    mask = jnp.arange(16)[None, :] < jnp.array([[16], [11]])
+    model = build(teacher)
+    super_params = jax.device_get(nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"]))
+    full = Subnet(4, 64, 4, 4.0)
+    spec = subnet_spec(teacher, full)
+    shapes = jax.eval_shape(lambda: build(spec).init(jax.random.key(0), tokens)["params"])
+    sliced = slice_params(super_params, nn.meta.unbox(shapes), full, 4)
+    np.testing.assert_array_equal(
+        np.asarray(build(spec).apply({"params": sliced}, tokens, padding_mask=mask)),
+        np.asarray(model.apply({"params": super_params}, tokens, padding_mask=mask)),
+    )
+    small = Subnet(2, 32, 2, 2.0)
+    s_spec = subnet_spec(teacher, small)
+    s_model = build(s_spec)
+    s_shapes = nn.meta.unbox(jax.eval_shape(lambda: s_model.init(jax.random.key(0), tokens)["params"]))
+
+    def loss_super(p):
+        return jnp.mean(s_model.apply({"params": slice_params(p, s_shapes, small, 4)}, tokens) ** 2)
+
+    def loss_sub(p):
+        return jnp.mean(s_model.apply({"params": p}, tokens) ** 2)
+
+    g_super = jax.grad(loss_super)(super_params)
+    g_sub = jax.grad(loss_sub)(slice_params(super_params, s_shapes, small, 4))
+    want = scatter_grads(super_params, g_sub, small, 4)
+    for a, b in zip(jax.tree.leaves(g_super), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-7)
+    # layer_map(2, 4) = [0, 2]: layers 1 and 3 get no gradient
+    assert not np.any(np.asarray(g_super["encoder"]["layer_1"]["mixer"]["q_proj"]["kernel"]))
+    assert np.any(np.asarray(g_super["encoder"]["layer_2"]["mixer"]["q_proj"]["kernel"]))
