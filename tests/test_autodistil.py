@@ -151,3 +151,67 @@ def test_full_size_subnet_is_the_teacher_and_gradients_land_in_the_prefix():
     # layer_map(2, 4) = [0, 2]: layers 1 and 3 get no gradient
     assert not np.any(np.asarray(g_super["encoder"]["layer_1"]["mixer"]["q_proj"]["kernel"]))
     assert np.any(np.asarray(g_super["encoder"]["layer_2"]["mixer"]["q_proj"]["kernel"]))
+
+
+def _superlm(tmp_teacher=None, **kw):
+    from nasjax.search.superlm import SuperLMTrainer
+
+    teacher = _teacher()
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = nn.meta.unbox(build(teacher).init(jax.random.key(3), tokens)["params"])
+    subnets = [Subnet(n, h, a, r) for n in (2, 4) for h in (32, 64) for a in (2, 4) for r in (2.0, 4.0)]
+    args = dict(lr=1e-3, steps=10, sandwich_size=4, relation_heads=4, seed=0)
+    args.update(kw)
+    return SuperLMTrainer(teacher, params, subnets, **args), teacher
+
+
+def _batch(step):
+    rng = np.random.default_rng(step)
+    tokens = rng.integers(6, 300, size=(4, 16)).astype(np.int32)
+    mask = np.arange(16)[None, :] < np.array([[16], [16], [12], [9]])
+    return {"inputs": np.where(mask, tokens, 0), "padding_mask": mask}
+
+
+def test_sandwich_draws_largest_smallest_and_distinct_randoms():
+    from nasjax.search.superlm import sandwich
+
+    subs = [Subnet(n, h, 2, 2.0) for n in (1, 2, 3) for h in (16, 32, 48)]
+    draw = sandwich(subs, 4, seed=0, step=5)
+    assert draw[0] == Subnet(3, 48, 2, 2.0) and draw[1] == Subnet(1, 16, 2, 2.0)
+    assert len(set(draw)) == 4 and draw == sandwich(subs, 4, seed=0, step=5)
+    assert sandwich(subs, 4, seed=0, step=6) != draw or sandwich(subs, 4, seed=0, step=7) != draw
+
+
+def test_superlm_starts_at_the_teacher_trains_and_resumes(tmp_path):
+    trainer, teacher = _superlm()
+    state = trainer.init()
+    full = Subnet(4, 64, 4, 4.0)
+    assert trainer.subnet_loss(state.params, full, _batch(0)) == pytest.approx(0.0, abs=1e-6)
+    small = Subnet(2, 32, 2, 2.0)
+    before = trainer.subnet_loss(state.params, small, _batch(99))
+    for step in range(3):
+        out = trainer.step(state, _batch(step))
+        assert np.isfinite(out["loss"]) and out["subnets"][:2] == [full.name, small.name]
+    path = str(tmp_path / "superlm.msgpack")
+    trainer.save(state, path)
+    for step in range(3, 6):
+        trainer.step(state, _batch(step))
+    resumed = trainer.restore(path)
+    assert resumed.step == 3
+    for step in range(3, 6):
+        trainer.step(resumed, _batch(step))
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    after = trainer.subnet_loss(state.params, small, _batch(99))
+    assert after < before  # the smallest subnet is in every sandwich
+    # the extracted student computes what the SuperLM's subnet computes
+    spec, params = trainer.extract(state.params, small)
+    _, model, shapes = trainer.subnet_model(small)
+    tokens, mask = jnp.asarray(_batch(1)["inputs"]), jnp.asarray(_batch(1)["padding_mask"])
+    direct = model.apply({"params": slice_params(state.params, shapes, small, 4)}, tokens, padding_mask=mask)
+    standalone = build(spec).apply({"params": params}, tokens, padding_mask=mask)
+    np.testing.assert_array_equal(np.asarray(direct), np.asarray(standalone))
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="corrupt or unreadable"):
+        trainer.restore(path)
