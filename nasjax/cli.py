@@ -9,6 +9,8 @@ nasjax search    --config=configs/search/primer.py:tiny --workdir=runs/s1   (sam
 nasjax results   runs/s1 [--top=N]   (results.csv, best_spec.json, best_program.txt, fitness.png)
 nasjax search    --config=configs/search/lts.py:cpu --workdir=runs/lts   (pareto.csv, pareto.json, front/)
 nasjax lts-validate --config=configs/search/lts.py:cpu --workdir=runs/val   (proxy Spearman correlations)
+nasjax distil    --config=configs/search/autodistil.py:tiny --workdir=runs/ad --config.teacher=runs/teacher
+nasjax distil-search --config=configs/search/autodistil.py:tiny --workdir=runs/ad --config.teacher=runs/teacher
 """
 
 from __future__ import annotations
@@ -118,6 +120,23 @@ def cmd_lts_validate(args: list[str]) -> int:
     return 0
 
 
+def cmd_distil(args: list[str]) -> int:
+    from nasjax.search.autodistil import run_distil
+
+    cfg = _need("config", FLAGS.config, "distil")
+    run_distil(cfg, _need("workdir", FLAGS.workdir, "distil"))
+    return 0
+
+
+def cmd_distil_search(args: list[str]) -> int:
+    from nasjax.search.autodistil import run_distil_search
+
+    cfg = _need("config", FLAGS.config, "distil-search")
+    out = run_distil_search(cfg, _need("workdir", FLAGS.workdir, "distil-search"))
+    print("wrote " + ", ".join(out["files"]))
+    return 0
+
+
 COMMANDS = {
     "search": cmd_search,
     "lts-validate": cmd_lts_validate,
@@ -127,6 +146,8 @@ COMMANDS = {
     "describe": cmd_describe,
     "finetune": cmd_finetune,
     "data": cmd_data,
+    "distil": cmd_distil,
+    "distil-search": cmd_distil_search,
 }
 
 

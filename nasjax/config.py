@@ -69,6 +69,13 @@ mlm_weight (fitness = 1 - mean accuracy + mlm_weight * MLM validation loss). ``s
 names seed genomes (bert, autobert_zero, all_conv); ``train.*`` is each candidate's MLM
 pre-training. ``data.corpus`` may name several fetched corpora (``shakespeare,austen``).
 
+AutoDistil (configs/search/autodistil.py, ``nasjax distil`` / ``distil-search``) adds ``teacher``
+(a trained encoder's workdir) and ``distil.*``: subspaces (tiny, small, base: the paper's grids
+scaled to the teacher), merge (one SuperLM over their union: the K=1 comparison), sandwich_size
+(M = 4), relation_heads, kd_kind (kl: the paper's text | mse: the released code), log_every,
+checkpoint_every, budget_kind (paper_flops | paper_params | flops | params), budget (0 = none),
+val_batches (held-out batches that rank subnets by relation-KD loss).
+
 LTS (configs/search/lts.py) adds ``lts.*``: parent_size / mutation_size / crossover_size
 (20 / 40 / 40), mutation_prob (0.3), crossover_prob (0.5), seq_len and batch of the
 latency measurement (192, 1), latency_repeats (10), selection (pareto | convex_hull),
@@ -272,6 +279,34 @@ def lts_config() -> ml_collections.ConfigDict:
     c.vocab_size = 0
     c.validate_architectures = 30
     c.space = ml_collections.ConfigDict({k: v for k, v in SIZE_PRESETS["gpt2"].items()})
+    return c
+
+
+def distil_config() -> ml_collections.ConfigDict:
+    """AutoDistil (``nasjax distil`` / ``distil-search``): :func:`base_config` + ``teacher`` + ``distil.*``.
+
+    ``train.*`` is the SuperLM training (the released configs: AdamW 4e-5, weight decay
+    0.01, no warmup, linear decay; global-norm clipping 1.0 is fixed).
+    """
+    c = base_config()
+    c.model.name = ""
+    c.teacher = ""
+    c.data.corpus = "shakespeare,austen"
+    c.train.learning_rate = 4e-5
+    c.train.weight_decay = 0.01
+    c.train.warmup_steps = 0
+    c.train.schedule = "linear"
+    d = c.distil = ml_collections.ConfigDict()
+    d.subspaces = "tiny,small,base"
+    d.merge = False
+    d.sandwich_size = 4
+    d.relation_heads = 12
+    d.kd_kind = "kl"
+    d.log_every = 10
+    d.checkpoint_every = 100
+    d.budget_kind = "paper_flops"
+    d.budget = 0.0
+    d.val_batches = 8
     return c
 
 

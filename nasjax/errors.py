@@ -3,6 +3,8 @@
 from nasjax.checkpointing import CheckpointError
 from nasjax.config import ConfigFileError
 from nasjax.data import DataError, DataFetchError
+from nasjax.search.autodistil import DistilError
+from nasjax.search.biws import SuperNetError
 from nasjax.search.journal import JournalError
 from nasjax.search.run import SearchError
 from nasjax.sharding import MeshError
@@ -18,6 +20,8 @@ USER_ERRORS = (
     DataFetchError,
     MeshError,
     JournalError,
+    DistilError,
+    SuperNetError,
     SearchError,
     SpecError,
     TrainConfigError,

@@ -1,6 +1,7 @@
 """AutoDistil: the paper's counts, relation distillation, SuperLM slicing."""
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -215,3 +216,56 @@ def test_superlm_starts_at_the_teacher_trains_and_resumes(tmp_path):
         f.truncate(100)
     with pytest.raises(ValueError, match="corrupt or unreadable"):
         trainer.restore(path)
+
+
+def test_distil_resume_search_and_student_end_to_end(tiny_config, text_dir, tmp_path):
+    """teacher -> distil (interrupted by a step limit, then resumed) -> distil-search -> a student
+    that nasjax's training tools load, with the SuperLM subnet's outputs."""
+    import os
+
+    from nasjax.config import apply_overrides, load_config_file
+    from nasjax.search.autodistil import DistilError, run_distil, run_distil_search
+    from nasjax.train.run import load_run, train
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    teacher_dir = str(tmp_path / "teacher")
+    tcfg = tiny_config(**{"model.name": "bert", "model.size": "tiny", "train.steps": 4, "train.checkpoint_every": 4})
+    train(tcfg, teacher_dir, log=lambda *_: None, progress=False)
+
+    def cfg(**kw):
+        base = {
+            "teacher": teacher_dir,
+            "data.path": str(text_dir),
+            "data.val_files": "doc_5.txt",
+            "data.seq_len": 32,
+            "data.cache_dir": str(tmp_path / "cache"),
+            "train.batch_size": 8,
+            "train.steps": 4,
+            "distil.subspaces": "tiny",
+            "distil.relation_heads": 2,
+            "distil.checkpoint_every": 2,
+            "distil.log_every": 1,
+            "distil.val_batches": 1,
+        }
+        base.update(kw)
+        return apply_overrides(load_config_file(os.path.join(root, "configs/search/autodistil.py:tiny")), base)
+
+    workdir = str(tmp_path / "ad")
+    assert run_distil(cfg(**{"train.steps": 2}), workdir, log=lambda *_: None) == {"tiny": 2}
+    assert run_distil(cfg(), workdir, log=lambda *_: None) == {"tiny": 4}  # resumed from step 2
+    lines = open(os.path.join(workdir, "superlm_tiny", "metrics.jsonl")).read().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    teacher_spec = load_run(teacher_dir)[0]
+    subnets = scaled_subspaces(teacher_spec, ["tiny"])[0].subnets()
+    counts = sorted(count_params(subnet_spec(teacher_spec, s))["total"] for s in subnets)
+    budget = float(counts[len(counts) // 2])
+    search_cfg = cfg(**{"distil.budget_kind": "params", "distil.budget": budget})
+    out = run_distil_search(search_cfg, workdir, log=lambda *_: None)
+    assert out["best"]["params"] <= budget and out["best"]["feasible"]
+    assert any(not r["feasible"] for r in out["rows"])
+    spec, _, _, _, state, step = load_run(os.path.join(workdir, "student"))
+    assert step == 0 and spec.d_model == out["best"]["hidden"] and spec.n_layers == out["best"]["layers"]
+    with pytest.raises(DistilError, match="no subnet fits"):
+        run_distil_search(cfg(**{"distil.budget_kind": "params", "distil.budget": 10.0}), workdir, log=lambda *_: None)
+    with pytest.raises(DistilError, match="needs --config.teacher"):
+        run_distil(cfg(teacher=""), workdir, log=lambda *_: None)
