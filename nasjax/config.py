@@ -73,7 +73,7 @@ AutoDistil (configs/search/autodistil.py, ``nasjax distil`` / ``distil-search``)
 (a trained encoder's workdir) and ``distil.*``: subspaces (tiny, small, base: the paper's grids
 scaled to the teacher), merge (one SuperLM over their union: the K=1 comparison), sandwich_size
 (M = 4), relation_heads, kd_kind (kl: the paper's text | mse: the released code), log_every,
-checkpoint_every, budget_kind (paper_flops | paper_params | flops | params), budget (0 = none),
+checkpoint_every, budget_kind (paper_flops | paper_params | flops | params | xla_flops), budget (0 = none),
 val_batches (held-out batches that rank subnets by relation-KD loss).
 
 LTS (configs/search/lts.py) adds ``lts.*``: parent_size / mutation_size / crossover_size

@@ -265,6 +265,8 @@ def test_distil_resume_search_and_student_end_to_end(tiny_config, text_dir, tmp_
     assert any(not r["feasible"] for r in out["rows"])
     spec, _, _, _, state, step = load_run(os.path.join(workdir, "student"))
     assert step == 0 and spec.d_model == out["best"]["hidden"] and spec.n_layers == out["best"]["layers"]
+    xla = run_distil_search(cfg(**{"distil.budget_kind": "xla_flops", "distil.budget": 1e12}), workdir, log=print)
+    assert all(r["xla_flops"] >= r["flops"] > 0 for r in xla["rows"])  # XLA also counts element-wise work
     with pytest.raises(DistilError, match="no subnet fits"):
         run_distil_search(cfg(**{"distil.budget_kind": "params", "distil.budget": 10.0}), workdir, log=lambda *_: None)
     with pytest.raises(DistilError, match="needs --config.teacher"):

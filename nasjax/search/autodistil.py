@@ -17,8 +17,9 @@ K=1 comparison) task-agnostically on the MLM corpus (labels unused) with
 
 ``distil-search`` ranks every subnet of the trained SuperLMs that fits the budget
 (``distil.budget_kind``: ``paper_flops`` / ``paper_params`` (the released formulas),
-``flops`` (analytic count of the built model, forward per sequence) or ``params``
-(exact count); ``distil.budget``; 0 = no budget) by held-out relation-distillation loss
+``flops`` (analytic count of the built model, forward per sequence), ``xla_flops``
+(XLA's cost analysis of the lowered forward of one sequence; computed only when it is
+the budget) or ``params`` (exact count); ``distil.budget``; 0 = no budget) by held-out relation-distillation loss
 on ``distil.val_batches`` validation batches with its inherited weights, writes
 ``candidates.csv`` and ``candidates.png``, and extracts the best into
 ``WORKDIR/student`` (a training workdir: spec, tokenizer, step-0 checkpoint) that
@@ -37,7 +38,7 @@ import jax
 import ml_collections
 
 from nasjax.genome.autodistil import Subspace, paper_flops, paper_params, scaled_subspaces, subnet_spec
-from nasjax.measure.flops import flops_per_token
+from nasjax.measure.flops import flops_per_token, xla_flops
 from nasjax.measure.params import count_params
 from nasjax.search.superlm import SuperLMTrainer
 from nasjax.spec import ModelSpec, SpecError
@@ -45,7 +46,7 @@ from nasjax.train.run import RunError, StopFlag, load_run, make_mesh
 
 __all__ = ["run_distil", "run_distil_search", "DistilError", "BUDGET_KINDS"]
 
-BUDGET_KINDS = ("paper_flops", "paper_params", "flops", "params")
+BUDGET_KINDS = ("paper_flops", "paper_params", "flops", "params", "xla_flops")
 
 
 class DistilError(RuntimeError):
@@ -208,6 +209,8 @@ def run_distil_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -
                 "params": int(count_params(spec)["total"]),
                 "flops": int(flops_per_token(spec, n) * n),
             }
+            if d.budget_kind == "xla_flops":
+                counts["xla_flops"] = int(xla_flops(spec, 1, n))
             feasible = not d.budget or counts[d.budget_kind] <= float(d.budget)
             row = {"superlm": space.name, "subnet": s.name, **s.to_dict(), **counts, "feasible": feasible}
             if feasible:
