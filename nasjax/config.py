@@ -74,7 +74,9 @@ AutoDistil (configs/search/autodistil.py, ``nasjax distil`` / ``distil-search``)
 scaled to the teacher), merge (one SuperLM over their union: the K=1 comparison), sandwich_size
 (M = 4), relation_heads, kd_kind (kl: the paper's text | mse: the released code), log_every,
 checkpoint_every, budget_kind (paper_flops | paper_params | flops | params | xla_flops), budget (0 = none),
-val_batches (held-out batches that rank subnets by relation-KD loss).
+val_batches (held-out batches that rank subnets by relation-KD loss), rank_by (kd_loss: task-agnostic |
+proxy_finetune: validation accuracy after fine-tuning the inherited student on distil.proxy_task, a
+JSONL file or glue/NAME, for proxy_steps at proxy_lr, proxy_batch_size, proxy_seq_len).
 
 LTS (configs/search/lts.py) adds ``lts.*``: parent_size / mutation_size / crossover_size
 (20 / 40 / 40), mutation_prob (0.3), crossover_prob (0.5), seq_len and batch of the
@@ -307,6 +309,12 @@ def distil_config() -> ml_collections.ConfigDict:
     d.budget_kind = "paper_flops"
     d.budget = 0.0
     d.val_batches = 8
+    d.rank_by = "kd_loss"
+    d.proxy_task = ""
+    d.proxy_steps = 200
+    d.proxy_lr = 1e-3
+    d.proxy_batch_size = 32
+    d.proxy_seq_len = 64
     return c
 
 

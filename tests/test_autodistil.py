@@ -267,6 +267,26 @@ def test_distil_resume_search_and_student_end_to_end(tiny_config, text_dir, tmp_
     assert step == 0 and spec.d_model == out["best"]["hidden"] and spec.n_layers == out["best"]["layers"]
     xla = run_distil_search(cfg(**{"distil.budget_kind": "xla_flops", "distil.budget": 1e12}), workdir, log=print)
     assert all(r["xla_flops"] >= r["flops"] > 0 for r in xla["rows"])  # XLA also counts element-wise work
+    task = tmp_path / "task.jsonl"
+    rng = np.random.default_rng(0)
+    with open(task, "w") as f:
+        for i in range(64):
+            f.write(
+                json.dumps({"label": i % 2, "text": " ".join(rng.choice(["king", "queen", "lord", "lady"], 6))}) + "\n"
+            )
+    proxy_cfg = {
+        "distil.budget_kind": "params",
+        "distil.budget": float(counts[2]),
+        "distil.rank_by": "proxy_finetune",
+        "distil.proxy_task": str(task),
+        "distil.proxy_steps": 2,
+        "distil.proxy_batch_size": 8,
+        "distil.proxy_seq_len": 16,
+    }
+    proxy = run_distil_search(cfg(**proxy_cfg), workdir, log=lambda *_: None)
+    scored = [r for r in proxy["rows"] if r["feasible"]]
+    assert scored and all(0.0 <= r["proxy_accuracy"] <= 1.0 and r["params"] <= counts[2] for r in scored)
+    assert proxy["best"]["proxy_accuracy"] == max(r["proxy_accuracy"] for r in scored)
     with pytest.raises(DistilError, match="no subnet fits"):
         run_distil_search(cfg(**{"distil.budget_kind": "params", "distil.budget": 10.0}), workdir, log=lambda *_: None)
     with pytest.raises(DistilError, match="needs --config.teacher"):

@@ -25,7 +25,7 @@ from nasjax.data.errors import DataError
 from nasjax.data.iterators import BatchIterator, check_sharding, host_rows, make_step_dataset
 from nasjax.data.tokenizers import ByteTokenizer, Tokenizer
 
-__all__ = ["ClassificationData", "encode_examples", "load_jsonl"]
+__all__ = ["ClassificationData", "encode_examples", "load_jsonl", "load_task_list"]
 
 Batch = dict[str, np.ndarray]
 
@@ -205,6 +205,44 @@ class ClassificationData:
             "labels": np.where(real, labels[rows], 0).astype(np.int32),
             "weights": real.astype(np.float32),
         }
+
+
+def load_task_list(
+    entries: str,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    tfds_data_dir: str = "",
+    cache_dir: str | None = None,
+    what: str = "tasks",
+    log=print,
+) -> list[tuple[str, ClassificationData]]:
+    """Comma-separated labelled tasks: ``FILE.jsonl`` (split here), ``TRAIN.jsonl|VAL.jsonl``,
+    or ``glue/NAME`` (tfds, the optional ``[tfds]`` extra). Returns (name, data) pairs."""
+    names = [e.strip() for e in str(entries).split(",") if e.strip()]
+    if not names:
+        raise DataError(f"{what} is empty: name at least one labelled JSONL file or glue/NAME task")
+    out = []
+    for entry in names:
+        if entry.startswith("glue/"):
+            from nasjax.data.tfds_source import make_glue_data
+
+            data = make_glue_data(
+                entry, tokenizer, seq_len, batch_size, seed, data_dir=tfds_data_dir or None, cache_dir=cache_dir
+            )
+            name = entry
+        else:
+            paths = [os.path.expanduser(p) for p in entry.split("|")]
+            data = ClassificationData(
+                paths[0] if len(paths) == 1 else tuple(paths), tokenizer, seq_len, batch_size, seed, val_fraction
+            )
+            name = os.path.splitext(os.path.basename(paths[0]))[0]
+        log(f"task {name}: {data.num_train} train / {data.num_val} validation examples, {data.n_classes} classes")
+        out.append((name, data))
+    return out
 
 
 def _stratified_split(examples: list[dict], val_fraction: float, seed: int, path) -> tuple[list[dict], list[dict]]:

@@ -45,8 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from nasjax import sharding as shd
-from nasjax.data.classification import ClassificationData
+from nasjax.data.classification import ClassificationData, load_task_list
 from nasjax.genome.attn_graph import OPS, seed_graph
 from nasjax.genome.autobert import (
     GENOME_SEEDS,
@@ -59,12 +58,19 @@ from nasjax.genome.autobert import (
     seed_genome,
 )
 from nasjax.search.biws import SuperNet, SuperNetError
-from nasjax.search.evaluate import CandidateFailed, Interrupted, _prepend, _short, check_params_and_probe
+from nasjax.search.evaluate import (
+    CandidateFailed,
+    Interrupted,
+    _short,
+    check_params_and_probe,
+    finetune_tasks,
+    fit_candidate,
+)
 from nasjax.search.evolution import Proposal, RegularizedEvolution
 from nasjax.search.opnas import REWARDS, OpPriority, rank_reward
 from nasjax.search.primer import split_names
 from nasjax.spec import ModelSpec, SpecError
-from nasjax.train.loop import Hooks, Trainer
+from nasjax.train.loop import Trainer
 
 __all__ = [
     "AutoBertSpace",
@@ -168,41 +174,20 @@ class AutoBertSpace:
 
 
 def load_tasks(cfg, tokenizer, log=print) -> list[tuple[str, ClassificationData]]:
-    """``autobert.tasks``: comma-separated JSONL files (``TRAIN.jsonl|VAL.jsonl`` for a fixed
-    split) or ``glue/NAME`` (tfds, the optional ``[tfds]`` extra)."""
+    """``autobert.tasks`` (see :func:`nasjax.data.classification.load_task_list`)."""
     a = cfg.autobert
-    entries = [e.strip() for e in str(a.tasks).split(",") if e.strip()]
-    if not entries:
-        raise SpecError("autobert.tasks is empty: name at least one labelled JSONL file or glue/NAME task")
-    out = []
-    for entry in entries:
-        if entry.startswith("glue/"):
-            from nasjax.data.tfds_source import make_glue_data
-
-            data = make_glue_data(
-                entry,
-                tokenizer,
-                int(a.task_seq_len),
-                int(a.finetune_batch_size),
-                int(cfg.seed),
-                data_dir=str(a.tfds_data_dir) or None,
-                cache_dir=cfg.data.cache_dir or None,
-            )
-            name = entry
-        else:
-            paths = [os.path.expanduser(p) for p in entry.split("|")]
-            data = ClassificationData(
-                paths[0] if len(paths) == 1 else tuple(paths),
-                tokenizer,
-                int(a.task_seq_len),
-                int(a.finetune_batch_size),
-                int(cfg.seed),
-                float(a.task_val_fraction),
-            )
-            name = os.path.splitext(os.path.basename(paths[0]))[0]
-        log(f"task {name}: {data.num_train} train / {data.num_val} validation examples, {data.n_classes} classes")
-        out.append((name, data))
-    return out
+    return load_task_list(
+        str(a.tasks),
+        tokenizer,
+        seq_len=int(a.task_seq_len),
+        batch_size=int(a.finetune_batch_size),
+        seed=int(cfg.seed),
+        val_fraction=float(a.task_val_fraction),
+        tfds_data_dir=str(a.tfds_data_dir),
+        cache_dir=cfg.data.cache_dir or None,
+        what="autobert.tasks",
+        log=log,
+    )
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -249,26 +234,7 @@ class AutoBertEvaluator:
         return jax.device_get(trainer.init_state().params)
 
     def _fit(self, trainer, state, iterator, steps, stage, should_stop):
-        try:
-            first = next(iterator)
-            trainer.compile(state, shd.shard_batch(first, self.mesh))
-        except Exception as e:
-            raise CandidateFailed("compile", _short(e)) from None
-        try:
-            state, result = trainer.fit(
-                state,
-                _prepend(first, iterator),
-                total_steps=steps,
-                hooks=Hooks(should_stop=should_stop),
-                log_every=10**9,
-            )
-        except Exception as e:
-            raise CandidateFailed(stage, _short(e)) from None
-        if result.status == "interrupted":
-            raise Interrupted()
-        if result.status == "diverged":
-            raise CandidateFailed(stage, f"diverged: {result.reason}")
-        return state, result
+        return fit_candidate(trainer, state, iterator, steps, stage, self.mesh, should_stop)
 
     def pretrain(self, spec: ModelSpec, init=None, should_stop=None) -> dict:
         """MLM pre-training from ``init`` (a BIWS callable params -> params) or fresh."""
@@ -299,30 +265,19 @@ class AutoBertEvaluator:
 
     def finetune(self, spec: ModelSpec, params, should_stop=None) -> dict:
         """Fine-tunes the pre-trained encoder on every task; returns accuracies and costs."""
-        accuracies, compile_s, train_s = {}, 0.0, 0.0
-        trainers: dict[int, Trainer] = {}
-        seq_len = int(self.cfg.autobert.task_seq_len)
-        for name, data in self.tasks:
-            trainer = trainers.get(data.n_classes)
-            if trainer is None:
-                cls_spec = spec.replace(head="cls", n_classes=data.n_classes, pooler=True)
-                try:
-                    trainer = trainers[data.n_classes] = self._trainer(cls_spec, self.finetune_cfg, seq_len)
-                except Exception as e:
-                    raise CandidateFailed("compile", _short(e)) from None
-            before = trainer.compile_seconds
-            state, _ = trainer.with_params(trainer.init_state(), params)
-            state, result = self._fit(
-                trainer, state, data.train_iterator(), int(self.finetune_cfg.steps), "finetune", should_stop
-            )
-            val = trainer.evaluate(state.params, data.val_batches())
-            acc = float(val.get("val_accuracy", math.nan))
-            if not math.isfinite(acc):
-                raise CandidateFailed("finetune", f"no validation accuracy on task {name}")
-            accuracies[name] = acc
-            compile_s += trainer.compile_seconds - before
-            train_s += result.train_seconds
-        return {"accuracy": accuracies, "compile_seconds": compile_s, "train_seconds": train_s}
+        c = self.cfg
+        return finetune_tasks(
+            spec,
+            params,
+            self.tasks,
+            self.finetune_cfg,
+            self.mesh,
+            self.rules,
+            seed=int(c.seed),
+            seq_len=int(c.autobert.task_seq_len),
+            dtype=c.model.dtype,
+            should_stop=should_stop,
+        )
 
 
 # ---------------------------------------------------------------------- controller

@@ -20,7 +20,10 @@ K=1 comparison) task-agnostically on the MLM corpus (labels unused) with
 ``flops`` (analytic count of the built model, forward per sequence), ``xla_flops``
 (XLA's cost analysis of the lowered forward of one sequence; computed only when it is
 the budget) or ``params`` (exact count); ``distil.budget``; 0 = no budget) by held-out relation-distillation loss
-on ``distil.val_batches`` validation batches with its inherited weights, writes
+on ``distil.val_batches`` validation batches with its inherited weights (or, with
+``distil.rank_by=proxy_finetune``, by validation accuracy after fine-tuning the
+inherited student for ``distil.proxy_steps`` on ``distil.proxy_task``: the released
+code's task-proxy search), writes
 ``candidates.csv`` and ``candidates.png``, and extracts the best into
 ``WORKDIR/student`` (a training workdir: spec, tokenizer, step-0 checkpoint) that
 ``nasjax finetune/eval/train`` load without the SuperLM.
@@ -47,6 +50,7 @@ from nasjax.train.run import RunError, StopFlag, load_run, make_mesh
 __all__ = ["run_distil", "run_distil_search", "DistilError", "BUDGET_KINDS"]
 
 BUDGET_KINDS = ("paper_flops", "paper_params", "flops", "params", "xla_flops")
+RANK_BY = ("kd_loss", "proxy_finetune")
 
 
 class DistilError(RuntimeError):
@@ -190,6 +194,9 @@ def run_distil_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -
     data = _data(cfg, tokenizer, teacher_spec, log)
     val = list(data.val_batches(int(d.val_batches) or None))
     n = int(cfg.data.seq_len)
+    if d.rank_by not in RANK_BY:
+        raise DistilError(f"distil.rank_by must be one of {', '.join(RANK_BY)}, got {d.rank_by!r}")
+    proxy = _proxy(cfg, tokenizer, tcfg, log) if d.rank_by == "proxy_finetune" else None
     rows = []
     best = None
     for space, subnets in _subspaces(cfg, teacher_spec):
@@ -215,14 +222,18 @@ def run_distil_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -
             row = {"superlm": space.name, "subnet": s.name, **s.to_dict(), **counts, "feasible": feasible}
             if feasible:
                 row["kd_loss"] = sum(trainer.subnet_loss(state.params, s, b) for b in val) / len(val)
-                if best is None or row["kd_loss"] < best[0]["kd_loss"]:
+                if proxy is not None:
+                    row["proxy_accuracy"] = proxy(*trainer.extract(state.params, s))
+                row["score"] = -row["proxy_accuracy"] if proxy is not None else row["kd_loss"]
+                if best is None or row["score"] < best[0]["score"]:
                     best = (row, trainer, state, s)
             rows.append(row)
             log(f"  {space.name} {s.name}: {counts[d.budget_kind]:.4g} {d.budget_kind}, KD {row.get('kd_loss', '-')}")
     csv_path = os.path.join(workdir, "candidates.csv")
     fields = ["superlm", "subnet", "layers", "hidden", "heads", "mlp_ratio", *BUDGET_KINDS, "feasible", "kd_loss"]
+    fields += ["proxy_accuracy"] if proxy is not None else []
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     files = [csv_path]
@@ -235,9 +246,48 @@ def run_distil_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -
     student_dir = os.path.join(workdir, "student")
     _write_student(trainer, state, subnet, tcfg, tokenizer, student_dir)
     files.append(student_dir)
-    log(f"best under the budget: {row['subnet']} from SuperLM {row['superlm']} (KD {row['kd_loss']:.4f})")
+    score = f"proxy accuracy {row['proxy_accuracy']:.4f}" if proxy is not None else f"KD {row['kd_loss']:.4f}"
+    log(f"best under the budget: {row['subnet']} from SuperLM {row['superlm']} ({score})")
     log(f"student (spec + step-0 checkpoint): {student_dir}")
     return {"best": row, "files": files, "rows": rows}
+
+
+def _proxy(cfg, tokenizer, tcfg, log):
+    """``(spec, params) -> validation accuracy`` after a short fine-tune on ``distil.proxy_task``."""
+    import copy
+
+    from nasjax.data.classification import load_task_list
+    from nasjax.search.evaluate import CandidateFailed, finetune_tasks
+
+    d = cfg.distil
+    if not d.proxy_task:
+        raise DistilError("distil.rank_by=proxy_finetune needs distil.proxy_task (a labelled JSONL file or glue/NAME)")
+    tasks = load_task_list(
+        str(d.proxy_task),
+        tokenizer,
+        seq_len=int(d.proxy_seq_len),
+        batch_size=int(d.proxy_batch_size),
+        seed=int(cfg.seed),
+        cache_dir=cfg.data.cache_dir or None,
+        what="distil.proxy_task",
+        log=log,
+    )
+    train_cfg = copy.deepcopy(cfg.train)
+    train_cfg.steps, train_cfg.learning_rate = int(d.proxy_steps), float(d.proxy_lr)
+    train_cfg.batch_size, train_cfg.warmup_steps = int(d.proxy_batch_size), max(int(d.proxy_steps) // 10, 1)
+    mesh, rules = make_mesh(cfg)
+
+    def score(spec, params) -> float:
+        try:
+            out = finetune_tasks(
+                spec, params, tasks, train_cfg, mesh, rules, seed=int(cfg.seed), seq_len=int(d.proxy_seq_len)
+            )
+        except CandidateFailed as e:
+            log(f"    proxy fine-tune failed ({e}); scored 0")
+            return 0.0
+        return sum(out["accuracy"].values()) / len(out["accuracy"])
+
+    return score
 
 
 def _write_student(trainer: SuperLMTrainer, state, subnet, tcfg, tokenizer, folder: str) -> None:
@@ -285,7 +335,7 @@ def _plot(rows, kind: str, budget: float, best, workdir: str) -> str | None:
         ax.plot(*zip(*pts), ".", alpha=0.7, label=f"SuperLM {name}")
     if best is not None:
         ax.plot([best[kind]], [best["kd_loss"]], "*", ms=14, color="red", label=f"picked {best['subnet']}")
-    if budget:
+    if budget and budget < float("inf"):
         ax.axvline(budget, color="gray", ls="--", lw=1, label="budget")
     ax.set_xlabel(kind)
     ax.set_ylabel("held-out relation KD loss (inherited weights)")

@@ -100,6 +100,72 @@ def check_params_and_probe(spec: ModelSpec, cfg, seq_len: int):
     return params, probe
 
 
+def fit_candidate(trainer: Trainer, state, iterator, steps: int, stage: str, mesh, should_stop=None):
+    """Compiles and trains ``steps`` steps; compile errors, divergence and exceptions become
+    :class:`CandidateFailed` (``compile`` or ``stage``), a stop request :class:`Interrupted`."""
+    try:
+        first = next(iterator)
+        trainer.compile(state, shd.shard_batch(first, mesh))
+    except Exception as e:
+        raise CandidateFailed("compile", _short(e)) from None
+    try:
+        state, result = trainer.fit(
+            state, _prepend(first, iterator), total_steps=steps, hooks=Hooks(should_stop=should_stop), log_every=10**9
+        )
+    except Exception as e:
+        raise CandidateFailed(stage, _short(e)) from None
+    if result.status == "interrupted":
+        raise Interrupted()
+    if result.status == "diverged":
+        raise CandidateFailed(stage, f"diverged: {result.reason}")
+    return state, result
+
+
+def finetune_tasks(
+    spec: ModelSpec,
+    params,
+    tasks,
+    train_cfg,
+    mesh,
+    rules,
+    *,
+    seed: int,
+    seq_len: int,
+    dtype="float32",
+    should_stop=None,
+) -> dict:
+    """Fine-tunes an encoder's ``params`` on each (name, ClassificationData) of ``tasks``.
+
+    A classifier head (pooler + classifier) is added to ``spec``; tasks with the same
+    number of classes share one compiled trainer. Returns ``{"accuracy": {name: acc},
+    "compile_seconds", "train_seconds"}``; raises :class:`CandidateFailed` at stage
+    ``finetune``.
+    """
+    accuracies, compile_s, train_s = {}, 0.0, 0.0
+    trainers: dict[int, Trainer] = {}
+    for name, data in tasks:
+        trainer = trainers.get(data.n_classes)
+        if trainer is None:
+            cls_spec = spec.replace(head="cls", n_classes=data.n_classes, pooler=True)
+            try:
+                trainer = trainers[data.n_classes] = Trainer(cls_spec, train_cfg, mesh, rules, seed, seq_len, dtype)
+            except Exception as e:
+                raise CandidateFailed("compile", _short(e)) from None
+        before = trainer.compile_seconds
+        state, _ = trainer.with_params(trainer.init_state(), params)
+        state, result = fit_candidate(
+            trainer, state, data.train_iterator(), int(train_cfg.steps), "finetune", mesh, should_stop
+        )
+        val = trainer.evaluate(state.params, data.val_batches())
+        acc = float(val.get("val_accuracy", math.nan))
+        if not math.isfinite(acc):
+            raise CandidateFailed("finetune", f"no validation accuracy on task {name}")
+        accuracies[name] = acc
+        compile_s += trainer.compile_seconds - before
+        train_s += result.train_seconds
+    return {"accuracy": accuracies, "compile_seconds": compile_s, "train_seconds": train_s}
+
+
 class TrainingEvaluator:
     """Checks and trains candidates of one search (data, mesh and settings shared).
 
