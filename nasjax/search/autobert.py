@@ -69,6 +69,7 @@ from nasjax.search.evaluate import (
 from nasjax.search.evolution import Proposal, RegularizedEvolution
 from nasjax.search.opnas import REWARDS, OpPriority, rank_reward
 from nasjax.search.primer import split_names
+from nasjax.search.run import ResultIndex
 from nasjax.spec import ModelSpec, SpecError
 from nasjax.train.loop import Trainer
 
@@ -285,7 +286,7 @@ class AutoBertEvaluator:
 _SUPERNET_KEEP = 3
 
 
-class _AutoBertController:
+class _AutoBertController(ResultIndex):
     def __init__(self, ctx, space: AutoBertSpace, evaluator: AutoBertEvaluator):
         cfg = ctx.cfg
         a, s = cfg.autobert, cfg.search
@@ -301,29 +302,20 @@ class _AutoBertController:
         self.ops: dict[int, str | None] = {}
         self.history: list[float] = []
         self.terminal: dict[int, dict] = {}
-        self.by_hash: dict[str, dict] = {}
-        self.by_fec: dict[str, dict] = {}
+        ResultIndex.__init__(self)
         self.supernet_version = 0
-        self.cache_hits = 0
-        self.compile_seconds = self.train_seconds = self.probe_seconds = 0.0
         self.biws = bool(a.biws)
         self.supernet_dir = os.path.join(ctx.workdir, "supernet")
         self.supernet: SuperNet | None = None
 
     # ------------------------------------------------------------------ replay
     def replay(self) -> None:
-        from nasjax.search.run import SearchError
+        from nasjax.search.run import SearchError, replay_proposal
 
         for rec in self.journal.records:
             event = rec["event"]
             if event == "proposed":
-                try:
-                    genome = self.space.genome_from_json(rec["genome"], f"journal record seq {rec.get('seq')}")
-                    self.evo.register(
-                        Proposal(rec["id"], genome, rec.get("parent"), rec.get("origin", ""), rec.get("detail", ""))
-                    )
-                except (KeyError, ValueError, SpecError) as e:
-                    raise SearchError(f"{self.journal.path}: cannot replay record seq {rec.get('seq')}: {e}") from None
+                replay_proposal(self.evo, self.space, rec, self.journal.path)
                 self.ops[rec["id"]] = rec.get("op")
             elif event in ("finished", "failed"):
                 if rec["id"] not in self.evo.pending:
@@ -338,8 +330,6 @@ class _AutoBertController:
         return rank_reward(fitness, self.history)
 
     def _told(self, rec: dict) -> None:
-        from nasjax.search.run import TRANSIENT_STAGES
-
         cid = rec["id"]
         fitness = float(rec["fitness"]) if rec["event"] == "finished" and rec.get("fitness") is not None else math.inf
         self.priority.observe(self.ops.get(cid), self._reward(cid, fitness))
@@ -348,17 +338,7 @@ class _AutoBertController:
         self.terminal[cid] = rec
         if rec.get("supernet_version") is not None:
             self.supernet_version = max(self.supernet_version, int(rec["supernet_version"]))
-        transient = rec["event"] == "failed" and rec.get("stage") in TRANSIENT_STAGES
-        if rec.get("cached_from") is None and not transient:
-            if rec.get("hash"):
-                self.by_hash.setdefault(rec["hash"], rec)
-            for key in ("fec_hash", "fec_hash_alt"):
-                if rec.get(key):
-                    self.by_fec.setdefault(f"{key}:{rec[key]}", rec)
-        elif rec.get("cached_from") is not None:
-            self.cache_hits += 1
-        for k in ("compile_seconds", "train_seconds", "probe_seconds"):
-            setattr(self, k, getattr(self, k) + float(rec.get(k) or 0.0))
+        self.add(rec)
 
     # ------------------------------------------------------------------ supernet
     def _supernet_path(self, version: int) -> str:
@@ -425,8 +405,7 @@ class _AutoBertController:
             except SpecError as e:
                 raise CandidateFailed("decode", str(e)) from None
             base.update(self.evaluator.check(spec))
-            keys = (f"fec_hash:{base['fec_hash']}", f"fec_hash_alt:{base['fec_hash_alt']}")
-            match = next((self.by_fec[k] for k in keys if k in self.by_fec), None)
+            match = self.match(base)
             if self.cfg.search.fec and match is not None:
                 event, record = reused_record(proposal.id, match, "functionally equivalent to", base)
                 return self._append_result(event, **_with_extras(record, match))

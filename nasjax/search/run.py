@@ -72,6 +72,44 @@ class SearchError(RuntimeError):
     """A search cannot start or resume (clear message; the journal is untouched)."""
 
 
+def replay_proposal(evo, space, rec: dict, journal_path) -> None:
+    """Registers a journal ``proposed`` record with the evolution (SearchError if it does not parse)."""
+    try:
+        genome = space.genome_from_json(rec["genome"], f"journal record seq {rec.get('seq')}")
+        evo.register(Proposal(rec["id"], genome, rec.get("parent"), rec.get("origin", ""), rec.get("detail", "")))
+    except (KeyError, ValueError, SpecError) as e:
+        raise SearchError(f"{journal_path}: cannot replay record seq {rec.get('seq')}: {e}") from None
+
+
+class ResultIndex:
+    """Evaluated results by genome hash and probe (FEC) hash, for re-use, and the costs so far."""
+
+    def __init__(self):
+        self.by_hash: dict[str, dict] = {}
+        self.by_fec: dict[str, dict] = {}
+        self.cache_hits = 0
+        self.compile_seconds = self.train_seconds = self.probe_seconds = 0.0
+
+    def add(self, rec: dict) -> None:
+        transient = rec["event"] == "failed" and rec.get("stage") in TRANSIENT_STAGES
+        if rec.get("cached_from") is None and not transient:
+            if rec.get("hash"):
+                self.by_hash.setdefault(rec["hash"], rec)
+            for key in ("fec_hash", "fec_hash_alt"):
+                if rec.get(key):
+                    self.by_fec.setdefault(f"{key}:{rec[key]}", rec)
+        elif rec.get("cached_from") is not None:
+            self.cache_hits += 1
+        self.compile_seconds += float(rec.get("compile_seconds") or 0.0)
+        self.train_seconds += float(rec.get("train_seconds") or 0.0)
+        self.probe_seconds += float(rec.get("probe_seconds") or 0.0)
+
+    def match(self, check: dict) -> dict | None:
+        """An earlier result whose probe outputs hash like ``check``'s (either rounding grid)."""
+        keys = (f"fec_hash:{check.get('fec_hash')}", f"fec_hash_alt:{check.get('fec_hash_alt')}")
+        return next((self.by_fec[k] for k in keys if k in self.by_fec), None)
+
+
 def make_space(cfg, vocab_size: int):
     """The genome space of an evolutionary (program) search."""
     if cfg.search.method == "autobert":
@@ -125,7 +163,7 @@ def _check_same_search(header: dict, cfg, path: str) -> None:
         )
 
 
-class _Controller:
+class _Controller(ResultIndex):
     """State rebuilt from the journal plus the evaluation loop."""
 
     def __init__(self, cfg, workdir: str, journal: Journal, space, evaluator: TrainingEvaluator, log):
@@ -142,25 +180,16 @@ class _Controller:
             space.seeds(), space.mutate, int(s.population_size), int(s.tournament_size), int(cfg.seed)
         )
         self.book = HurdleBook(int(s.hurdles), float(s.hurdle_quantile), int(s.hurdle_min_samples))
-        self.by_hash: dict[str, dict] = {}
-        self.by_fec: dict[str, dict] = {}
+        ResultIndex.__init__(self)
         self.open_hurdles: dict[int, list[tuple[int, float]]] = {}
         self.terminal: dict[int, dict] = {}
-        self.compile_seconds = self.train_seconds = self.probe_seconds = 0.0
-        self.cache_hits = 0
 
     # ------------------------------------------------------------------ replay
     def replay(self) -> None:
         for rec in self.journal.records:
             event = rec["event"]
             if event == "proposed":
-                try:
-                    genome = self.space.genome_from_json(rec["genome"], f"journal record seq {rec.get('seq')}")
-                    self.evo.register(
-                        Proposal(rec["id"], genome, rec.get("parent"), rec.get("origin", ""), rec.get("detail", ""))
-                    )
-                except (KeyError, ValueError, SpecError) as e:
-                    raise SearchError(f"{self.journal.path}: cannot replay record seq {rec.get('seq')}: {e}") from None
+                replay_proposal(self.evo, self.space, rec, self.journal.path)
             elif event == "started":
                 self.open_hurdles[rec["id"]] = []
             elif event == "hurdle":
@@ -177,18 +206,7 @@ class _Controller:
         for hurdle, value in self.open_hurdles.pop(cid, []):
             self.book.record(hurdle, value)
         self.terminal[cid] = rec
-        transient = rec["event"] == "failed" and rec.get("stage") in TRANSIENT_STAGES
-        if rec.get("cached_from") is None and not transient:
-            if rec.get("hash"):
-                self.by_hash.setdefault(rec["hash"], rec)
-            for key in ("fec_hash", "fec_hash_alt"):
-                if rec.get(key):
-                    self.by_fec.setdefault(f"{key}:{rec[key]}", rec)
-        elif rec.get("cached_from") is not None:
-            self.cache_hits += 1
-        self.compile_seconds += float(rec.get("compile_seconds") or 0.0)
-        self.train_seconds += float(rec.get("train_seconds") or 0.0)
-        self.probe_seconds += float(rec.get("probe_seconds") or 0.0)
+        self.add(rec)
 
     # ------------------------------------------------------------------ evaluation
     def failures(self) -> int:
@@ -223,8 +241,7 @@ class _Controller:
                 fec_hash_alt=check.output_hash_alt,
                 probe_seconds=check.probe_seconds,
             )
-            keys = (f"fec_hash:{check.output_hash}", f"fec_hash_alt:{check.output_hash_alt}")
-            match = next((self.by_fec[k] for k in keys if k in self.by_fec), None)
+            match = self.match(base)
             if self.cfg.search.fec and match is not None:
                 return self._reuse(proposal, match, "functionally equivalent to", **base)
 
