@@ -21,7 +21,7 @@ from nasjax.genome.autodistil import (
 from nasjax.measure.params import count_params
 from nasjax.models import build, get_spec
 from nasjax.spec import SpecError
-from nasjax.train.distill import last_layer_qkv, relation_kd, relations, scatter_grads, slice_params
+from nasjax.train.distill import _layer_index, last_layer_qkv, relation_kd, relations, slice_params
 
 
 def _teacher(**kw):
@@ -119,6 +119,20 @@ def test_relation_kd_does_not_depend_on_the_students_head_split():
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def scatter_grads(super_params, sub_grads, subnet: Subnet, max_layers: int) -> dict:
+    """A subnet's gradients added into zeros shaped like the SuperLM (the reference for slicing's gradient)."""
+    from flax import traverse_util
+
+    keep = layer_map(subnet.layers, max_layers)
+    flat = {p: np.zeros(np.shape(v), np.float32) for p, v in traverse_util.flatten_dict(dict(super_params)).items()}
+    for path, g in traverse_util.flatten_dict(dict(sub_grads)).items():
+        i = _layer_index(path)
+        src = path if i is None else (path[0], f"layer_{keep[i]}") + path[2:]
+        g = np.asarray(g)
+        flat[src][tuple(slice(0, s) for s in g.shape)] += g
+    return traverse_util.unflatten_dict(flat)
+
+
 def test_full_size_subnet_is_the_teacher_and_gradients_land_in_the_prefix():
     teacher = _teacher()
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 6, 300)
@@ -187,9 +201,9 @@ def test_superlm_starts_at_the_teacher_trains_and_resumes(tmp_path):
     trainer, teacher = _superlm()
     state = trainer.init()
     full = Subnet(4, 64, 4, 4.0)
-    assert trainer.subnet_loss(state.params, full, _batch(0)) == pytest.approx(0.0, abs=1e-6)
+    assert trainer.held_out_loss(state.params, full, trainer.with_teacher([_batch(0)])) == pytest.approx(0.0, abs=1e-6)
     small = Subnet(2, 32, 2, 2.0)
-    before = trainer.subnet_loss(state.params, small, _batch(99))
+    before = trainer.held_out_loss(state.params, small, trainer.with_teacher([_batch(99)]))
     for step in range(3):
         out = trainer.step(state, _batch(step))
         assert np.isfinite(out["loss"]) and out["subnets"][:2] == [full.name, small.name]
@@ -203,7 +217,7 @@ def test_superlm_starts_at_the_teacher_trains_and_resumes(tmp_path):
         trainer.step(resumed, _batch(step))
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    after = trainer.subnet_loss(state.params, small, _batch(99))
+    after = trainer.held_out_loss(state.params, small, trainer.with_teacher([_batch(99)]))
     assert after < before  # the smallest subnet is in every sandwich
     # the extracted student computes what the SuperLM's subnet computes
     spec, params = trainer.extract(state.params, small)

@@ -42,8 +42,6 @@ with path-named errors, and render as equations (:func:`render_graph`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any, ClassVar
 
 from nasjax.spec import SpecError, _fail, _positive, register_mixer
@@ -152,7 +150,8 @@ class AttentionGraph:
             raise SpecError(
                 f"the output (node {len(self.nodes) - 1}) has type [{types[-1][0]},{types[-1][1]}], not [n,d]"
             )
-        dead = [j for j in range(len(self.nodes)) if j + len(LEAVES) not in self.live()]
+        live = self.live()
+        dead = [j for j in range(len(self.nodes)) if j + len(LEAVES) not in live]
         if dead:
             raise SpecError(f"node {dead[0]} does not reach the output (graphs are kept pruned)")
 
@@ -208,9 +207,6 @@ class AttentionGraph:
         except SpecError as e:
             raise SpecError(f"{where}: {e}") from None
         return graph
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_list()).encode()).hexdigest()[:16]
 
     def __str__(self) -> str:
         return render_graph(self)

@@ -234,9 +234,6 @@ class AutoBertEvaluator:
         trainer = self._trainer(spec, self.cfg.train, self.seq_len)
         return jax.device_get(trainer.init_state().params)
 
-    def _fit(self, trainer, state, iterator, steps, stage, should_stop):
-        return fit_candidate(trainer, state, iterator, steps, stage, self.mesh, should_stop)
-
     def pretrain(self, spec: ModelSpec, init=None, should_stop=None) -> dict:
         """MLM pre-training from ``init`` (a BIWS callable params -> params) or fresh."""
         try:
@@ -248,8 +245,8 @@ class AutoBertEvaluator:
                 state, _ = trainer.with_params(state, params)
         except Exception as e:
             raise CandidateFailed("compile", _short(e)) from None
-        state, result = self._fit(
-            trainer, state, self.data.train_iterator(), int(self.cfg.train.steps), "pretrain", should_stop
+        state, result = fit_candidate(
+            trainer, state, self.data.train_iterator(), int(self.cfg.train.steps), "pretrain", self.mesh, should_stop
         )
         val = trainer.evaluate(state.params, self._fixed_val())
         loss = float(val.get("val_loss", math.nan))

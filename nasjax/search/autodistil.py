@@ -45,7 +45,7 @@ from nasjax.measure.flops import flops_per_token, xla_flops
 from nasjax.measure.params import count_params
 from nasjax.search.superlm import SuperLMTrainer
 from nasjax.spec import ModelSpec, SpecError
-from nasjax.train.run import RunError, StopFlag, load_run, make_mesh
+from nasjax.train.run import RunError, StopFlag, load_run, make_mesh, setup_compile_cache
 
 __all__ = ["run_distil", "run_distil_search", "DistilError", "BUDGET_KINDS"]
 
@@ -86,24 +86,11 @@ def _subspaces(cfg, teacher: ModelSpec) -> list[tuple[Subspace, list]]:
 
 
 def _data(cfg, tokenizer, teacher: ModelSpec, log):
-    from nasjax.data import make_text_data, resolve_files
-    from nasjax.train.run import resolve_data_path
+    from nasjax.search.run import build_text_data
 
     if cfg.data.seq_len > teacher.max_len:
         raise DistilError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's max_len {teacher.max_len}")
-    files = resolve_files(resolve_data_path(cfg, log))
-    return make_text_data(
-        path=files,
-        val_files=[v.strip() for v in cfg.data.val_files.split(",") if v.strip()],
-        val_fraction=cfg.data.val_fraction,
-        tokenizer=tokenizer,
-        seq_len=cfg.data.seq_len,
-        global_batch_size=cfg.train.batch_size,
-        seed=cfg.seed,
-        kind="mlm",
-        cache_dir=cfg.data.cache_dir or None,
-        log=log,
-    )
+    return build_text_data(cfg, tokenizer, "mlm", log)
 
 
 def _trainer(cfg, teacher_spec, teacher_params, subnets) -> SuperLMTrainer:
@@ -127,6 +114,7 @@ def run_distil(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
     """Trains (or resumes) every SuperLM of the config; returns {name: final step}."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
+    setup_compile_cache(cfg)
     teacher_spec, _, tokenizer, teacher_params, _ = _teacher(cfg, log)
     spaces = _subspaces(cfg, teacher_spec)
     data = _data(cfg, tokenizer, teacher_spec, log)
@@ -190,9 +178,11 @@ def run_distil_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -
     d = cfg.distil
     if d.budget_kind not in BUDGET_KINDS:
         raise DistilError(f"distil.budget_kind must be one of {', '.join(BUDGET_KINDS)}, got {d.budget_kind!r}")
+    setup_compile_cache(cfg)
     teacher_spec, tcfg, tokenizer, teacher_params, _ = _teacher(cfg, log)
     data = _data(cfg, tokenizer, teacher_spec, log)
     val = list(data.val_batches(int(d.val_batches) or None))
+    held_out = None  # (batch, teacher Q/K/V): the teacher runs once per batch, not once per subnet
     n = int(cfg.data.seq_len)
     if d.rank_by not in RANK_BY:
         raise DistilError(f"distil.rank_by must be one of {', '.join(RANK_BY)}, got {d.rank_by!r}")
@@ -208,6 +198,8 @@ def run_distil_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -
             state = trainer.restore(path)
         except ValueError as e:
             raise DistilError(str(e)) from None
+        if held_out is None:
+            held_out = trainer.with_teacher(val)
         for s in subnets:
             spec = subnet_spec(teacher_spec, s)
             counts = {
@@ -221,7 +213,7 @@ def run_distil_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -
             feasible = not d.budget or counts[d.budget_kind] <= float(d.budget)
             row = {"superlm": space.name, "subnet": s.name, **s.to_dict(), **counts, "feasible": feasible}
             if feasible:
-                row["kd_loss"] = sum(trainer.subnet_loss(state.params, s, b) for b in val) / len(val)
+                row["kd_loss"] = trainer.held_out_loss(state.params, s, held_out)
                 if proxy is not None:
                     row["proxy_accuracy"] = proxy(*trainer.extract(state.params, s))
                 row["score"] = -row["proxy_accuracy"] if proxy is not None else row["kd_loss"]

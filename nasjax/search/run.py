@@ -317,26 +317,32 @@ def reused_record(candidate_id: int, source: dict, why: str, fields: dict) -> tu
     return source["event"], record
 
 
-def _build_data(cfg, workdir: str, log):
-    files = resolve_files(resolve_data_path(cfg, log))
-    val_names = [v.strip() for v in cfg.data.val_files.split(",") if v.strip()]
-    split = split_files(files, val_names, cfg.data.val_fraction, cfg.seed)
-    tokenizer = tokenizer_for_run(cfg, workdir, split.train)
-    data = make_text_data(
-        path=files,
-        val_files=val_names,
+def build_text_data(cfg, tokenizer, kind: str, log=print):
+    """The LM or MLM data of ``cfg.data`` / ``cfg.train.batch_size`` with ``tokenizer`` (this process's shard)."""
+    return make_text_data(
+        path=resolve_files(resolve_data_path(cfg, log)),
+        val_files=[v.strip() for v in cfg.data.val_files.split(",") if v.strip()],
         val_fraction=cfg.data.val_fraction,
         tokenizer=tokenizer,
         seq_len=cfg.data.seq_len,
         global_batch_size=cfg.train.batch_size,
         seed=cfg.seed,
-        kind="mlm" if cfg.search.method == "autobert" else "lm",
+        kind=kind,
         cache_dir=cfg.data.cache_dir or None,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         log=log,
     )
-    return tokenizer, data
+
+
+def _build_data(cfg, workdir: str, log):
+    """The search's tokenizer (trained on the training split, or the workdir's) and data."""
+    files = resolve_files(resolve_data_path(cfg, log))
+    val_names = [v.strip() for v in cfg.data.val_files.split(",") if v.strip()]
+    split = split_files(files, val_names, cfg.data.val_fraction, cfg.seed)
+    tokenizer = tokenizer_for_run(cfg, workdir, split.train)
+    kind = "mlm" if cfg.search.method == "autobert" else "lm"
+    return tokenizer, build_text_data(cfg, tokenizer, kind, log)
 
 
 @dataclasses.dataclass

@@ -115,7 +115,9 @@ class SuperLMTrainer:
 
         self._teacher_qkv = jax.jit(teacher_qkv)
         self._update = jax.jit(self._apply_update, donate_argnums=(0, 1))
+        self._accumulate = jax.jit(lambda acc, g: jax.tree.map(jnp.add, acc, g), donate_argnums=(0,))
         self._grad_fns: dict[Subnet, Callable] = {}
+        self._loss_fns: dict[Subnet, Callable] = {}
         self.compile_seconds = 0.0
         self.compiled_subnets = 0
 
@@ -137,19 +139,23 @@ class SuperLMTrainer:
         spec, _, shapes = self.subnet_model(subnet)
         return spec, jax.device_get(slice_params(params, shapes, subnet, self.max_layers))
 
+    def _loss(self, subnet: Subnet):
+        """``loss(super_params, tokens, padding_mask, teacher_qkv)`` of one subnet (not jitted)."""
+        _, model, shapes = self.subnet_model(subnet)
+        max_layers, n_rel, kind = self.max_layers, self.relation_heads, self.kd_kind
+
+        def loss(params, tokens, padding_mask, t_qkv):
+            sub = slice_params(params, shapes, subnet, max_layers)
+            _, state = model.apply({"params": sub}, tokens, padding_mask=padding_mask, mutable=["intermediates"])
+            s_qkv = last_layer_qkv(state["intermediates"], subnet.layers)
+            return relation_kd(s_qkv, t_qkv, padding_mask, n_rel=n_rel, kind=kind)
+
+        return loss
+
     def _grad_fn(self, subnet: Subnet):
         fn = self._grad_fns.get(subnet)
         if fn is None:
-            _, model, shapes = self.subnet_model(subnet)
-            max_layers, n_rel, kind = self.max_layers, self.relation_heads, self.kd_kind
-
-            def loss(params, tokens, padding_mask, t_qkv):
-                sub = slice_params(params, shapes, subnet, max_layers)
-                _, state = model.apply({"params": sub}, tokens, padding_mask=padding_mask, mutable=["intermediates"])
-                s_qkv = last_layer_qkv(state["intermediates"], subnet.layers)
-                return relation_kd(s_qkv, t_qkv, padding_mask, n_rel=n_rel, kind=kind)
-
-            fn = self._grad_fns[subnet] = jax.jit(jax.value_and_grad(loss))
+            fn = self._grad_fns[subnet] = jax.jit(jax.value_and_grad(self._loss(subnet)))
             self.compiled_subnets += 1
         return fn
 
@@ -157,11 +163,20 @@ class SuperLMTrainer:
         updates, opt_state = self.tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
 
-    def subnet_loss(self, params, subnet: Subnet, batch: dict) -> float:
-        """Relation-distillation loss of one subnet on one batch (held-out ranking)."""
-        tokens, mask = jnp.asarray(batch["inputs"]), jnp.asarray(batch["padding_mask"])
-        loss, _ = self._grad_fn(subnet)(params, tokens, mask, self._teacher_qkv(tokens, mask))
-        return float(loss)
+    def with_teacher(self, batches) -> list[tuple]:
+        """(tokens, padding_mask, teacher Q/K/V) per batch: the teacher runs once per held-out batch."""
+        out = []
+        for b in batches:
+            tokens, mask = jnp.asarray(b["inputs"]), jnp.asarray(b["padding_mask"])
+            out.append((tokens, mask, self._teacher_qkv(tokens, mask)))
+        return out
+
+    def held_out_loss(self, params, subnet: Subnet, held_out: list[tuple]) -> float:
+        """Mean relation-distillation loss of one subnet over :meth:`with_teacher` batches (forward only)."""
+        fn = self._loss_fns.get(subnet)
+        if fn is None:
+            fn = self._loss_fns[subnet] = jax.jit(self._loss(subnet))
+        return sum(float(fn(params, *b)) for b in held_out) / len(held_out)
 
     # ------------------------------------------------------------------ training
     def step(self, state: SuperLMState, batch: dict) -> dict:
@@ -178,7 +193,7 @@ class SuperLMTrainer:
                 jax.block_until_ready(loss)
                 self.compile_seconds += time.perf_counter() - t0
             losses.append(loss)
-            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+            grads = g if grads is None else self._accumulate(grads, g)
         state.params, state.opt_state, gnorm = self._update(state.params, state.opt_state, grads)
         state.step += 1
         values = [float(x) for x in losses]

@@ -27,11 +27,9 @@ L x L, so teacher and student widths and head counts may differ.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
 from nasjax.genome.autodistil import Subnet, layer_map
@@ -123,19 +121,3 @@ def slice_params(super_params: Mapping, target_shapes: Mapping, subnet: Subnet, 
             raise ValueError(f"subnet parameter {'/'.join(path)} {shape} does not fit the SuperLM's {full.shape}")
         out[path] = full[tuple(slice(0, s) for s in shape)]
     return traverse_util.unflatten_dict(out)
-
-
-def scatter_grads(super_params: Mapping, sub_grads: Mapping, subnet: Subnet, max_layers: int) -> dict:
-    """Adds a subnet's gradients into zeros shaped like the SuperLM (host-side numpy; for tests)."""
-    keep = layer_map(subnet.layers, max_layers)
-    flat = {p: np.zeros(np.shape(v), np.float32) for p, v in traverse_util.flatten_dict(dict(super_params)).items()}
-    for path, g in traverse_util.flatten_dict(dict(sub_grads)).items():
-        i = _layer_index(path)
-        src = path if i is None else (path[0], f"layer_{keep[i]}") + path[2:]
-        g = np.asarray(g)
-        flat[src][tuple(slice(0, s) for s in g.shape)] += g
-    return traverse_util.unflatten_dict(flat)
-
-
-def tree_size(tree: Any) -> int:
-    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
