@@ -5,6 +5,7 @@ nasjax train     --config=configs/train/lm.py:tiny --workdir=runs/a [--config.KE
 nasjax eval      --workdir=runs/a [--step=N] [--max_batches=N]
 nasjax describe  bert --size=base | spec.json | --config=FILE[:preset] | --workdir=runs/a
 nasjax finetune  --config=configs/train/finetune.py:tiny --workdir=runs/ft --config.data.path=X.jsonl
+                 [--config.init_from=runs/ad/student --config.compare_with=teacher,scratch]   (comparison.csv)
 nasjax search    --config=configs/search/primer.py:tiny --workdir=runs/s1   (same command resumes)
 nasjax results   runs/s1 [--top=N]   (results.csv, best_spec.json, best_program.txt, fitness.png)
 nasjax search    --config=configs/search/lts.py:cpu --workdir=runs/lts   (pareto.csv, pareto.json, front/)
@@ -57,7 +58,11 @@ def cmd_train(args: list[str]) -> int:
 def cmd_finetune(args: list[str]) -> int:
     if FLAGS.config is not None and "init_from" not in FLAGS.config:
         raise SystemExit("error: nasjax finetune needs a finetune config (e.g. configs/train/finetune.py:tiny)")
-    return cmd_train(args)
+    from nasjax.train.compare import finetune
+
+    cfg = _need("config", FLAGS.config, "finetune")
+    result = finetune(cfg, _need("workdir", FLAGS.workdir, "finetune"), progress=FLAGS.progress)
+    return {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
 
 
 def cmd_eval(args: list[str]) -> int:

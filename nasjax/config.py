@@ -30,6 +30,11 @@ mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining
 mesh.rules                logical -> mesh axis rules; empty = nasjax.sharding.DEFAULT_RULES
 compile_cache_dir         persistent XLA compilation cache ('' = default, 'none' = off)
 init_from                 (finetune) a training workdir whose weights and spec to start from
+init_weights              (finetune) false: take init_from's spec and tokenizer but random weights
+compare_with              (finetune) comma list of baselines fine-tuned with the same settings after the
+                          main run and reported next to it (comparison.csv): teacher (the teacher of a
+                          distil-search student), scratch (init_from's architecture from random weights),
+                          or NAME=WORKDIR (any training workdir)
 
 Search configs (configs/search/*.py, :func:`search_config`) add ``search.*``; ``train.*``
 then describes the training of *each candidate* (``train.steps`` or, if positive,
@@ -146,6 +151,8 @@ def base_config(finetune: bool = False) -> ml_collections.ConfigDict:
     c.compile_cache_dir = ""
     if finetune:
         c.init_from = ""
+        c.init_weights = True
+        c.compare_with = ""
         c.data.val_fraction = 0.1
         c.data.corpus = ""
     return c

@@ -237,6 +237,10 @@ def run_distil_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -
     row, trainer, state, subnet = best
     student_dir = os.path.join(workdir, "student")
     _write_student(trainer, state, subnet, tcfg, tokenizer, student_dir)
+    from nasjax.train.compare import STUDENT_FILE
+
+    with open(os.path.join(student_dir, STUDENT_FILE), "w") as f:  # lets finetune compare_with=teacher find it
+        json.dump({"teacher": os.path.abspath(cfg.teacher), "superlm_workdir": workdir, **row}, f, indent=2)
     files.append(student_dir)
     score = f"proxy accuracy {row['proxy_accuracy']:.4f}" if proxy is not None else f"KD {row['kd_loss']:.4f}"
     log(f"best under the budget: {row['subnet']} from SuperLM {row['superlm']} ({score})")

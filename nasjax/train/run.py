@@ -399,7 +399,9 @@ def _finetune_setup(cfg, workdir: str, log):
     init_params = None
     if cfg.init_from:
         pre_spec, _, tokenizer, _, pre_state, pre_step = load_run(cfg.init_from)
-        log(f"initialising from {cfg.init_from} (step {pre_step})")
+        keep = cfg.get("init_weights", True)
+        what = "initialising from" if keep else "architecture and tokenizer (random weights) of"
+        log(f"{what} {cfg.init_from} (step {pre_step})")
         with open(os.path.join(workdir, "tokenizer.json"), "w") as f:
             json.dump(tokenizer.to_config(embed=True), f, indent=2)
     else:
@@ -409,7 +411,8 @@ def _finetune_setup(cfg, workdir: str, log):
         spec = pre_spec.replace(head="cls", n_classes=data.n_classes, pooler=True)
         if cfg.model.dropout_rate >= 0:
             spec = spec.replace(dropout_rate=float(cfg.model.dropout_rate))
-        init_params = dict(jax.device_get(pre_state.params))
+        if cfg.get("init_weights", True):
+            init_params = dict(jax.device_get(pre_state.params))
     else:
         spec = resolve_spec(cfg, tokenizer.vocab_size, cfg.data.seq_len, head="cls", n_classes=data.n_classes)
     return data, tokenizer, spec, init_params
