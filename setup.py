@@ -22,6 +22,8 @@ EXTRAS = {
     "seqio": ["seqio>=0.0.19"],
     # The Austen corpus is decoded from Debian's R package with rdata.
     "corpora": ["rdata>=0.11"],
+    # engine=ray: many evaluations at once on Ray actors (a laptop or a cluster).
+    "ray": ["ray>=2.40"],
     "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "rdata>=0.11"],
 }
 

@@ -44,6 +44,15 @@ search.method             primer (regularized evolution over programs) | lts (tr
                           | autobert (OP-NAS over BERT backbones)
 search.iterations         (lts) evolution iterations after the random initial population
 search.max_evaluations    stop after this many finished or failed evaluations (resume may raise it)
+search.in_flight          evaluations at once (N): candidate j is asked once j - N is told; results are
+                          told in id order, so the same seed and N evaluate the same architectures on
+                          any engine (1 = sequential; part of the algorithm, fixed for a search)
+engine                    inline (this process; default) | ray (long-lived actors, one job each)
+ray_address               '' = start a local Ray for this search; 'auto' or 'ray://HOST:10001' = a cluster
+ray_actors                actors to start (0 = search.in_flight)
+ray_cpus_per_actor, ray_gpus_per_actor   resources each actor reserves (1 GPU each on a GPU cluster)
+ray_max_restarts          times one job is re-issued after its actor died before it counts as failed
+ray_object_store_mb       object store of a local Ray (weights of BIWS supernets travel through it)
 search.max_seconds        also stop after this much wall time of this process (0 = no limit)
 search.population_size    aging-evolution population (Primer: 100)
 search.tournament_size    tournament size (Primer: 10)
@@ -191,6 +200,13 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     """:func:`base_config` plus the ``search`` section (defaults: Primer's published settings)."""
     c = base_config()
     c.model.name = ""
+    c.engine = "inline"
+    c.ray_address = ""
+    c.ray_actors = 0
+    c.ray_cpus_per_actor = 1.0
+    c.ray_gpus_per_actor = 0.0
+    c.ray_max_restarts = 3
+    c.ray_object_store_mb = 256
     c.search = ml_collections.ConfigDict()
     s = c.search
     s.method = method
@@ -201,6 +217,7 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
         c.lts = lts_config()
         return c
     s.max_evaluations = 100
+    s.in_flight = 1
     s.tournament_size = 10
     s.max_params = 0
     s.probe_batch = 2

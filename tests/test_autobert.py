@@ -367,7 +367,9 @@ def test_autobert_search_resumes_and_exports(autobert_config, tmp_path):
     assert started == sorted(set(started)) == list(range(5))  # nothing evaluated twice
     results = {r["id"]: r for r in recs if r["event"] in ("finished", "failed")}
     assert all(r["event"] == "finished" for r in results.values()), results
-    assert results[0]["supernet_version"] == 1 and results[0]["inherited"] > 0
+    supernet = {r["id"]: r["version"] for r in recs if r["event"] == "supernet"}
+    assert supernet[0] == 1 and results[0]["inherited"] > 0  # told in id order, one update each
+    assert [supernet[i] for i in sorted(supernet)] == list(range(1, len(supernet) + 1))
     proposed = {r["id"]: r for r in recs if r["event"] == "proposed"}
     assert proposed[4]["origin"] in ("op", "delete", "flip", "kernel")
     assert all(0.0 <= v <= 1.0 for v in results[0]["accuracy"].values())

@@ -60,7 +60,6 @@ from nasjax.genome.autobert import (
 from nasjax.search.biws import SuperNet, SuperNetError
 from nasjax.search.evaluate import (
     CandidateFailed,
-    Interrupted,
     _short,
     check_params_and_probe,
     finetune_tasks,
@@ -69,7 +68,7 @@ from nasjax.search.evaluate import (
 from nasjax.search.evolution import Proposal, RegularizedEvolution
 from nasjax.search.opnas import REWARDS, OpPriority, rank_reward
 from nasjax.search.primer import split_names
-from nasjax.search.run import ResultIndex
+from nasjax.search.run import EvolutionController
 from nasjax.spec import ModelSpec, SpecError
 from nasjax.train.loop import Trainer
 
@@ -261,6 +260,33 @@ class AutoBertEvaluator:
             "train_seconds": result.train_seconds,
         }
 
+    # ------------------------------------------------------------------ engine jobs (plain dicts)
+    def check_job(self, spec: ModelSpec) -> dict:
+        return self.check(spec)
+
+    def train_job(self, spec: ModelSpec, payload: dict, should_stop=None) -> dict:
+        """MLM pre-training (inheriting from ``payload["supernet"]``, a :class:`SuperNet` snapshot or
+        None, for the layer kinds ``payload["kinds"]``) then fine-tuning. The pre-trained params come
+        back in ``weights`` (also when fine-tuning fails) for the controller's supernet update."""
+        supernet, kinds = payload.get("supernet"), tuple(payload.get("kinds", ()))
+        init = (lambda p: supernet.inherit(p, kinds)[:2]) if supernet is not None else None
+        pre = self.pretrain(spec, init, should_stop)
+        try:
+            ft = self.finetune(spec, pre["params"], should_stop)
+        except CandidateFailed as e:
+            e.info["weights"] = pre["params"]
+            raise
+        return {
+            "fitness": autobert_fitness(ft["accuracy"], pre["mlm_loss"], float(self.cfg.autobert.mlm_weight)),
+            "accuracy": ft["accuracy"],
+            "mlm_loss": pre["mlm_loss"],
+            "steps": pre["steps"],
+            "inherited": pre["inherited"],
+            "compile_seconds": pre["compile_seconds"] + ft["compile_seconds"],
+            "train_seconds": pre["train_seconds"] + ft["train_seconds"],
+            "weights": pre["params"],
+        }
+
     def finetune(self, spec: ModelSpec, params, should_stop=None) -> dict:
         """Fine-tunes the pre-trained encoder on every task; returns accuracies and costs."""
         c = self.cfg
@@ -283,41 +309,45 @@ class AutoBertEvaluator:
 _SUPERNET_KEEP = 3
 
 
-class _AutoBertController(ResultIndex):
+class _AutoBertController(EvolutionController):
     def __init__(self, ctx, space: AutoBertSpace, evaluator: AutoBertEvaluator):
         cfg = ctx.cfg
         a, s = cfg.autobert, cfg.search
-        self.ctx, self.cfg, self.space, self.evaluator = ctx, cfg, space, evaluator
-        self.journal, self.log = ctx.journal, ctx.log
+        self.ctx, self.cfg, self.evaluator, self.log = ctx, cfg, evaluator, ctx.log
         if str(a.ucb_reward) not in REWARDS:
             raise SpecError(f"autobert.ucb_reward must be one of {', '.join(REWARDS)}, got {a.ucb_reward!r}")
         self.priority = OpPriority(OPS, float(a.ucb_alpha), str(a.ucb_selection), float(a.ucb_temperature))
         space.priority = self.priority
-        self.evo = RegularizedEvolution(
+        evo = RegularizedEvolution(
             space.seeds(), space.mutate, int(s.population_size), int(s.tournament_size), int(cfg.seed)
         )
+        EvolutionController.__init__(self, ctx.journal, space, evo, int(s.get("in_flight", 1)))
         self.ops: dict[int, str | None] = {}
         self.history: list[float] = []
-        self.terminal: dict[int, dict] = {}
-        ResultIndex.__init__(self)
         self.supernet_version = 0
         self.biws = bool(a.biws)
         self.supernet_dir = os.path.join(ctx.workdir, "supernet")
         self.supernet: SuperNet | None = None
+        self.snapshots: dict[int, SuperNet] = {}  # the supernet each asked candidate inherits from
+        self.trained: dict[int, dict] = {}  # pre-trained params of results not told yet
+        self.base: dict[int, dict] = {}
 
     # ------------------------------------------------------------------ replay
-    def replay(self) -> None:
-        from nasjax.search.run import SearchError, replay_proposal
+    def proposal_fields(self, proposal: Proposal) -> dict:
+        op = None
+        if proposal.parent is not None and self.space.last_mutation is not None:
+            op = self.space.last_mutation.op
+        self.ops[proposal.id] = op
+        if self.supernet is not None and self.in_flight > 1:  # N = 1: the supernet cannot change before start
+            self.snapshots[proposal.id] = self.supernet.copy()
+        return {"op": op}
 
-        for rec in self.journal.records:
-            event = rec["event"]
-            if event == "proposed":
-                replay_proposal(self.evo, self.space, rec, self.journal.path)
-                self.ops[rec["id"]] = rec.get("op")
-            elif event in ("finished", "failed"):
-                if rec["id"] not in self.evo.pending:
-                    raise SearchError(f"{self.journal.path}: result for candidate {rec['id']} that is not pending")
-                self._told(rec)
+    def replay_proposed(self, rec: dict) -> None:
+        self.ops[rec["id"]] = rec.get("op")
+
+    def replay_other(self, rec: dict) -> None:
+        if rec["event"] == "supernet":
+            self.supernet_version = max(self.supernet_version, int(rec["version"]))
 
     def _reward(self, cid: int, fitness: float) -> float:
         if self.cfg.autobert.ucb_reward == "improvement":
@@ -332,10 +362,19 @@ class _AutoBertController(ResultIndex):
         self.priority.observe(self.ops.get(cid), self._reward(cid, fitness))
         self.history.append(fitness)
         self.evo.tell(cid, fitness if math.isfinite(fitness) else None)
-        self.terminal[cid] = rec
-        if rec.get("supernet_version") is not None:
+        if rec.get("supernet_version") is not None:  # journals written before ordered tells
             self.supernet_version = max(self.supernet_version, int(rec["supernet_version"]))
         self.add(rec)
+        if not self.live:
+            return
+        params = self.trained.pop(cid, None)
+        if params is not None and self.supernet is not None:
+            kinds = tuple(g.kind for g in self.evo.proposals[cid].genome.layers)
+            self.supernet.update(params, kinds, float(self.cfg.autobert.biws_update_rate))
+            self.supernet_version = self._save_supernet()
+            self.journal.append("supernet", id=cid, version=self.supernet_version)
+        # the UCB snapshot after this result, for `nasjax results`
+        self.journal.append("ucb", id=cid, table=self.priority.table(), total=self.priority.total)
 
     # ------------------------------------------------------------------ supernet
     def _supernet_path(self, version: int) -> str:
@@ -379,64 +418,54 @@ class _AutoBertController(ResultIndex):
         return version
 
     # ------------------------------------------------------------------ evaluation
-    def _append_result(self, event: str, **fields) -> dict:
-        rec = self.journal.append(event, **fields)
-        self._told(rec)
-        # the snapshot after this result, for `nasjax results`
-        self.journal.append("ucb", id=rec["id"], table=self.priority.table(), total=self.priority.total)
-        return rec
-
-    def evaluate(self, proposal: Proposal, stop) -> dict:
+    def _reuse(self, cid: int, source: dict, why: str, base: dict) -> dict:
         from nasjax.search.run import reused_record
 
-        genome = proposal.genome
+        self.base.pop(cid, None)
+        self.snapshots.pop(cid, None)
+        event, record = reused_record(cid, source, why, base)
+        return self.append_result(event, **_with_extras(record, source))
+
+    def start(self, proposal: Proposal):
+        from nasjax.search.engine import Job
+
+        cid, genome = proposal.id, proposal.genome
         genome_hash = self.space.genome_hash(genome)
-        self.journal.append("started", id=proposal.id)
+        self.journal.append("started", id=cid)
         base: dict = {"hash": genome_hash}
-        if genome_hash in self.by_hash:
-            event, record = reused_record(proposal.id, self.by_hash[genome_hash], "identical genome to", base)
-            return self._append_result(event, **_with_extras(record, self.by_hash[genome_hash]))
+        source = self.visible(self.by_hash.get(genome_hash), cid)
+        if source is not None:
+            return self._reuse(cid, source, "identical genome to", base)
         try:
-            try:
-                spec = self.space.decode(genome)
-            except SpecError as e:
-                raise CandidateFailed("decode", str(e)) from None
-            base.update(self.evaluator.check(spec))
-            match = self.match(base)
-            if self.cfg.search.fec and match is not None:
-                event, record = reused_record(proposal.id, match, "functionally equivalent to", base)
-                return self._append_result(event, **_with_extras(record, match))
-            kinds = tuple(g.kind for g in genome.layers)
-            init = None
-            if self.supernet is not None:
-                init = lambda p: self.supernet.inherit(p, kinds)[:2]  # noqa: E731
-            should_stop = lambda: stop.stop  # noqa: E731
-            pre = self.evaluator.pretrain(spec, init, should_stop)
-            if self.supernet is not None:
-                self.supernet.update(pre["params"], kinds, float(self.cfg.autobert.biws_update_rate))
-                # recorded with the result, failed or not: a resume reloads this version
-                base["supernet_version"] = self._save_supernet()
-            ft = self.evaluator.finetune(spec, pre["params"], should_stop)
-        except CandidateFailed as e:
-            return self._append_result("failed", id=proposal.id, stage=e.stage, reason=e.reason, **base)
-        except (Interrupted, KeyboardInterrupt):
-            raise
-        except Exception as e:  # never crash the search on one candidate
-            reason = f"{type(e).__name__}: {e}"[:400]
-            return self._append_result("failed", id=proposal.id, stage="internal", reason=reason, **base)
-        fitness = autobert_fitness(ft["accuracy"], pre["mlm_loss"], float(self.cfg.autobert.mlm_weight))
-        return self._append_result(
-            "finished",
-            id=proposal.id,
-            fitness=fitness,
-            accuracy=ft["accuracy"],
-            mlm_loss=pre["mlm_loss"],
-            steps=pre["steps"],
-            inherited=pre["inherited"],
-            compile_seconds=pre["compile_seconds"] + ft["compile_seconds"],
-            train_seconds=pre["train_seconds"] + ft["train_seconds"],
-            **base,
-        )
+            spec = self.space.decode(genome)
+        except SpecError as e:
+            self.snapshots.pop(cid, None)
+            return self.append_result("failed", id=cid, stage="decode", reason=str(e), **base)
+        self.base[cid] = base
+        return Job(cid, "check", spec.to_dict(), route=genome_hash)
+
+    def advance(self, job, result: dict):
+        from nasjax.search.engine import Job
+
+        cid = job.key
+        base = self.base[cid]
+        if result.get("weights") is not None:  # pre-trained weights: told to the supernet in order
+            self.trained[cid] = result.pop("weights")
+        if not result["ok"]:
+            self.base.pop(cid)
+            self.snapshots.pop(cid, None)
+            return self.append_result("failed", id=cid, stage=result["stage"], reason=result["reason"], **base)
+        if job.stage == "check":
+            base.update({k: result[k] for k in ("params", "fec_hash", "fec_hash_alt", "probe_seconds")})
+            match = self.visible(self.match(base), cid) if self.cfg.search.fec else None
+            if match is not None:
+                return self._reuse(cid, match, "functionally equivalent to", base)
+            supernet = self.snapshots.pop(cid, None) or self.supernet
+            kinds = [g.kind for g in self.evo.proposals[cid].genome.layers]
+            return Job(cid, "train", job.spec, {"supernet": supernet, "kinds": kinds}, route=job.route)
+        self.base.pop(cid)
+        fields = ("fitness", "accuracy", "mlm_loss", "steps", "inherited", "compile_seconds", "train_seconds")
+        return self.append_result("finished", id=cid, **{k: result[k] for k in fields}, **base)
 
     def failures(self) -> int:
         return sum(1 for r in self.terminal.values() if r["event"] == "failed")
@@ -505,12 +534,7 @@ def run_autobert(ctx):
         + (f"\nresuming: {len(ctl.terminal)} evaluations replayed from {journal.path}" if journal.records[1:] else "")
     )
 
-    def proposal_fields(proposal: Proposal) -> dict:
-        op = space.last_mutation.op if proposal.parent is not None and space.last_mutation is not None else None
-        ctl.ops[proposal.id] = op
-        return {"op": op}
-
-    status = evolution_loop(ctx, ctl, space, total, proposal_fields)
+    status = evolution_loop(ctx, ctl, evaluator, total)
     failures = ctl.failures()
     best = ctl.evo.best()
     return SearchSummary(
@@ -524,5 +548,10 @@ def run_autobert(ctx):
         train_seconds=ctl.train_seconds,
         probe_seconds=ctl.probe_seconds,
         wall_seconds=time.perf_counter() - t_start,
-        extra={"supernet_version": ctl.supernet_version if ctl.biws else None, "ucb": ctl.priority.table()},
+        extra={
+            "supernet_version": ctl.supernet_version if ctl.biws else None,
+            "ucb": ctl.priority.table(),
+            "engine": str(cfg.get("engine", "inline")),
+            "in_flight": ctl.in_flight,
+        },
     )

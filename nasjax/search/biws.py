@@ -83,6 +83,10 @@ class SuperNet:
         self.arrays = {k: np.array(v) for k, v in arrays.items()}
         self.version = int(version)
 
+    def copy(self) -> SuperNet:
+        """An independent snapshot (what a candidate asked now inherits, whatever is told later)."""
+        return SuperNet(self.arrays, self.version)
+
     @classmethod
     def initial(cls, attn_params: Mapping, conv_params: Mapping) -> SuperNet:
         """From an all-attention model's params (shared + attn branches) and an all-conv

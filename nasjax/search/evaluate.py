@@ -205,6 +205,49 @@ class TrainingEvaluator:
             )
         return CheckResult(params, probe.output_hash, probe.seconds, probe.output_hash_alt)
 
+    # ------------------------------------------------------------------ engine jobs (plain dicts)
+    def check_job(self, spec: ModelSpec) -> dict:
+        c = self.check(spec)
+        return {
+            "params": c.params,
+            "fec_hash": c.output_hash,
+            "fec_hash_alt": c.output_hash_alt,
+            "probe_seconds": c.probe_seconds,
+        }
+
+    def train_job(self, spec: ModelSpec, payload: dict, should_stop=None) -> dict:
+        """:meth:`train` with ``payload["thresholds"]``; the hurdle observations come back in ``hurdles``."""
+        hurdles: list[dict] = []
+
+        def on_hurdle(hurdle, fitness, threshold, passed, step, train_seconds):
+            hurdles.append(
+                dict(
+                    hurdle=hurdle,
+                    fitness=fitness,
+                    threshold=threshold,
+                    passed=passed,
+                    step=step,
+                    train_seconds=train_seconds,
+                )
+            )
+
+        try:
+            out = self.train(spec, list(payload.get("thresholds", [])), on_hurdle=on_hurdle, should_stop=should_stop)
+        except CandidateFailed as e:
+            e.info["hurdles"] = hurdles  # observations made before the failure still count
+            raise
+        return {
+            "fitness": out.fitness,
+            "stopped_at_hurdle": out.stopped_at_hurdle,
+            "hurdle_fitness": out.hurdle_fitness,
+            "steps": out.steps,
+            "compile_seconds": out.compile_seconds,
+            "train_seconds": out.train_seconds,
+            "memory_bytes": out.memory_bytes,
+            "val_bpb": out.val.get("val_bpb"),
+            "hurdles": hurdles,
+        }
+
     # ------------------------------------------------------------------ training
     def _fixed_val(self):
         if self._val_cache is None:

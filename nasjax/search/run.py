@@ -12,7 +12,8 @@ Journal events (one JSON line each; fields beyond ``event``/``seq``/``time``):
 
 ``search``    method, config (first record; a resume must use the same settings, only
               ``search.max_evaluations`` and machine-local keys may change)
-``proposed``  id, parent, origin (``seed:NAME`` or the mutation kind), detail, hash, genome
+``proposed``  id, parent, origin (``seed:NAME`` or the mutation kind), detail, hash, genome,
+              thresholds (Primer: the hurdle thresholds when it was asked), op (AutoBERT-Zero)
 ``started``   id, thresholds (the hurdle thresholds handed to this evaluation)
 ``hurdle``    id, hurdle, fitness, threshold, passed, step, train_seconds
 ``finished``  id, fitness, stopped_at_hurdle, hurdle_fitness, steps, params, compile_seconds,
@@ -26,9 +27,14 @@ candidate's result is told, so a half-evaluated candidate from a killed run neve
 influences thresholds: with a step budget the resumed search follows exactly the
 trajectory of an uninterrupted one.
 
+Evaluations in flight (``search.in_flight`` = N, :mod:`nasjax.search.engine`): results are
+journaled when they arrive (in any order) and told to the evolution in id order;
+candidate j is asked right after j - N is told. Replay applies the same rule, so inline
+and Ray searches with the same seed and N evaluate the same candidates.
+
 Duplicates: a genome identical to an evaluated one (canonical hash), or one whose probe
 outputs hash like an evaluated one's (functional equivalence), reuses that result
-(``cached_from``) instead of training again.
+(``cached_from``) instead of training again; candidate j only re-uses candidates 0 .. j - N.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import jax
 import ml_collections
 
 from nasjax.data import make_text_data, resolve_files, split_files
-from nasjax.search.evaluate import CandidateFailed, Interrupted, TrainingEvaluator
+from nasjax.search.evaluate import Interrupted, TrainingEvaluator
 from nasjax.search.evolution import HurdleBook, Proposal, RegularizedEvolution
 from nasjax.search.journal import Journal
 from nasjax.spec import SpecError
@@ -61,6 +67,13 @@ RESUMABLE_KEYS = (
     "search.clear_caches",
     "compile_cache_dir",
     "data.cache_dir",
+    "engine",
+    "ray_address",
+    "ray_actors",
+    "ray_cpus_per_actor",
+    "ray_gpus_per_actor",
+    "ray_max_restarts",
+    "ray_object_store_mb",
 )
 
 
@@ -163,122 +176,196 @@ def _check_same_search(header: dict, cfg, path: str) -> None:
         )
 
 
-class _Controller(ResultIndex):
-    """State rebuilt from the journal plus the evaluation loop."""
+class EvolutionController(ResultIndex):
+    """Journal-driven state of an evolutionary search with ``in_flight`` evaluations at once.
 
-    def __init__(self, cfg, workdir: str, journal: Journal, space, evaluator: TrainingEvaluator, log):
-        s = cfg.search
-        self.cfg, self.workdir, self.journal, self.space, self.evaluator, self.log = (
-            cfg,
-            workdir,
-            journal,
-            space,
-            evaluator,
-            log,
-        )
-        self.evo = RegularizedEvolution(
-            space.seeds(), space.mutate, int(s.population_size), int(s.tournament_size), int(cfg.seed)
-        )
-        self.book = HurdleBook(int(s.hurdles), float(s.hurdle_quantile), int(s.hurdle_min_samples))
+    The rules of :mod:`nasjax.search.engine` live here: results are journaled as they
+    arrive and *told* (to the evolution, hurdle book, UCB, supernet) in candidate order;
+    candidate j is asked right after candidate j - N is told; re-use only looks at
+    candidates 0 .. j - N. Subclasses add ``_told(rec)``, ``proposal_fields(proposal)``,
+    ``replay_other(rec)``, ``start(proposal)`` and ``advance(job, result)``.
+    """
+
+    def __init__(self, journal: Journal, space, evo: RegularizedEvolution, in_flight: int):
         ResultIndex.__init__(self)
-        self.open_hurdles: dict[int, list[tuple[int, float]]] = {}
-        self.terminal: dict[int, dict] = {}
+        self.journal, self.space, self.evo = journal, space, evo
+        self.in_flight = max(1, int(in_flight))
+        self.terminal: dict[int, dict] = {}  # journaled results
+        self._untold: dict[int, dict] = {}  # journaled, waiting for earlier candidates
+        self.told_upto = 0  # candidates 0 .. told_upto - 1 are told
+        self.live = False
+        self.queue: list[int] = []  # asked, not started yet (id order)
 
-    # ------------------------------------------------------------------ replay
+    # ------------------------------------------------------------------ hooks
+    def _told(self, rec: dict) -> None:
+        raise NotImplementedError
+
+    def proposal_fields(self, proposal: Proposal) -> dict:
+        return {}
+
+    def replay_proposed(self, rec: dict) -> None:
+        pass
+
+    def replay_other(self, rec: dict) -> None:
+        pass
+
+    # ------------------------------------------------------------------ replay and order
     def replay(self) -> None:
         for rec in self.journal.records:
             event = rec["event"]
             if event == "proposed":
                 replay_proposal(self.evo, self.space, rec, self.journal.path)
-            elif event == "started":
-                self.open_hurdles[rec["id"]] = []
-            elif event == "hurdle":
-                self.open_hurdles.setdefault(rec["id"], []).append((rec["hurdle"], rec["fitness"]))
+                self.replay_proposed(rec)
             elif event in ("finished", "failed"):
-                self._told(rec)
+                if rec["id"] not in self.evo.pending or rec["id"] in self.terminal:
+                    raise SearchError(
+                        f"{self.journal.path}: result for candidate {rec['id']} that is not pending (seq {rec['seq']})"
+                    )
+                self._result(rec)
+            else:
+                self.replay_other(rec)
+
+    def go_live(self) -> None:
+        """After replay: re-queue proposed-but-unfinished candidates and ask ahead."""
+        self.live = True
+        self.queue = sorted(cid for cid in self.evo.pending if cid not in self.terminal)
+        self.ask_ahead()
+
+    def ask_ahead(self) -> None:
+        """Asks every candidate the rule allows now (ids up to told_upto + N - 1)."""
+        while self.evo.next_id <= self.told_upto + self.in_flight - 1:
+            proposal = self.evo.ask()
+            self.journal.append(
+                "proposed",
+                id=proposal.id,
+                parent=proposal.parent,
+                origin=proposal.origin,
+                detail=proposal.detail,
+                **self.proposal_fields(proposal),
+                hash=self.space.genome_hash(proposal.genome),
+                genome=self.space.genome_to_json(proposal.genome),
+            )
+            self.queue.append(proposal.id)
+
+    def _result(self, rec: dict) -> None:
+        self.terminal[rec["id"]] = rec
+        self._untold[rec["id"]] = rec
+        while self.told_upto in self._untold:
+            self._told(self._untold.pop(self.told_upto))
+            self.told_upto += 1
+            if self.live:
+                self.ask_ahead()
+
+    def append_result(self, event: str, **fields) -> dict:
+        rec = self.journal.append(event, **fields)
+        self._result(rec)
+        return rec
+
+    def visible(self, source: dict | None, cid: int) -> dict | None:
+        """``source`` if candidate ``cid`` may re-use it (told, and at most cid - N)."""
+        return source if source is not None and source["id"] <= cid - self.in_flight else None
+
+    def failures(self) -> int:
+        return sum(1 for r in self.terminal.values() if r["event"] == "failed")
+
+
+class _Controller(EvolutionController):
+    """Primer: hurdles, thresholds fixed when a candidate is asked, probe (FEC) re-use."""
+
+    def __init__(self, cfg, workdir: str, journal: Journal, space, log):
+        s = cfg.search
+        self.cfg, self.workdir, self.log = cfg, workdir, log
+        evo = RegularizedEvolution(
+            space.seeds(), space.mutate, int(s.population_size), int(s.tournament_size), int(cfg.seed)
+        )
+        EvolutionController.__init__(self, journal, space, evo, int(s.get("in_flight", 1)))
+        self.book = HurdleBook(int(s.hurdles), float(s.hurdle_quantile), int(s.hurdle_min_samples))
+        self.open_hurdles: dict[int, list[tuple[int, float]]] = {}
+        self.thresholds: dict[int, list] = {}
+        self.base: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ replay
+    def proposal_fields(self, proposal: Proposal) -> dict:
+        self.thresholds[proposal.id] = self.book.thresholds()
+        return {"thresholds": self.thresholds[proposal.id]}
+
+    def replay_proposed(self, rec: dict) -> None:
+        if rec.get("thresholds") is not None:
+            self.thresholds[rec["id"]] = rec["thresholds"]
+
+    def replay_other(self, rec: dict) -> None:
+        event = rec["event"]
+        if event == "started":
+            self.open_hurdles[rec["id"]] = []
+            self.thresholds.setdefault(rec["id"], rec.get("thresholds") or [])  # journals before in_flight
+        elif event == "hurdle":
+            self.open_hurdles.setdefault(rec["id"], []).append((rec["hurdle"], rec["fitness"]))
 
     def _told(self, rec: dict) -> None:
         cid = rec["id"]
-        if cid not in self.evo.pending:
-            raise SearchError(f"{self.journal.path}: result for candidate {cid} that is not pending (seq {rec['seq']})")
         fitness = rec.get("fitness") if rec["event"] == "finished" else None
         self.evo.tell(cid, fitness)
         for hurdle, value in self.open_hurdles.pop(cid, []):
             self.book.record(hurdle, value)
-        self.terminal[cid] = rec
         self.add(rec)
 
     # ------------------------------------------------------------------ evaluation
-    def failures(self) -> int:
-        return sum(1 for r in self.terminal.values() if r["event"] == "failed")
+    def _reuse(self, cid: int, source: dict, why: str, **fields) -> dict:
+        self.base.pop(cid, None)
+        event, record = reused_record(cid, source, why, fields)
+        return self.append_result(event, **record)
 
-    def _append_result(self, event: str, **fields) -> dict:
-        rec = self.journal.append(event, **fields)
-        self._told(rec)
-        return rec
+    def start(self, proposal: Proposal):
+        """A :class:`Job` (the probe) or, when nothing needs computing, the journaled result."""
+        from nasjax.search.engine import Job
 
-    def _reuse(self, proposal: Proposal, source: dict, why: str, **fields) -> dict:
-        event, record = reused_record(proposal.id, source, why, fields)
-        return self._append_result(event, **record)
-
-    def evaluate(self, proposal: Proposal, stop: StopFlag) -> dict:
+        cid = proposal.id
         genome_hash = self.space.genome_hash(proposal.genome)
-        thresholds = self.book.thresholds()
-        self.journal.append("started", id=proposal.id, thresholds=thresholds)
-        self.open_hurdles[proposal.id] = []
-        if genome_hash in self.by_hash:
-            return self._reuse(proposal, self.by_hash[genome_hash], "identical genome to", hash=genome_hash)
-        base = {"hash": genome_hash}
+        thresholds = self.thresholds.setdefault(cid, self.book.thresholds())
+        self.journal.append("started", id=cid, thresholds=thresholds)
+        self.open_hurdles[cid] = []
+        source = self.visible(self.by_hash.get(genome_hash), cid)
+        if source is not None:
+            return self._reuse(cid, source, "identical genome to", hash=genome_hash)
         try:
-            try:
-                spec = self.space.decode(proposal.genome)
-            except SpecError as e:
-                raise CandidateFailed("decode", str(e)) from None
-            check = self.evaluator.check(spec)
-            base.update(
-                params=check.params,
-                fec_hash=check.output_hash,
-                fec_hash_alt=check.output_hash_alt,
-                probe_seconds=check.probe_seconds,
-            )
-            match = self.match(base)
-            if self.cfg.search.fec and match is not None:
-                return self._reuse(proposal, match, "functionally equivalent to", **base)
+            spec = self.space.decode(proposal.genome)
+        except SpecError as e:
+            return self.append_result("failed", id=cid, stage="decode", reason=str(e), hash=genome_hash)
+        self.base[cid] = {"hash": genome_hash}
+        return Job(cid, "check", spec.to_dict(), route=genome_hash)
 
-            def on_hurdle(hurdle, fitness, threshold, passed, step, train_seconds):
-                self.journal.append(
-                    "hurdle",
-                    id=proposal.id,
-                    hurdle=hurdle,
-                    fitness=fitness,
-                    threshold=threshold,
-                    passed=passed,
-                    step=step,
-                    train_seconds=train_seconds,
-                )
-                self.open_hurdles[proposal.id].append((hurdle, fitness))
+    def advance(self, job, result: dict):
+        """The next job of a candidate after ``result``, or its journaled result."""
+        from nasjax.search.engine import Job
 
-            out = self.evaluator.train(spec, thresholds, on_hurdle=on_hurdle, should_stop=lambda: stop.stop)
-        except CandidateFailed as e:
-            return self._append_result("failed", id=proposal.id, stage=e.stage, reason=e.reason, **base)
-        except (Interrupted, KeyboardInterrupt):
-            raise
-        except Exception as e:  # a bug or an unexpected backend error: record, never crash the search
-            reason = f"{type(e).__name__}: {e}"[:400]
-            return self._append_result("failed", id=proposal.id, stage="internal", reason=reason, **base)
-        return self._append_result(
+        cid = job.key
+        base = self.base[cid]
+        if not result["ok"]:
+            self._journal_hurdles(cid, result.get("hurdles", []))
+            self.base.pop(cid)
+            return self.append_result("failed", id=cid, stage=result["stage"], reason=result["reason"], **base)
+        if job.stage == "check":
+            base.update({k: result[k] for k in ("params", "fec_hash", "fec_hash_alt", "probe_seconds")})
+            match = self.visible(self.match(base), cid) if self.cfg.search.fec else None
+            if match is not None:
+                return self._reuse(cid, match, "functionally equivalent to", **base)
+            return Job(cid, "train", job.spec, {"thresholds": self.thresholds[cid]}, route=job.route)
+        self._journal_hurdles(cid, result["hurdles"])
+        self.base.pop(cid)
+        fields = ("fitness", "stopped_at_hurdle", "hurdle_fitness", "steps", "compile_seconds", "train_seconds")
+        return self.append_result(
             "finished",
-            id=proposal.id,
-            fitness=out.fitness,
-            stopped_at_hurdle=out.stopped_at_hurdle,
-            hurdle_fitness=out.hurdle_fitness,
-            steps=out.steps,
-            compile_seconds=out.compile_seconds,
-            train_seconds=out.train_seconds,
-            memory_bytes=out.memory_bytes,
-            val_bpb=out.val.get("val_bpb"),
+            id=cid,
+            **{k: result[k] for k in fields},
+            memory_bytes=result["memory_bytes"],
+            val_bpb=result.get("val_bpb"),
             **base,
         )
+
+    def _journal_hurdles(self, cid: int, hurdles: list[dict]) -> None:
+        for h in hurdles:
+            self.journal.append("hurdle", id=cid, **h)
+            self.open_hurdles.setdefault(cid, []).append((h["hurdle"], h["fitness"]))
 
     def progress_line(self, rec: dict, total: int, wall: float) -> str:
         best = self.evo.best()
@@ -404,7 +491,7 @@ def _run_evolution(ctx: SearchContext) -> SearchSummary:
     cfg, journal, log, t_start = ctx.cfg, ctx.journal, ctx.log, ctx.t_start
     space = make_space(cfg, ctx.tokenizer.vocab_size)
     evaluator = TrainingEvaluator(cfg, ctx.data, ctx.mesh, ctx.rules, log=log)
-    ctl = _Controller(cfg, ctx.workdir, journal, space, evaluator, log)
+    ctl = _Controller(cfg, ctx.workdir, journal, space, log)
     ctl.replay()
     total = int(cfg.search.max_evaluations)
     resumed = len(ctl.terminal)
@@ -414,7 +501,7 @@ def _run_evolution(ctx: SearchContext) -> SearchSummary:
         f"{jax.device_count()} mesh {dict(ctx.mesh.shape)}"
         + (f"\nresuming: {resumed} evaluations replayed from {journal.path}" if journal.records[1:] else "")
     )
-    status = evolution_loop(ctx, ctl, space, total)
+    status = evolution_loop(ctx, ctl, evaluator, total)
     best = ctl.evo.best()
     return SearchSummary(
         status=status,
@@ -427,25 +514,41 @@ def _run_evolution(ctx: SearchContext) -> SearchSummary:
         train_seconds=ctl.train_seconds,
         probe_seconds=ctl.probe_seconds,
         wall_seconds=time.perf_counter() - t_start,
+        extra={"engine": str(cfg.get("engine", "inline")), "in_flight": ctl.in_flight},
     )
 
 
-def evolution_loop(ctx: SearchContext, ctl, space, total: int, proposal_fields=None) -> str:
+def evolution_loop(ctx: SearchContext, ctl: EvolutionController, adapter, total: int) -> str:
     """The ask -> journal -> evaluate loop shared by the evolutionary searches.
 
-    ``ctl`` needs ``evo`` (a RegularizedEvolution), ``terminal``, ``evaluate(proposal,
-    stop)`` and ``progress_line(rec, total, wall)``; pending proposals (a resumed search's
-    in-flight candidate) are evaluated first. ``proposal_fields(proposal)`` adds fields to
-    the ``proposed`` record. Returns the final status (finished | interrupted | time_limit)
-    after writing it to ``status.json``.
+    ``ctl`` is an :class:`EvolutionController` with ``start``/``advance``/``progress_line``;
+    ``adapter`` evaluates jobs in this process (the inline engine) or describes what the
+    Ray actors build (``engine=ray``). Candidates proposed but unfinished (a resumed
+    search's in-flight ones) are evaluated first. Returns the final status (finished |
+    interrupted | time_limit) after writing it to ``status.json``.
     """
+    from nasjax.search.engine import Job, make_engine
+
     cfg, journal, log = ctx.cfg, ctx.journal, ctx.log
     status = "finished"
     write_status(ctx.workdir, ctl, "running", total)
+    active: set[int] = set()
     with StopFlag() as stop:
-        queue = sorted(ctl.evo.pending)
+        engine = make_engine(cfg, ctx.tokenizer, adapter, should_stop=lambda: stop.stop, log=log)
+        if engine.capacity > ctl.in_flight:
+            log(f"note: {engine.capacity} workers but search.in_flight={ctl.in_flight}; some stay idle")
+
+        def handle(out) -> None:
+            if isinstance(out, Job):
+                engine.submit(out)
+                active.add(out.key)
+            else:
+                active.discard(out["id"])
+                log(ctl.progress_line(out, total, time.perf_counter() - ctx.t_start))
+
         try:
-            while len(ctl.terminal) < total:
+            ctl.go_live()
+            while True:
                 if stop.stop:
                     status = "interrupted"
                     break
@@ -453,24 +556,20 @@ def evolution_loop(ctx: SearchContext, ctl, space, total: int, proposal_fields=N
                     status = "time_limit"
                     log(f"search.max_seconds={cfg.search.max_seconds:g} reached; the same command continues")
                     break
-                if queue:
-                    proposal = ctl.evo.proposals[queue.pop(0)]
-                else:
-                    proposal = ctl.evo.ask()
-                    journal.append(
-                        "proposed",
-                        id=proposal.id,
-                        parent=proposal.parent,
-                        origin=proposal.origin,
-                        detail=proposal.detail,
-                        **(proposal_fields(proposal) if proposal_fields else {}),
-                        hash=space.genome_hash(proposal.genome),
-                        genome=space.genome_to_json(proposal.genome),
-                    )
-                rec = ctl.evaluate(proposal, stop)
-                log(ctl.progress_line(rec, total, time.perf_counter() - ctx.t_start))
+                while ctl.queue and engine.busy() < engine.capacity and len(ctl.terminal) + len(active) < total:
+                    proposal = ctl.evo.proposals[ctl.queue.pop(0)]
+                    handle(ctl.start(proposal))
+                if not active:
+                    if len(ctl.terminal) >= total or not ctl.queue:
+                        break
+                    continue
+                for job, result in engine.wait(timeout=1.0):
+                    active.discard(job.key)
+                    handle(ctl.advance(job, result))
         except (Interrupted, KeyboardInterrupt):
             status = "interrupted"
+        finally:
+            engine.close()
     if status == "interrupted":
         log(f"search interrupted; the same command resumes from {journal.path}")
     write_status(ctx.workdir, ctl, status, total)

@@ -1,0 +1,297 @@
+"""Where candidate evaluations run: in this process (``engine=inline``) or on Ray actors (``engine=ray``).
+
+The controller (proposals, journal, evolution state) always runs in the launching
+process and is the only writer of the journal. An engine runs *jobs*: one stage of one
+candidate's evaluation (``check``: parameter bound and probe; ``train``: the proxy
+training), given as a model-spec dict and a payload of plain data. A job's result is a
+plain dict, ``{"ok": True, ...}`` or ``{"ok": False, "stage": ..., "reason": ...}``.
+
+* :class:`InlineEngine` runs each job at once with the controller's evaluator (the
+  default; needs no Ray).
+* :class:`RayEngine` keeps ``ray_actors`` long-lived :class:`Worker` actors (one per
+  accelerator by default). Each builds its data pipeline and mesh once and keeps its
+  compiled programs (and the persistent compile cache) warm across candidates. A job
+  whose ``route`` key (the model spec's hash) an actor has already run goes to that
+  actor when it is free. An actor that dies (a crash, an OOM kill, a lost node) is
+  replaced and its job re-issued; results live only in the controller's journal, so
+  nothing finished is lost.
+
+How many evaluations are in flight is ``search.in_flight`` (N), a setting of the
+*algorithm*, not of the engine: candidate j is proposed once the results of candidates
+0 .. j-N have been told to the evolution, results are told in id order, and re-use of
+earlier results (identical genome, functional equivalence) only looks at candidates
+0 .. j-N. So the set of evaluated architectures depends on the seed and N, not on which
+engine ran them or in which order they finished, and ``engine=inline`` with the same N
+reproduces an ``engine=ray`` search (N=1 is the sequential search).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import time
+import traceback
+from typing import Any
+
+ENGINES = ("inline", "ray")
+
+__all__ = ["ENGINES", "Job", "InlineEngine", "RayEngine", "Worker", "make_engine", "EngineError", "run_job"]
+
+
+class EngineError(RuntimeError):
+    """An engine cannot start (Ray missing, cluster unreachable, bad settings)."""
+
+
+@dataclasses.dataclass
+class Job:
+    """One stage of one candidate's evaluation."""
+
+    key: int  # the candidate id
+    stage: str  # check | train
+    spec: dict
+    payload: dict = dataclasses.field(default_factory=dict)
+    route: str = ""  # jobs with the same route prefer the actor that ran it before
+    attempts: int = 0
+
+
+def run_job(adapter, job: Job, should_stop=None) -> dict:
+    """Runs ``job`` with a method's evaluation adapter; failures become result dicts."""
+    from nasjax.search.evaluate import CandidateFailed, Interrupted
+    from nasjax.spec import ModelSpec
+
+    try:
+        spec = ModelSpec.from_dict(job.spec)
+        if job.stage == "check":
+            out = adapter.check_job(spec)
+        elif job.stage == "train":
+            out = adapter.train_job(spec, job.payload, should_stop)
+        else:
+            raise ValueError(f"unknown job stage {job.stage!r}")
+        return {"ok": True, **out}
+    except CandidateFailed as e:
+        return {"ok": False, "stage": e.stage, "reason": e.reason, **e.info}
+    except (Interrupted, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a bug or an unexpected backend error: recorded, never crashes the search
+        reason = f"{type(e).__name__}: {e}"[:400]
+        return {"ok": False, "stage": "internal", "reason": reason, "trace": traceback.format_exc(limit=3)[-800:]}
+
+
+class InlineEngine:
+    """Runs every job at once in this process (``engine=inline``)."""
+
+    name = "inline"
+
+    def __init__(self, adapter, should_stop=None):
+        self.adapter, self.should_stop = adapter, should_stop
+        self._done: collections.deque = collections.deque()
+        self.restarts = 0
+
+    @property
+    def capacity(self) -> int:
+        return 1
+
+    def busy(self) -> int:
+        return 0
+
+    def submit(self, job: Job) -> None:
+        self._done.append((job, run_job(self.adapter, job, self.should_stop)))
+
+    def wait(self, timeout: float | None = None) -> list[tuple[Job, dict]]:
+        out = list(self._done)
+        self._done.clear()
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------- Ray
+
+
+class Worker:
+    """A long-lived evaluator process (a Ray actor): data, mesh and compiled programs stay warm.
+
+    Built from the search config (JSON), the search's tokenizer (config dict) and the
+    method; ``run(job)`` evaluates one job with the same adapter the inline engine uses.
+    """
+
+    def __init__(self, cfg_json: str, tokenizer_config: dict, method: str):
+        import ml_collections
+
+        from nasjax.data import tokenizer_from_config
+        from nasjax.train.run import make_mesh, setup_compile_cache
+
+        cfg = ml_collections.ConfigDict(json.loads(cfg_json))
+        setup_compile_cache(cfg)
+        mesh, rules = make_mesh(cfg)
+        tokenizer = tokenizer_from_config(tokenizer_config)
+        self.adapter = make_adapter(method, cfg, tokenizer, mesh, rules, log=lambda *a: None)
+        self.routes: set[str] = set()
+        self.jobs = 0
+
+    def run(self, job: Job) -> dict:
+        self.jobs += 1
+        out = run_job(self.adapter, job)
+        if job.route:
+            self.routes.add(job.route)
+        return out
+
+    def info(self) -> dict:
+        import jax
+
+        return {"pid": os.getpid(), "devices": [str(d) for d in jax.devices()], "jobs": self.jobs}
+
+
+def make_adapter(method: str, cfg, tokenizer, mesh, rules, log=print):
+    """The evaluation adapter of a search method (what a job's stages call)."""
+    from nasjax.search.run import build_text_data
+
+    kind = "mlm" if method == "autobert" else "lm"
+    data = build_text_data(cfg, tokenizer, kind, log)
+    if method == "autobert":
+        from nasjax.search.autobert import AutoBertEvaluator, load_tasks
+
+        return AutoBertEvaluator(cfg, data, load_tasks(cfg, tokenizer, log), mesh, rules, log)
+    if method == "primer":
+        from nasjax.search.evaluate import TrainingEvaluator
+
+        return TrainingEvaluator(cfg, data, mesh, rules, log)
+    raise EngineError(f"search.method={method!r} has no job adapter")
+
+
+class RayEngine:
+    """``ray_actors`` :class:`Worker` actors evaluating jobs concurrently (see the module docstring).
+
+    Args:
+      cfg: the search config (``ray_address``, ``ray_actors``, ``ray_cpus_per_actor``,
+        ``ray_gpus_per_actor``, ``ray_max_restarts``).
+      tokenizer: the search's tokenizer (sent to the actors).
+      n_actors: actors to start.
+      log: message sink.
+    """
+
+    name = "ray"
+
+    def __init__(self, cfg, tokenizer, n_actors: int, log=print):
+        try:
+            import ray
+        except ImportError:
+            raise EngineError("engine=ray needs Ray: pip install 'nasjax[ray]' (or ray>=2.40)") from None
+        self.ray, self.log = ray, log
+        address = str(cfg.get("ray_address", "") or "")
+        if not ray.is_initialized():
+            try:
+                if address:
+                    ray.init(address=address, log_to_driver=False)
+                else:
+                    ray.init(
+                        num_cpus=max(int(cfg.get("ray_num_cpus", 0) or 0), n_actors) or None,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        object_store_memory=int(cfg.get("ray_object_store_mb", 256)) * 2**20,
+                    )
+            except Exception as e:
+                raise EngineError(f"cannot start or reach Ray (ray_address={address!r}): {e}") from None
+        self.cfg_json = cfg.to_json()
+        self.tokenizer_config = tokenizer.to_config(embed=True)
+        self.method = str(cfg.search.method)
+        self.options = {
+            "num_cpus": float(cfg.get("ray_cpus_per_actor", 1.0)),
+            "num_gpus": float(cfg.get("ray_gpus_per_actor", 0.0)),
+        }
+        self.max_restarts = int(cfg.get("ray_max_restarts", 3))
+        self.prefix = f"nasjax_worker_{os.getpid()}_{int(time.time())}"
+        self._remote = ray.remote(Worker)
+        self.actors: list[Any] = [self._start(i) for i in range(n_actors)]
+        self.routes: list[set[str]] = [set() for _ in range(n_actors)]
+        self.running: dict[Any, tuple[int, Job]] = {}  # object ref -> (actor slot, job)
+        self.free = list(range(n_actors))
+        self.restarts = 0
+        info = ray.get([a.info.remote() for a in self.actors])
+        log(f"Ray engine: {n_actors} actors ({', '.join(str(i['pid']) for i in info)}), {self.options}")
+
+    def _start(self, slot: int):
+        return self._remote.options(name=f"{self.prefix}_{slot}", **self.options).remote(
+            self.cfg_json, self.tokenizer_config, self.method
+        )
+
+    @property
+    def capacity(self) -> int:
+        return len(self.actors)
+
+    def busy(self) -> int:
+        return len(self.running)
+
+    def actor_names(self) -> list[str]:
+        return [f"{self.prefix}_{i}" for i in range(len(self.actors))]
+
+    def submit(self, job: Job) -> None:
+        if not self.free:
+            raise EngineError("no free actor (the controller submitted more jobs than actors)")
+        slot = next((s for s in self.free if job.route and job.route in self.routes[s]), self.free[0])
+        self.free.remove(slot)
+        ref = self.actors[slot].run.remote(job)
+        self.running[ref] = (slot, job)
+
+    def wait(self, timeout: float | None = None) -> list[tuple[Job, dict]]:
+        if not self.running:
+            return []
+        ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=timeout)
+        out = []
+        for ref in ready:
+            slot, job = self.running.pop(ref)
+            try:
+                result = self.ray.get(ref)
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as e:
+                self._replace(slot, e)
+                job.attempts += 1
+                if job.attempts > self.max_restarts:
+                    out.append((job, {"ok": False, "stage": "internal", "reason": f"worker died {job.attempts}x"}))
+                else:
+                    self.log(f"worker {slot} died during candidate {job.key} ({job.stage}); re-issuing it")
+                    self.submit(job)
+                continue
+            except self.ray.exceptions.RayTaskError as e:
+                result = {"ok": False, "stage": "internal", "reason": str(e)[:400]}
+            self.free.append(slot)
+            if job.route:
+                self.routes[slot].add(job.route)
+            out.append((job, result))
+        return out
+
+    def _replace(self, slot: int, error) -> None:
+        self.restarts += 1
+        try:
+            self.ray.kill(self.actors[slot], no_restart=True)
+        except Exception:
+            pass
+        self.actors[slot] = self._start(slot)
+        self.routes[slot] = set()
+        self.free.append(slot)
+
+    def close(self) -> None:
+        for ref in list(self.running):
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:
+                pass
+        for a in self.actors:
+            try:
+                self.ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.running.clear()
+
+
+def make_engine(cfg, tokenizer, adapter, should_stop=None, log=print):
+    """The engine named by ``cfg.engine`` (inline unless ``engine=ray``)."""
+    name = str(cfg.get("engine", "inline") or "inline")
+    if name not in ENGINES:
+        raise EngineError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
+    if name == "inline":
+        return InlineEngine(adapter, should_stop)
+    n = int(cfg.get("ray_actors", 0) or 0) or int(cfg.search.get("in_flight", 1))
+    return RayEngine(cfg, tokenizer, n, log)

@@ -1,0 +1,161 @@
+"""Engines: N evaluations in flight, inline or on Ray actors, with the same evaluated set."""
+
+import os
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+@pytest.fixture
+def primer_config(text_dir, tmp_path):
+    def make(**overrides):
+        from nasjax.config import apply_overrides, load_config_file
+
+        cfg = load_config_file(os.path.join(ROOT, "configs/search/primer.py:tiny"))
+        base = {
+            "data.path": str(text_dir),
+            "data.val_files": "doc_5.txt",
+            "data.seq_len": 32,
+            "data.cache_dir": str(tmp_path / "cache"),
+            "train.batch_size": 8,
+            "train.steps": 6,
+            "train.warmup_steps": 2,
+            "search.hurdles": 1,
+            "search.hurdle_min_samples": 2,
+            "search.population_size": 3,
+            "search.tournament_size": 2,
+            "search.max_evaluations": 7,
+            "search.in_flight": 2,
+            "search.d_model": 32,
+            "search.n_layers": 1,
+            "search.n_heads": 2,
+            "search.d_ff": 64,
+            "search.val_batches": 2,
+            "compile_cache_dir": str(tmp_path / "xla_cache"),
+        }
+        base.update(overrides)
+        return apply_overrides(cfg, base)
+
+    return make
+
+
+def _evaluated(workdir) -> dict:
+    """id -> (genome hash, event, fitness rounded, cached_from) of every result in the journal."""
+    from nasjax.search.journal import read_journal
+
+    recs = read_journal(os.path.join(workdir, "journal.jsonl"))
+    props = {r["id"]: r for r in recs if r["event"] == "proposed"}
+    out = {}
+    for r in recs:
+        if r["event"] in ("finished", "failed"):
+            assert r["id"] not in out, f"candidate {r['id']} has two results"
+            fit = r.get("fitness")
+            out[r["id"]] = (props[r["id"]]["hash"], r["event"], None if fit is None else round(fit, 4))
+    return out
+
+
+def _order_rules_hold(workdir, n: int) -> None:
+    """Candidate j was asked only after j - n's result was journaled (told in id order)."""
+    from nasjax.search.journal import read_journal
+
+    recs = read_journal(os.path.join(workdir, "journal.jsonl"))
+    seq_result = {r["id"]: r["seq"] for r in recs if r["event"] in ("finished", "failed")}
+    for r in recs:
+        if r["event"] == "proposed" and r["id"] >= n:
+            earlier = [seq_result[i] for i in range(r["id"] - n + 1) if i in seq_result]
+            assert len(earlier) == r["id"] - n + 1 and max(earlier) < r["seq"], r
+
+
+def test_inline_in_flight_search_resumes_on_the_same_set(primer_config, tmp_path):
+    from nasjax.search.run import run_search
+
+    quiet = lambda *a: None  # noqa: E731
+    full = run_search(primer_config(), str(tmp_path / "full"), log=quiet)
+    assert full.status == "finished" and full.evaluations == 7 and full.extra["in_flight"] == 2
+    want = _evaluated(tmp_path / "full")
+    assert sorted(want) == list(range(7))
+    _order_rules_hold(tmp_path / "full", 2)
+    part = tmp_path / "part"
+    run_search(primer_config(**{"search.max_evaluations": 4}), str(part), log=quiet)
+    run_search(primer_config(), str(part), log=quiet)
+    assert _evaluated(part) == want
+    with pytest.raises(Exception, match="search.in_flight"):
+        run_search(primer_config(**{"search.in_flight": 1}), str(part), log=quiet)
+
+
+def test_unknown_engine_is_a_clear_error(primer_config, tmp_path):
+    from nasjax.search.engine import EngineError
+    from nasjax.search.run import run_search
+
+    with pytest.raises(EngineError, match="engine must be one of inline, ray"):
+        run_search(primer_config(engine="spark"), str(tmp_path / "s"), log=lambda *a: None)
+
+
+# ---------------------------------------------------------------------- Ray
+
+ray = pytest.importorskip("ray", reason="engine=ray needs ray (pip install 'nasjax[ray]')")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_search_matches_inline_survives_a_killed_actor_and_resumes(ray_cluster, primer_config, tmp_path):
+    import nasjax.search.engine as engine_mod
+    from nasjax.search.run import run_search
+
+    quiet = lambda *a: None  # noqa: E731
+    inline = run_search(primer_config(), str(tmp_path / "inline"), log=quiet)
+    assert inline.evaluations == 7
+    want = _evaluated(tmp_path / "inline")
+
+    # a Ray search with 2 actors; one actor is killed while it evaluates the first candidate
+    engines = []
+    make = engine_mod.make_engine
+
+    def capture(*args, **kw):
+        engines.append(make(*args, **kw))
+        return engines[-1]
+
+    workdir = tmp_path / "ray"
+    journal = workdir / "journal.jsonl"
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if engines and journal.exists() and '"event":"started"' in journal.read_text():
+                eng = engines[0]
+                busy = [slot for slot, _ in eng.running.values()]
+                if busy:
+                    ray.kill(eng.actors[busy[0]], no_restart=True)
+                    return
+            time.sleep(0.05)
+
+    logs = []
+    engine_mod.make_engine = capture
+    try:
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        out = run_search(primer_config(engine="ray", **{"search.max_evaluations": 4}), str(workdir), log=logs.append)
+        thread.join(timeout=5)
+    finally:
+        engine_mod.make_engine = make
+    assert out.status == "finished" and out.evaluations == 4 and out.extra["engine"] == "ray"
+    assert engines[0].restarts >= 1, logs
+    assert any("re-issuing" in line for line in logs), logs
+    got = _evaluated(workdir)
+    assert all(event == "finished" for _, event, _ in got.values()), got  # the killed job was re-run
+
+    # the controller stops (here: the limit) and a new one resumes from the journal on Ray
+    out = run_search(primer_config(engine="ray"), str(workdir), log=quiet)
+    assert out.evaluations == 7
+    assert _evaluated(workdir) == want  # the same architectures and results as the inline search
+    _order_rules_hold(workdir, 2)
