@@ -159,3 +159,40 @@ def test_ray_search_matches_inline_survives_a_killed_actor_and_resumes(ray_clust
     assert out.evaluations == 7
     assert _evaluated(workdir) == want  # the same architectures and results as the inline search
     _order_rules_hold(workdir, 2)
+
+
+@pytest.mark.ray
+def test_ray_lts_measures_a_population_on_two_actors(ray_cluster, text_dir, tmp_path):
+    """LTS (training-free) hands its measurements to the actors; the first population is the same."""
+    from nasjax.config import apply_overrides, load_config_file
+    from nasjax.search.journal import read_journal
+    from nasjax.search.run import run_search
+
+    def cfg(**kw):
+        base = {
+            "data.path": str(text_dir),
+            "data.val_files": "doc_5.txt",
+            "data.seq_len": 16,
+            "data.cache_dir": str(tmp_path / "cache"),
+            "search.population_size": 4,
+            "search.iterations": 0,
+            "lts.seq_len": 16,
+            "lts.latency_repeats": 2,
+            "lts.space.n_layer": (1, 2),
+            "lts.space.d_model": (32, 64),
+            "lts.space.d_inner": (64, 96, 128),
+            "lts.space.n_head": (2, 4),
+            "lts.space.min_params": 0,
+            "lts.space.max_params": 0,
+        }
+        base.update(kw)
+        return apply_overrides(load_config_file(os.path.join(ROOT, "configs/search/lts.py:cpu")), base)
+
+    def keys(workdir):
+        recs = read_journal(os.path.join(workdir, "journal.jsonl"))
+        return sorted((r["key"], r["event"]) for r in recs if r["event"] in ("measured", "failed"))
+
+    run_search(cfg(), str(tmp_path / "inline"), log=lambda *a: None)
+    out = run_search(cfg(engine="ray", ray_actors=2), str(tmp_path / "ray"), log=lambda *a: None)
+    assert out.status == "finished"
+    assert keys(tmp_path / "ray") == keys(tmp_path / "inline") and len(keys(tmp_path / "inline")) == 4

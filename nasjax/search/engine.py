@@ -49,7 +49,7 @@ class Job:
     """One stage of one candidate's evaluation."""
 
     key: int  # the candidate id
-    stage: str  # check | train
+    stage: str  # check | train (evolution) | measure (LTS)
     spec: dict
     payload: dict = dataclasses.field(default_factory=dict)
     route: str = ""  # jobs with the same route prefer the actor that ran it before
@@ -67,6 +67,8 @@ def run_job(adapter, job: Job, should_stop=None) -> dict:
             out = adapter.check_job(spec)
         elif job.stage == "train":
             out = adapter.train_job(spec, job.payload, should_stop)
+        elif job.stage == "measure":
+            out = adapter.measure_job(spec, job.payload)
         else:
             raise ValueError(f"unknown job stage {job.stage!r}")
         return {"ok": True, **out}
@@ -149,6 +151,10 @@ def make_adapter(method: str, cfg, tokenizer, mesh, rules, log=print):
     """The evaluation adapter of a search method (what a job's stages call)."""
     from nasjax.search.run import build_text_data
 
+    if method == "lts":  # training-free: no data
+        from nasjax.search.lts import LTSMeasurer
+
+        return LTSMeasurer(cfg)
     kind = "mlm" if method == "autobert" else "lm"
     data = build_text_data(cfg, tokenizer, kind, log)
     if method == "autobert":
@@ -293,5 +299,5 @@ def make_engine(cfg, tokenizer, adapter, should_stop=None, log=print):
         raise EngineError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
     if name == "inline":
         return InlineEngine(adapter, should_stop)
-    n = int(cfg.get("ray_actors", 0) or 0) or int(cfg.search.get("in_flight", 1))
+    n = int(cfg.get("ray_actors", 0) or 0) or int(cfg.search.get("in_flight", 1))  # LTS: ray_actors
     return RayEngine(cfg, tokenizer, n, log)

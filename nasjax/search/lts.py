@@ -106,10 +106,45 @@ class LTSState:
         return out
 
 
+class LTSMeasurer:
+    """What a ``measure`` job computes on the device that runs it: parameter counts, latency,
+    peak memory, FLOPs (and the zero-cost proxies named in ``lts.proxies``)."""
+
+    def __init__(self, cfg):
+        self.lts = cfg.lts
+        self.proxies = tuple(p.strip() for p in str(self.lts.proxies).split(",") if p.strip())
+
+    def measure_job(self, spec, payload: dict) -> dict:
+        from nasjax.measure import hardware
+        from nasjax.measure.params import count_params
+
+        t0 = time.perf_counter()
+        counts = count_params(spec)
+        hw = hardware.measure_hardware(
+            spec, int(self.lts.seq_len), batch=int(self.lts.batch), repeats=int(self.lts.latency_repeats)
+        )
+        fields = dict(
+            counted_decoder_params=int(counts["non_embedding"]),
+            total_params=int(counts["total"]),
+            latency_s=hw.latency_s,
+            latency_std_s=hw.latency_std_s,
+            peak_memory_bytes=int(hw.peak_memory_bytes),
+            activation_memory_bytes=int(hw.activation_memory_bytes),
+            device_peak_bytes=hw.device_peak_bytes,
+            flops=hw.flops,
+            compile_seconds=hw.compile_seconds,
+            backend=hw.backend,
+        )
+        if self.proxies:
+            from nasjax.measure.zero_cost import zero_cost_proxies
+
+            fields["proxies"] = zero_cost_proxies(spec, int(self.lts.seq_len), names=self.proxies)
+        fields["seconds"] = time.perf_counter() - t0
+        return fields
+
+
 class _Search:
     def __init__(self, ctx):
-        from nasjax.measure.hardware import measure_hardware
-
         self.ctx, self.cfg, self.log = ctx, ctx.cfg, ctx.log
         self.lts = self.cfg.lts
         self.space = StackSpace.from_config(self.lts.space)
@@ -120,16 +155,20 @@ class _Search:
             raise ValueError(f"lts.selection: expected one of {', '.join(SELECTIONS)}, got {self.lts.selection!r}")
         self.state = LTSState()
         self.state.replay(ctx.journal.records)
-        self.measure_hardware = measure_hardware
         self.proxies = tuple(p.strip() for p in str(self.lts.proxies).split(",") if p.strip())
         self.n_measured_now = 0
         self.measure_seconds = 0.0
+        self.pending: dict[int, tuple] = {}
+        self.measurer = LTSMeasurer(self.cfg)
 
     # ------------------------------------------------------------------ measurement
     def spec(self, genome: StackGenome):
         return self.space.decode(genome, vocab_size=self.vocab, max_len=int(self.lts.seq_len))
 
-    def evaluate(self, genome: StackGenome, iteration: int, origin: str) -> dict:
+    def prepare(self, genome: StackGenome, iteration: int, origin: str):
+        """A ``measure`` :class:`~nasjax.search.engine.Job`, or the (already journaled) record."""
+        from nasjax.search.engine import Job
+
         key = genome.key()
         if key in self.state.by_key:
             return self.state.by_key[key]
@@ -139,36 +178,21 @@ class _Search:
         reason = self.space.check(genome)
         if reason is not None:
             return self._append("failed", stage="constraint", reason=reason, **base)
-        t0 = time.perf_counter()
         try:
-            from nasjax.measure.params import count_params
-
             spec = self.spec(genome)
-            counts = count_params(spec)
-            hw = self.measure_hardware(
-                spec, int(self.lts.seq_len), batch=int(self.lts.batch), repeats=int(self.lts.latency_repeats)
-            )
-            fields = dict(
-                decoder_params=int(self.space.decoder_params(genome)),
-                counted_decoder_params=int(counts["non_embedding"]),
-                total_params=int(counts["total"]),
-                latency_s=hw.latency_s,
-                latency_std_s=hw.latency_std_s,
-                peak_memory_bytes=int(hw.peak_memory_bytes),
-                activation_memory_bytes=int(hw.activation_memory_bytes),
-                device_peak_bytes=hw.device_peak_bytes,
-                flops=hw.flops,
-                compile_seconds=hw.compile_seconds,
-                backend=hw.backend,
-            )
-            if self.proxies:
-                from nasjax.measure.zero_cost import zero_cost_proxies
-
-                fields["proxies"] = zero_cost_proxies(spec, int(self.lts.seq_len), names=self.proxies)
-        except Exception as e:  # a measurement error is a failed record, never a crashed search
+        except Exception as e:
             return self._append("failed", stage="measure", reason=f"{type(e).__name__}: {e}"[:400], **base)
-        finally:
-            self.measure_seconds += time.perf_counter() - t0
+        self.pending[base["id"]] = (genome, base)
+        return Job(base["id"], "measure", spec.to_dict(), route=key)
+
+    def finish(self, job, result: dict) -> dict:
+        """Journals a measurement (or its failure), applying the latency and memory caps."""
+        genome, base = self.pending.pop(job.key)
+        self.measure_seconds += float(result.get("seconds", 0.0))
+        if not result["ok"]:
+            return self._append("failed", stage="measure", reason=result["reason"], **base)
+        fields = {k: v for k, v in result.items() if k not in ("ok", "seconds")}
+        fields["decoder_params"] = int(self.space.decoder_params(genome))
         cap_lat, cap_mem = float(self.lts.max_latency_s), int(self.lts.max_memory_bytes)
         if cap_lat and fields["latency_s"] > cap_lat:
             reason = f"latency {fields['latency_s'] * 1e3:.2f} ms > lts.max_latency_s={cap_lat:g}"
@@ -241,6 +265,7 @@ class _Search:
 
 def run_lts(ctx) -> Any:
     """The LTS driver for :func:`nasjax.search.run.run_search`."""
+    from nasjax.search.engine import Job, make_engine
     from nasjax.search.lts_results import export_lts
     from nasjax.search.run import SearchSummary
     from nasjax.train.run import StopFlag
@@ -256,16 +281,27 @@ def run_lts(ctx) -> Any:
     )
     status = "finished"
     with StopFlag() as stop:
+        engine = make_engine(cfg, ctx.tokenizer, search.measurer, should_stop=lambda: stop.stop, log=log)
         try:
             for iteration in range(done, n_iter + 1):
                 pop = search.population(iteration)
                 t0 = time.perf_counter()
-                for k, (genome, origin) in enumerate(pop):
-                    if stop.stop or ctx.time_is_up():
-                        break
-                    search.evaluate(genome, iteration, origin)
-                    if (k + 1) % 10 == 0 or k + 1 == len(pop):
-                        log(_progress(search, iteration, n_iter, k + 1, len(pop), ctx))
+                todo, done_now, running = list(pop), 0, 0
+                while (todo or running) and not (stop.stop or ctx.time_is_up()):
+                    while todo and engine.busy() < engine.capacity:
+                        genome, origin = todo.pop(0)
+                        out = search.prepare(genome, iteration, origin)
+                        if isinstance(out, Job):
+                            engine.submit(out)
+                            running += 1
+                        else:
+                            done_now += 1
+                    for job, result in engine.wait(timeout=1.0):
+                        search.finish(job, result)
+                        running -= 1
+                        done_now += 1
+                        if done_now % 10 == 0 or done_now == len(pop):
+                            log(_progress(search, iteration, n_iter, done_now, len(pop), ctx))
                 if stop.stop:
                     status = "interrupted"
                     break
@@ -283,6 +319,8 @@ def run_lts(ctx) -> Any:
                 search.state.iterations.append(rec)
         except KeyboardInterrupt:
             status = "interrupted"
+        finally:
+            engine.close()
     if status != "finished":
         log(f"search {status}; the same command resumes from {journal.path}")
     exports = export_lts(ctx.workdir, log=log)
