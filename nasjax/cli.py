@@ -7,6 +7,8 @@ nasjax describe  bert --size=base | spec.json | --config=FILE[:preset] | --workd
 nasjax finetune  --config=configs/train/finetune.py:tiny --workdir=runs/ft --config.data.path=X.jsonl
                  [--config.init_from=runs/ad/student --config.compare_with=teacher,scratch]   (comparison.csv)
 nasjax search    --config=configs/search/primer.py:tiny --workdir=runs/s1   (same command resumes)
+                 [--config.engine=ray --config.search.in_flight=4]   (4 evaluations at once on Ray actors)
+                 [--coordinator=HOST:PORT --num_processes=N --process_id=I]   (one mesh over N processes)
 nasjax results   runs/s1 [--top=N]   (results.csv, best_spec.json, best_program.txt, fitness.png)
 nasjax search    --config=configs/search/lts.py:cpu --workdir=runs/lts   (pareto.csv, pareto.json, front/)
 nasjax lts-validate --config=configs/search/lts.py:cpu --workdir=runs/val   (proxy Spearman correlations)
@@ -37,6 +39,9 @@ flags.DEFINE_string("cache_dir", None, "data fetch: cache folder (default NASJAX
 flags.DEFINE_bool("force", False, "data fetch: download again even if present.")
 flags.DEFINE_bool("progress", True, "train: show the progress bar.")
 flags.DEFINE_integer("top", 10, "results: rows of the leaderboard.")
+flags.DEFINE_string("coordinator", "", "search/train on several processes: HOST:PORT of process 0's coordinator.")
+flags.DEFINE_integer("num_processes", 0, "search/train on several processes: how many.")
+flags.DEFINE_integer("process_id", -1, "search/train on several processes: this one's index.")
 
 EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -47,10 +52,17 @@ def _need(flag: str, value, command: str):
     return value
 
 
+def _distributed() -> None:
+    from nasjax.distributed import maybe_initialize
+
+    maybe_initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+
+
 def cmd_train(args: list[str]) -> int:
     from nasjax.train import run
 
     cfg = _need("config", FLAGS.config, "train")
+    _distributed()
     result = run.train(cfg, _need("workdir", FLAGS.workdir, "train"), progress=FLAGS.progress)
     return {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
 
@@ -100,7 +112,12 @@ def cmd_search(args: list[str]) -> int:
 
     cfg = _need("config", FLAGS.config, "search")
     workdir = _need("workdir", FLAGS.workdir, "search")
+    _distributed()
     summary = run_search(cfg, workdir)
+    if summary.status == "follower":  # process 1..N-1 of a multi-process search: no journal here
+        for cid, stage, result in summary.extra["jobs"]:
+            print(f"job {cid} {stage} ok={result['ok']} fitness={result.get('fitness')}")
+        return 0
     print(export_results(workdir, top=FLAGS.top, log=lambda *a: None).leaderboard)
     return EXIT_INTERRUPTED if summary.status == "interrupted" else 0
 

@@ -53,6 +53,8 @@ ray_actors                actors to start (0 = search.in_flight)
 ray_cpus_per_actor, ray_gpus_per_actor   resources each actor reserves (1 GPU each on a GPU cluster)
 ray_max_restarts          times one job is re-issued after its actor died before it counts as failed
 ray_object_store_mb       object store of a local Ray (weights of BIWS supernets travel through it)
+collective_timeout_s      several JAX processes (nasjax.distributed): a job running longer ends the
+                          process (exit 4) so the scheduler restarts it and the search resumes
 search.max_seconds        also stop after this much wall time of this process (0 = no limit)
 search.population_size    aging-evolution population (Primer: 100)
 search.tournament_size    tournament size (Primer: 10)
@@ -207,6 +209,7 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     c.ray_gpus_per_actor = 0.0
     c.ray_max_restarts = 3
     c.ray_object_store_mb = 256
+    c.collective_timeout_s = 3600.0
     c.search = ml_collections.ConfigDict()
     s = c.search
     s.method = method

@@ -297,6 +297,14 @@ def make_engine(cfg, tokenizer, adapter, should_stop=None, log=print):
     name = str(cfg.get("engine", "inline") or "inline")
     if name not in ENGINES:
         raise EngineError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
+    import jax
+
+    if jax.process_count() > 1:  # one candidate at a time on a mesh over every process
+        if name != "inline":
+            raise EngineError(f"engine={name} with {jax.process_count()} JAX processes: use engine=inline")
+        from nasjax.distributed import MultiProcessEngine
+
+        return MultiProcessEngine(adapter, float(cfg.get("collective_timeout_s", 3600.0)))
     if name == "inline":
         return InlineEngine(adapter, should_stop)
     n = int(cfg.get("ray_actors", 0) or 0) or int(cfg.search.get("in_flight", 1))  # LTS: ray_actors

@@ -74,6 +74,7 @@ RESUMABLE_KEYS = (
     "ray_gpus_per_actor",
     "ray_max_restarts",
     "ray_object_store_mb",
+    "collective_timeout_s",
 )
 
 
@@ -468,6 +469,8 @@ def run_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> Searc
     drivers = _drivers()
     if cfg.search.method not in drivers:
         raise SearchError(f"search.method={cfg.search.method!r} is not available; available: {', '.join(drivers)}")
+    if jax.process_count() > 1 and jax.process_index() != 0:
+        return _follow(cfg, t_start, log)
     os.makedirs(workdir, exist_ok=True)
     with Journal(os.path.join(workdir, JOURNAL), log=log) as journal:
         header = next((r for r in journal.records if r["event"] == "search"), None)
@@ -478,12 +481,45 @@ def run_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> Searc
         setup_compile_cache(cfg)
         mesh, rules = make_mesh(cfg)
         tokenizer, data = _build_data(cfg, workdir, log)
+        if jax.process_count() > 1:
+            from nasjax.distributed import broadcast_json
+
+            broadcast_json(tokenizer.to_config(embed=True))  # the followers' tokenizer
         if header is None:
             header = journal.append("search", method=cfg.search.method, config=json.loads(cfg.to_json()))
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(cfg.to_json(indent=2))
         ctx = SearchContext(cfg, workdir, journal, header, tokenizer, data, mesh, rules, log, t_start)
         return drivers[cfg.search.method](ctx)
+
+
+def _follow(cfg, t_start: float, log) -> SearchSummary:
+    """Processes 1..N-1 of a multi-process search: run process 0's jobs (no journal here)."""
+    from nasjax.data import tokenizer_from_config
+    from nasjax.distributed import Watchdog, broadcast_json, follow
+    from nasjax.search.engine import make_adapter
+
+    setup_compile_cache(cfg)
+    mesh, rules = make_mesh(cfg)
+    timeout = float(cfg.get("collective_timeout_s", 3600.0))
+    with Watchdog(timeout, "waiting for process 0 to start the search"):
+        tokenizer = tokenizer_from_config(broadcast_json(None))
+    adapter = make_adapter(str(cfg.search.method), cfg, tokenizer, mesh, rules, log=lambda *a: None)
+    done = follow(adapter, timeout)
+    log(f"process {jax.process_index()}: ran {len(done)} jobs for process 0")
+    return SearchSummary(
+        status="follower",
+        evaluations=len({k for k, _, _ in done}),
+        failures=0,
+        cache_hits=0,
+        best_id=None,
+        best_fitness=None,
+        compile_seconds=0.0,
+        train_seconds=0.0,
+        probe_seconds=0.0,
+        wall_seconds=time.perf_counter() - t_start,
+        extra={"jobs": done},
+    )
 
 
 def _run_evolution(ctx: SearchContext) -> SearchSummary:
