@@ -19,7 +19,10 @@ def _free_port() -> int:
 
 
 def test_watchdog_ends_a_hung_block_with_exit_code_4():
-    code = "import time\nfrom nasjax.distributed import Watchdog\nwith Watchdog(0.5, 'a test collective'):\n    time.sleep(30)\n"
+    code = (
+        "import time\nfrom nasjax.distributed import Watchdog\n"
+        "with Watchdog(0.5, 'a test collective'):\n    time.sleep(30)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 4 and "a test collective did not finish in 0.5s" in proc.stderr
 
