@@ -307,50 +307,6 @@ def test_supernet_file_round_trip_and_corruption(tmp_path):
 # --------------------------------------------------------------------------- the search
 
 
-@pytest.fixture
-def autobert_config(text_dir, tmp_path):
-    def make(**overrides):
-        from nasjax.config import apply_overrides, load_config_file
-
-        rng = np.random.default_rng(0)
-        words = (text_dir / "doc_0.txt").read_text().split()
-        task = tmp_path / "task.jsonl"
-        with open(task, "w") as f:
-            for _ in range(160):
-                sent = list(rng.choice(words, size=8))
-                label = int(rng.integers(2))
-                sent[int(rng.integers(8))] = "queen" if label else "king"
-                f.write(json.dumps({"label": label, "text": " ".join(sent)}) + "\n")
-        cfg = load_config_file(os.path.join(ROOT, "configs/search/autobert.py:tiny"))
-        base = {
-            "data.path": str(text_dir),
-            "data.val_files": "doc_5.txt",
-            "data.seq_len": 32,
-            "data.cache_dir": str(tmp_path / "cache"),
-            "train.batch_size": 8,
-            "train.steps": 4,
-            "train.warmup_steps": 1,
-            "search.population_size": 3,
-            "search.tournament_size": 2,
-            "search.max_evaluations": 4,
-            "search.val_batches": 2,
-            "autobert.n_layers": 2,
-            "autobert.d_model": 32,
-            "autobert.n_heads": 2,
-            "autobert.d_ff": 64,
-            "autobert.tasks": str(task),
-            "autobert.task_seq_len": 16,
-            "autobert.finetune_steps": 3,
-            "autobert.finetune_batch_size": 8,
-            "autobert.finetune_warmup": 1,
-            "compile_cache_dir": str(tmp_path / "xla_cache"),
-        }
-        base.update(overrides)
-        return apply_overrides(cfg, base)
-
-    return make
-
-
 def test_autobert_search_resumes_and_exports(autobert_config, tmp_path):
     from nasjax.search.journal import read_journal
     from nasjax.search.results import export_results
