@@ -5,6 +5,7 @@ from nasjax.config import ConfigFileError
 from nasjax.data import DataError, DataFetchError
 from nasjax.search.autodistil import DistilError
 from nasjax.search.biws import SuperNetError
+from nasjax.search.engine import EngineError
 from nasjax.search.journal import JournalError
 from nasjax.search.run import SearchError
 from nasjax.sharding import MeshError
@@ -22,6 +23,7 @@ USER_ERRORS = (
     JournalError,
     DistilError,
     SuperNetError,
+    EngineError,
     SearchError,
     SpecError,
     TrainConfigError,

@@ -92,6 +92,9 @@ def test_unknown_engine_is_a_clear_error(primer_config, tmp_path):
 
     with pytest.raises(EngineError, match="engine must be one of inline, ray"):
         run_search(primer_config(engine="spark"), str(tmp_path / "s"), log=lambda *a: None)
+    with pytest.raises(EngineError, match="search.in_flight must be at least 1"):
+        run_search(primer_config(**{"search.in_flight": 0}), str(tmp_path / "s"), log=lambda *a: None)
+    assert not (tmp_path / "s").exists()  # rejected before a journal was created
 
 
 # ---------------------------------------------------------------------- Ray

@@ -292,6 +292,17 @@ class RayEngine:
         self.running.clear()
 
 
+def check_engine_settings(cfg) -> None:
+    """Raises :class:`EngineError` for a bad ``engine`` / ``search.in_flight`` before anything starts."""
+    name = str(cfg.get("engine", "inline") or "inline")
+    if name not in ENGINES:
+        raise EngineError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
+    if "search" in cfg and int(cfg.search.get("in_flight", 1)) < 1:
+        raise EngineError(f"search.in_flight must be at least 1, got {cfg.search.in_flight}")
+    if int(cfg.get("ray_actors", 0) or 0) < 0:
+        raise EngineError(f"ray_actors must be >= 0 (0 = search.in_flight), got {cfg.ray_actors}")
+
+
 def make_engine(cfg, tokenizer, adapter, should_stop=None, log=print):
     """The engine named by ``cfg.engine`` (inline unless ``engine=ray``)."""
     name = str(cfg.get("engine", "inline") or "inline")

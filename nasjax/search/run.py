@@ -469,6 +469,9 @@ def run_search(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> Searc
     drivers = _drivers()
     if cfg.search.method not in drivers:
         raise SearchError(f"search.method={cfg.search.method!r} is not available; available: {', '.join(drivers)}")
+    from nasjax.search.engine import check_engine_settings
+
+    check_engine_settings(cfg)
     if jax.process_count() > 1 and jax.process_index() != 0:
         return _follow(cfg, t_start, log)
     os.makedirs(workdir, exist_ok=True)
