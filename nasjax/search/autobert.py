@@ -57,7 +57,7 @@ from nasjax.genome.autobert import (
     render_genome,
     seed_genome,
 )
-from nasjax.search.biws import SuperNet, SuperNetError
+from nasjax.search.biws import SuperNet, SuperNetError, flat_params, nested_params
 from nasjax.search.evaluate import (
     CandidateFailed,
     _short,
@@ -330,6 +330,7 @@ class _AutoBertController(EvolutionController):
         self.supernet: SuperNet | None = None
         self.snapshots: dict[int, SuperNet] = {}  # the supernet each asked candidate inherits from
         self.trained: dict[int, dict] = {}  # pre-trained params of results not told yet
+        self.awaiting_update: list[int] = []  # replayed results whose write-back is not journaled
         self.base: dict[int, dict] = {}
 
     # ------------------------------------------------------------------ replay
@@ -348,6 +349,8 @@ class _AutoBertController(EvolutionController):
     def replay_other(self, rec: dict) -> None:
         if rec["event"] == "supernet":
             self.supernet_version = max(self.supernet_version, int(rec["version"]))
+            if rec.get("id") in self.awaiting_update:
+                self.awaiting_update.remove(rec["id"])
 
     def _reward(self, cid: int, fitness: float) -> float:
         if self.cfg.autobert.ucb_reward == "improvement":
@@ -365,16 +368,38 @@ class _AutoBertController(EvolutionController):
         if rec.get("supernet_version") is not None:  # journals written before ordered tells
             self.supernet_version = max(self.supernet_version, int(rec["supernet_version"]))
         self.add(rec)
-        if not self.live:
+        if not self.live:  # replay: the write-back is checked after the supernet is loaded
+            self.awaiting_update.append(cid)
             return
+        self._write_back(cid)
+        # the UCB snapshot after this result, for `nasjax results`
+        self.journal.append("ucb", id=cid, table=self.priority.table(), total=self.priority.total)
+
+    def _child_path(self, cid: int) -> str:
+        return os.path.join(self.supernet_dir, f"child_{cid:06d}.npz")
+
+    def _write_back(self, cid: int) -> None:
+        """BIWS update with a told child's pre-trained weights (from memory, or the file written
+        before its result was journaled), then the supernet file and a ``supernet`` record."""
+        path = self._child_path(cid)
         params = self.trained.pop(cid, None)
+        if params is None and self.supernet is not None and os.path.exists(path):
+            with np.load(path, allow_pickle=False) as data:
+                params = nested_params({k: data[k] for k in data.files})
+            self.log(f"applying candidate {cid}'s weights to the supernet (journaled, not yet applied)")
         if params is not None and self.supernet is not None:
             kinds = tuple(g.kind for g in self.evo.proposals[cid].genome.layers)
             self.supernet.update(params, kinds, float(self.cfg.autobert.biws_update_rate))
             self.supernet_version = self._save_supernet()
             self.journal.append("supernet", id=cid, version=self.supernet_version)
-        # the UCB snapshot after this result, for `nasjax results`
-        self.journal.append("ucb", id=cid, table=self.priority.table(), total=self.priority.total)
+        if os.path.exists(path):
+            os.remove(path)
+
+    def finish_replay(self) -> None:
+        """Write-backs of told children that a crash left unapplied (their weights are on disk)."""
+        for cid in self.awaiting_update:
+            self._write_back(cid)
+        self.awaiting_update = []
 
     # ------------------------------------------------------------------ supernet
     def _supernet_path(self, version: int) -> str:
@@ -451,6 +476,8 @@ class _AutoBertController(EvolutionController):
         base = self.base[cid]
         if result.get("weights") is not None:  # pre-trained weights: told to the supernet in order
             self.trained[cid] = result.pop("weights")
+            if self.supernet is not None:  # written before the result is journaled, so a crash loses nothing
+                _save_flat(flat_params(self.trained[cid]), self._child_path(cid))
         if not result["ok"]:
             self.base.pop(cid)
             self.snapshots.pop(cid, None)
@@ -504,6 +531,13 @@ def initial_supernet(space: AutoBertSpace, evaluator: AutoBertEvaluator) -> Supe
     return SuperNet.initial(attn, conv)
 
 
+def _save_flat(flat: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **flat)
+    os.replace(tmp, path)
+
+
 def _with_extras(record: dict, source: dict) -> dict:
     """A reused record also carries the source's accuracies and MLM loss (not its supernet version)."""
     out = dict(record)
@@ -524,6 +558,7 @@ def run_autobert(ctx):
     ctl = _AutoBertController(ctx, space, evaluator)
     ctl.replay()
     ctl.load_supernet()
+    ctl.finish_replay()
     total = int(cfg.search.max_evaluations)
     a = cfg.autobert
     log(

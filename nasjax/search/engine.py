@@ -216,7 +216,11 @@ class RayEngine:
         self.running: dict[Any, tuple[int, Job]] = {}  # object ref -> (actor slot, job)
         self.free = list(range(n_actors))
         self.restarts = 0
-        info = ray.get([a.info.remote() for a in self.actors])
+        try:
+            info = ray.get([a.info.remote() for a in self.actors])
+        except Exception as e:  # a worker could not build its data, mesh or evaluator
+            self.close()
+            raise EngineError(f"Ray workers failed to start: {str(e)[-600:]}") from None
         log(f"Ray engine: {n_actors} actors ({', '.join(str(i['pid']) for i in info)}), {self.options}")
 
     def _start(self, slot: int):
