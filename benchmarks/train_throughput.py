@@ -53,6 +53,11 @@ def measure_matmul_peak(dtype, n: int, repeats: int = 10) -> float:
 
 def bench_one(name, size, batch, seq_len, steps, dtype, mesh, rules):
     spec = get_spec(name, size, vocab_size=262 if size == "tiny" else 32768, max_len=seq_len)
+    return bench_spec(spec, name, size, batch, seq_len, steps, dtype, mesh, rules)
+
+
+def bench_spec(spec, name, size, batch, seq_len, steps, dtype, mesh, rules):
+    """Compile time and median step time of ``spec``'s train step (random tokens)."""
     cfg = base_config().train
     cfg.batch_size = batch
     cfg.steps = 10**6

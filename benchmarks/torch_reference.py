@@ -1,0 +1,195 @@
+"""A plain PyTorch reference of nasjax's zoo decoders, for the throughput comparison (issue 8).
+
+    python benchmarks/torch_reference.py --model=vanilla --size=tiny
+
+Built from the same nasjax ``ModelSpec`` (so the shapes are the same by construction,
+and the parameter count is checked against ``nasjax.measure.params``): pre-LayerNorm
+decoder blocks of causal softmax attention (optional bias; Primer's causal depthwise
+convolution of width 3 on each head's Q, K and V), T5 relative-position bias shared by
+the layers or learned absolute positions, ReLU / squared ReLU / tanh-GELU FFN with bias,
+final LayerNorm, output logits tied to the token embedding. The training step is the
+eager PyTorch idiom: forward, mean token cross-entropy, backward, global-norm clipping
+at 1.0, AdamW (b1 0.9, b2 0.98, eps 1e-9, no weight decay: nasjax's defaults).
+Nothing here is tuned for speed beyond what a plain script does; that is the point
+of the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nasjax.layers.embed import relative_position_bucket  # noqa: E402  (numpy; the same buckets)
+
+
+class DConv(nn.Module):
+    """Causal depthwise conv over positions, one tap vector per (head, dim), no bias."""
+
+    def __init__(self, heads: int, dim: int, k: int):
+        super().__init__()
+        taps = torch.full((k, heads, dim), 0.5 / k)
+        taps[0] = 0.5
+        self.taps = nn.Parameter(taps)
+        self.k = k
+
+    def forward(self, x):  # B, L, H, K
+        y = x * self.taps[0]
+        for i in range(1, self.k):
+            y = y + F.pad(x, (0, 0, 0, 0, i, 0))[:, : x.shape[1]] * self.taps[i]
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, d, layer, init_std):
+        super().__init__()
+        m, f = layer.mixer, layer.ffn
+        self.h = m.n_heads
+        self.k = m.head_dim or d // m.n_heads
+        hk = self.h * self.k
+        self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-6), nn.LayerNorm(d, eps=1e-6)
+        self.q, self.kp, self.v = (nn.Linear(d, hk, bias=m.use_bias) for _ in range(3))
+        self.o = nn.Linear(hk, d, bias=m.use_bias)
+        self.dconv = nn.ModuleList(DConv(self.h, self.k, m.dconv_kernel) for _ in range(3)) if m.dconv_kernel else None
+        self.fi, self.fo = nn.Linear(d, f.d_ff, bias=f.use_bias), nn.Linear(f.d_ff, d, bias=f.use_bias)
+        self.act = {
+            "relu": F.relu,
+            "squared_relu": lambda x: F.relu(x) ** 2,
+            "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        }[f.activation]
+        for lin in (self.q, self.kp, self.v, self.o, self.fi, self.fo):
+            nn.init.normal_(lin.weight, std=init_std)
+
+    def forward(self, x, bias):
+        b, n, _ = x.shape
+        y = self.ln1(x)
+        q, k, v = (p(y).view(b, n, self.h, self.k) for p in (self.q, self.kp, self.v))
+        if self.dconv is not None:
+            q, k, v = (c(t) for c, t in zip(self.dconv, (q, k, v)))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B, H, L, K
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, : self.h])
+        x = x + self.o(att.transpose(1, 2).reshape(b, n, self.h * self.k))
+        return x + self.fo(self.act(self.fi(self.ln2(x))))
+
+
+class TorchDecoder(nn.Module):
+    """The spec's decoder (see the module docstring)."""
+
+    def __init__(self, spec, seq_len: int):
+        super().__init__()
+        d = spec.d_model
+        self.embed = nn.Embedding(spec.vocab_size, d)
+        nn.init.normal_(self.embed.weight, std=spec.init_std)
+        self.positions = spec.positions
+        heads = max(layer.mixer.n_heads for layer in spec.layers)
+        if spec.positions == "learned":
+            self.pos = nn.Embedding(spec.max_len, d)
+            nn.init.normal_(self.pos.weight, std=spec.init_std)
+        elif spec.positions == "relative":
+            self.rel = nn.Parameter(torch.randn(spec.relative_buckets, heads) * spec.init_std)
+            rel = np.arange(seq_len)[None, :] - np.arange(seq_len)[:, None]
+            buckets = relative_position_bucket(rel, False, spec.relative_buckets, spec.relative_max_distance)
+            self.register_buffer("buckets", torch.as_tensor(buckets, dtype=torch.long), persistent=False)
+        else:
+            raise ValueError(f"positions={spec.positions!r} is not in the reference")
+        mask = torch.full((seq_len, seq_len), -1e9).triu(1)
+        self.register_buffer("mask", mask, persistent=False)
+        self.blocks = nn.ModuleList(Block(d, layer, spec.init_std) for layer in spec.layers)
+        self.ln_f = nn.LayerNorm(d, eps=1e-6)
+
+    def forward(self, tokens):
+        n = tokens.shape[1]
+        x = self.embed(tokens)
+        if self.positions == "learned":
+            x = x + self.pos.weight[:n]
+            bias = self.mask[None, None].expand(1, max(b.h for b in self.blocks), n, n)
+        else:
+            bias = self.rel[self.buckets[:n, :n]].permute(2, 0, 1)[None] + self.mask[:n, :n]
+        for block in self.blocks:
+            x = block(x, bias)
+        return self.ln_f(x) @ self.embed.weight.T
+
+
+def make_step(model, lr: float = 1e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0)
+
+    def step(inputs, targets):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    return step
+
+
+def matmul_peak(n: int, repeats: int = 10) -> float:
+    best = 0.0
+    for m in (n // 2, n, 2 * n):
+        a = torch.ones(m, m)
+        a @ a
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ a
+            best = max(best, 2 * m**3 / (time.perf_counter() - t0))
+    return best
+
+
+def bench(spec, batch: int, seq_len: int, steps: int, threads: int) -> dict:
+    """Median step time of the reference on random tokens (2 warm-up steps)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = TorchDecoder(spec, seq_len)
+    step = make_step(model)
+    x = torch.as_tensor(np.random.default_rng(0).integers(0, spec.vocab_size, size=(batch, seq_len + 1)))
+    inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    for _ in range(2):
+        step(inputs, targets)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step(inputs, targets)
+        times.append(time.perf_counter() - t0)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "step_ms": statistics.median(times) * 1e3,
+        "tok_s": batch * seq_len / statistics.median(times),
+    }
+
+
+def main():
+    from nasjax.measure.params import count_params
+    from nasjax.models import get_spec
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vanilla")
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    spec = get_spec(args.model, args.size, vocab_size=262 if args.size == "tiny" else 32768, max_len=args.seq_len)
+    out = bench(spec, args.batch, args.seq_len, args.steps, args.threads)
+    want = count_params(spec)["total"]
+    print(
+        f"{args.model} {args.size}: params {out['params']:,} (nasjax {want:,}), step {out['step_ms']:.1f} ms, "
+        f"{out['tok_s']:,.0f} tokens/s, torch {torch.__version__}, {args.threads} threads"
+    )
+    if out["params"] != want:
+        raise SystemExit(f"parameter count differs from nasjax's ({out['params']} vs {want}): not the same model")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""nasjax train-step throughput next to the plain PyTorch reference of the same model (issue 8).
+
+    python benchmarks/vs_torch.py                          # vanilla, primer_ez, gpt2 x tiny, small
+    python benchmarks/vs_torch.py --models=gpt2 --sizes=tiny --widths=128,256,512
+
+For each model: the nasjax train step (``benchmarks/train_throughput.py``'s measurement:
+one jitted step with AdamW and clipping, median of ``--steps`` after 2 warm-up steps)
+and the PyTorch eager step of ``benchmarks/torch_reference.py`` (built from the same
+spec, parameter count checked equal), same batch, sequence and thread count, one after
+the other in this process. Prints tokens/s of both, the ratio nasjax / PyTorch, and MFU
+against each framework's own measured matmul peak. ``--widths`` replaces the zoo sizes
+by 4-layer, 4-head models of those d_model (d_ff 4 d), byte vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+import torch_reference  # noqa: E402
+import train_throughput  # noqa: E402
+
+from nasjax import sharding as shd  # noqa: E402
+from nasjax.measure.flops import flops_per_token  # noqa: E402
+from nasjax.models import get_spec  # noqa: E402
+
+SIZES = {"tiny": (16, 128, 262), "small": (8, 256, 32768)}
+
+
+def specs(args):
+    for name in args.models.split(","):
+        if args.widths:
+            for d in (int(w) for w in args.widths.split(",")):
+                spec = get_spec(name, "tiny", vocab_size=262, max_len=128, d_model=d, n_layers=4, n_heads=4, d_ff=4 * d)
+                yield name, f"L4 d{d}", spec, 16, 128
+        else:
+            for size in args.sizes.split(","):
+                batch, seq, vocab = SIZES[size]
+                yield name, size, get_spec(name, size, vocab_size=vocab, max_len=seq), batch, seq
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="vanilla,primer_ez,gpt2")
+    p.add_argument("--sizes", default="tiny,small")
+    p.add_argument("--widths", default="", help="4-layer models of these d_model instead of the zoo sizes")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    jax_peak = train_throughput.measure_matmul_peak(jnp.float32, 1024)
+    torch_peak = torch_reference.matmul_peak(1024)
+    print(
+        f"# {jax.devices()[0].device_kind} x{jax.device_count()} | jax {jax.__version__} | torch {torch.__version__}"
+        f" | {args.threads} threads | float32"
+    )
+    print(
+        f"# matmul peak (best of 512, 1024, 2048 square): jax {jax_peak / 1e9:.0f} GFLOP/s, "
+        f"torch {torch_peak / 1e9:.0f} GFLOP/s\n"
+    )
+    mesh = shd.make_mesh((-1, 1, 1))
+    print(
+        "| model | size | params | batch x seq | nasjax tok/s | torch tok/s | nasjax / torch | nasjax MFU | torch MFU |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, size, spec, batch, seq in specs(args):
+        j = train_throughput.bench_spec(spec, name, size, batch, seq, args.steps, "float32", mesh, shd.DEFAULT_RULES)
+        t = torch_reference.bench(spec, batch, seq, args.steps, args.threads)
+        if t["params"] != j["params"]:
+            raise SystemExit(f"{name} {size}: parameter counts differ ({j['params']} vs {t['params']})")
+        flops = 3 * flops_per_token(spec, seq)
+        print(
+            f"| {name} | {size} | {j['params'] / 1e6:.2f}M | {batch}x{seq} | {j['tok_s']:,.0f} | {t['tok_s']:,.0f} | "
+            f"{j['tok_s'] / t['tok_s']:.2f}x | {j['tok_s'] * flops / jax_peak:.1%} | "
+            f"{t['tok_s'] * flops / torch_peak:.1%} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
