@@ -10,6 +10,7 @@ Activations: ``relu``, ``squared_relu`` (Primer: relu(x)^2), ``gelu`` (exact, er
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,7 +81,16 @@ class Dense(nn.Module):
             jnp.float32,
         )
         dtype = self.dtype or jnp.result_type(x.dtype, jnp.float32)
-        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), ((axis, tuple(range(len(axis)))), ((), ())))
+        n_in = len(axis)
+        if axis == tuple(range(x.ndim - n_in, x.ndim)) and x.ndim > n_in + 1:
+            # Contracting the trailing axes (every projection here): one 2-D matmul on [rows, in] x [in, out].
+            # Same math; XLA:CPU otherwise emits the backward of a rank-3 dot with a fused activation
+            # gradient (GELU) as a slow loop, ~2x the FFN's backward time (docs/benchmarks.md, issue 8).
+            lead, d_in = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in :])
+            y = jnp.dot(x.reshape(-1, d_in).astype(dtype), kernel.reshape(d_in, -1).astype(dtype))
+            y = y.reshape(lead + features)
+        else:
+            y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), ((axis, tuple(range(n_in))), ((), ())))
         if self.use_bias:
             bias = self.param(
                 "bias",
