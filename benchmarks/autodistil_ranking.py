@@ -31,6 +31,7 @@ parameter-count ranking (how much a SuperLM adds over counting). Writes
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -46,9 +47,8 @@ from nasjax.config import apply_overrides, load_config_file  # noqa: E402
 from nasjax.genome.autodistil import Subnet, scaled_subspaces, subnet_spec  # noqa: E402
 from nasjax.measure.params import count_params  # noqa: E402
 from nasjax.models import get_spec  # noqa: E402
-from nasjax.search.autodistil import run_distil  # noqa: E402
+from nasjax.search.autodistil import _trainer, run_distil  # noqa: E402
 from nasjax.search.run import build_text_data  # noqa: E402
-from nasjax.search.superlm import SuperLMTrainer  # noqa: E402
 from nasjax.spec import save_spec  # noqa: E402
 from nasjax.train.run import load_run, train  # noqa: E402
 
@@ -117,20 +117,10 @@ def distil_config(args, teacher: str, **kw):
 
 
 def trainer_for(cfg, teacher_spec, teacher_params, subnets, steps: int, m: int):
-    d = cfg.distil
-    return SuperLMTrainer(
-        teacher_spec,
-        teacher_params,
-        subnets,
-        lr=float(cfg.train.learning_rate),
-        weight_decay=float(cfg.train.weight_decay),
-        steps=steps,
-        warmup=int(cfg.train.warmup_steps),
-        sandwich_size=m,
-        relation_heads=int(d.relation_heads),
-        kd_kind=str(d.kd_kind),
-        seed=int(cfg.seed),
-    )
+    """The library's SuperLM trainer for ``cfg`` with ``steps`` and a sandwich of ``m``."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.steps, cfg.distil.sandwich_size = steps, m
+    return _trainer(cfg, teacher_spec, teacher_params, subnets)
 
 
 def picks(subnets, n: int, teacher_spec) -> list[Subnet]:

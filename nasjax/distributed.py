@@ -26,6 +26,8 @@ import threading
 
 import numpy as np
 
+from nasjax.search.engine import InlineEngine
+
 __all__ = ["maybe_initialize", "broadcast_json", "Watchdog", "MultiProcessEngine", "follow", "EXIT_HUNG"]
 
 EXIT_HUNG = 4
@@ -119,22 +121,14 @@ def _job_to_json(job) -> dict:
     return {"key": job.key, "stage": job.stage, "spec": job.spec, "payload": job.payload, "route": job.route}
 
 
-class MultiProcessEngine:
+class MultiProcessEngine(InlineEngine):
     """Process 0's engine when several processes share the mesh: broadcast, then run in lockstep."""
 
     name = "multiprocess"
 
     def __init__(self, adapter, timeout_s: float):
-        self.adapter, self.timeout_s = adapter, timeout_s
-        self._done: list = []
-        self.restarts = 0
-
-    @property
-    def capacity(self) -> int:
-        return 1
-
-    def busy(self) -> int:
-        return 0
+        super().__init__(adapter, should_stop=None)  # a stop acts between candidates, never inside a collective
+        self.timeout_s = timeout_s
 
     def submit(self, job) -> None:
         from nasjax.search.engine import run_job
@@ -150,10 +144,6 @@ class MultiProcessEngine:
         broadcast_json(message)
         with Watchdog(self.timeout_s, f"candidate {job.key} ({job.stage})"):
             self._done.append((job, run_job(self.adapter, job)))
-
-    def wait(self, timeout=None) -> list:
-        out, self._done = self._done, []
-        return out
 
     def close(self) -> None:
         broadcast_json(None)  # releases the followers

@@ -10,34 +10,11 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 @pytest.fixture
-def primer_config(text_dir, tmp_path):
-    def make(**overrides):
-        from nasjax.config import apply_overrides, load_config_file
+def primer_config(search_config):
+    """The shared tiny Primer search with two evaluations in flight."""
 
-        cfg = load_config_file(os.path.join(ROOT, "configs/search/primer.py:tiny"))
-        base = {
-            "data.path": str(text_dir),
-            "data.val_files": "doc_5.txt",
-            "data.seq_len": 32,
-            "data.cache_dir": str(tmp_path / "cache"),
-            "train.batch_size": 8,
-            "train.steps": 6,
-            "train.warmup_steps": 2,
-            "search.hurdles": 1,
-            "search.hurdle_min_samples": 2,
-            "search.population_size": 3,
-            "search.tournament_size": 2,
-            "search.max_evaluations": 7,
-            "search.in_flight": 2,
-            "search.d_model": 32,
-            "search.n_layers": 1,
-            "search.n_heads": 2,
-            "search.d_ff": 64,
-            "search.val_batches": 2,
-            "compile_cache_dir": str(tmp_path / "xla_cache"),
-        }
-        base.update(overrides)
-        return apply_overrides(cfg, base)
+    def make(**overrides):
+        return search_config(**{"search.in_flight": 2, **overrides})
 
     return make
 
