@@ -76,13 +76,13 @@ def test_unknown_engine_is_a_clear_error(primer_config, tmp_path):
 
 # ---------------------------------------------------------------------- Ray
 
-ray = pytest.importorskip("ray", reason="engine=ray needs ray (pip install 'nasjax[ray]')")
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """A 2-CPU local Ray for this module (the Ray tests skip, the others run, without ray)."""
+    ray = pytest.importorskip("ray", reason="engine=ray needs ray (pip install 'nasjax[ray]')")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
-    yield
+    yield ray
     ray.shutdown()
 
 
@@ -92,6 +92,7 @@ def test_ray_search_matches_inline_survives_a_killed_actor_and_resumes(ray_clust
     import nasjax.search.engine as engine_mod
     from nasjax.search.run import run_search
 
+    ray = ray_cluster
     quiet = lambda *a: None  # noqa: E731
     inline = run_search(primer_config(), str(tmp_path / "inline"), log=quiet)
     assert inline.evaluations == 7
