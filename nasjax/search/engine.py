@@ -89,7 +89,6 @@ class InlineEngine:
     def __init__(self, adapter, should_stop=None):
         self.adapter, self.should_stop = adapter, should_stop
         self._done: collections.deque = collections.deque()
-        self.restarts = 0
 
     @property
     def capacity(self) -> int:
@@ -131,15 +130,11 @@ class Worker:
         mesh, rules = make_mesh(cfg)
         tokenizer = tokenizer_from_config(tokenizer_config)
         self.adapter = make_adapter(method, cfg, tokenizer, mesh, rules, log=lambda *a: None)
-        self.routes: set[str] = set()
         self.jobs = 0
 
     def run(self, job: Job) -> dict:
         self.jobs += 1
-        out = run_job(self.adapter, job)
-        if job.route:
-            self.routes.add(job.route)
-        return out
+        return run_job(self.adapter, job)
 
     def info(self) -> dict:
         import jax
@@ -234,9 +229,6 @@ class RayEngine:
 
     def busy(self) -> int:
         return len(self.running)
-
-    def actor_names(self) -> list[str]:
-        return [f"{self.prefix}_{i}" for i in range(len(self.actors))]
 
     def submit(self, job: Job) -> None:
         if not self.free:

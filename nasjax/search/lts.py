@@ -155,7 +155,6 @@ class _Search:
             raise ValueError(f"lts.selection: expected one of {', '.join(SELECTIONS)}, got {self.lts.selection!r}")
         self.state = LTSState()
         self.state.replay(ctx.journal.records)
-        self.proxies = tuple(p.strip() for p in str(self.lts.proxies).split(",") if p.strip())
         self.n_measured_now = 0
         self.measure_seconds = 0.0
         self.pending: dict[int, tuple] = {}
