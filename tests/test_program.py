@@ -274,3 +274,32 @@ def test_nested_branches_train_under_a_mesh(tiny_config, tmp_path):
              "weights": np.ones((8, LEN), np.float32)}  # fmt: skip
     state, metrics = trainer.step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_probe_parameters_are_the_trainers_init(tiny_config):
+    """The probe's init is the trainer's: a search's trainer takes it instead of initialising
+    again, and gets exactly what a trainer without a probe computes (8-device mesh)."""
+    from nasjax import sharding as shd
+    from nasjax.train import state as state_lib
+    from nasjax.train.loop import Trainer
+
+    spec = _spec(primer_ez_program(H, D, F))
+    cfg = tiny_config()
+    mesh = shd.make_mesh((-1, 1, 1))
+
+    def trainer_params():
+        trainer = Trainer(spec, cfg.train, mesh, shd.DEFAULT_RULES, seed=3, seq_len=LEN)
+        return jax.device_get(trainer.init_state().params)
+
+    fresh = trainer_params()
+    probe_model(spec, seq_len=LEN, seed=3, remember=True)
+    assert (spec, 3, LEN) in state_lib._REMEMBERED
+    taken = trainer_params()
+    assert (spec, 3, LEN) not in state_lib._REMEMBERED  # taken, not kept
+    for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(taken), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A mismatching entry (another spec under the key) is ignored, not used.
+    state_lib.remember_initial_params((spec, 3, LEN), {"wrong": np.zeros(3)})
+    again = trainer_params()
+    for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -12,10 +12,10 @@ interpreter), initialises it with a fixed key, and in one jitted call computes
   same function share at least one hash even when their compiled programs round
   differently (a value near a step boundary of one grid is far from the other's), so
   the search can reuse a recorded fitness instead of training again;
-* for decoders, the gradient of a random projection of the logits at a few positions t
-  w.r.t. the input embeddings of every position s (the ``perturbations`` hook of the
-  model): any gradient at s > t is a causal leak. The leak is reported relative to the
-  largest gradient at s <= t.
+* for decoders, at a few positions t, the directional derivative (forward mode) of all
+  logits along random noise added to the input embeddings of the positions s > t (the
+  ``perturbations`` hook of the model): any change of an output at a position <= t is a
+  causal leak. The leak is reported relative to the largest change at positions > t.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ class ProbeResult:
 
     Attributes:
       finite: all probe logits are finite.
-      causal_leak: max |d out_t / d x_s| over s > t relative to the max over s <= t
-        (0.0 for a causal model; None for encoders, which are not checked).
+      causal_leak: max |d out_s'| over s' <= t for a tangent on the inputs at s > t,
+        relative to the max over s' > t (0.0 for a causal model; None for encoders,
+        which are not checked).
       output_hash, output_hash_alt: the two functional-equivalence hashes (None if not
         finite).
       seconds: wall time of the probe (trace, compile and run).
@@ -100,8 +101,14 @@ def _positions(seq_len: int) -> tuple[int, ...]:
     return tuple(sorted({0, seq_len // 3, seq_len // 2, max(seq_len - 2, 0)}))
 
 
-def probe_model(spec: ModelSpec, seq_len: int, batch: int = 2, seed: int = 0, digits: int = 3) -> ProbeResult:
-    """Runs the checks of the module docstring on ``spec`` (one compile, CPU or default device).
+def probe_model(
+    spec: ModelSpec, seq_len: int, batch: int = 2, seed: int = 0, digits: int = 3, remember: bool = False
+) -> ProbeResult:
+    """Runs the checks of the module docstring on ``spec`` (CPU or default device).
+
+    The model is initialised as the trainer initialises it (seed ``seed``, sequence
+    ``seq_len``); ``remember=True`` keeps those parameters for a Trainer of the same
+    spec, seed and sequence length in this process (a search's next step).
 
     Raises whatever tracing raises (shape errors of a malformed program): callers record
     it as a failed candidate.
@@ -114,29 +121,42 @@ def probe_model(spec: ModelSpec, seq_len: int, batch: int = 2, seed: int = 0, di
     positions = jnp.asarray(_positions(seq_len))
     check_causality = spec.causal
 
-    def run(key):
-        params = model.init({"params": key}, tokens)["params"]
+    # The training init (same program, same seed): the trainer of this candidate in this
+    # process takes these parameters instead of compiling and running its own init.
+    from nasjax.train.state import initial_params, remember_initial_params
+
+    init_params = initial_params(model, seed, seq_len)
+    if remember:
+        remember_initial_params((spec, seed, seq_len), init_params)
+
+    def run(params):
         pert = jnp.zeros((batch, seq_len, spec.d_model), jnp.float32)
         logits = model.apply({"params": params, "perturbations": {"embeddings": pert}}, tokens)
         if not check_causality:
             return logits, jnp.zeros((0,))
-        proj = jax.random.normal(jax.random.key(seed + 1), logits.shape[-1:], jnp.float32)
-
-        def output_at(p, t):
-            out = model.apply({"params": params, "perturbations": {"embeddings": p}}, tokens)
-            return jnp.sum(jnp.take(out, t, axis=1) * proj)
-
-        grads_TxBxLxD = jax.vmap(jax.grad(output_at), in_axes=(None, 0))(pert, positions)
-        mag_TxL = jnp.max(jnp.abs(grads_TxBxLxD), axis=(1, 3))
+        # Forward mode: one directional derivative per probed position t, along random
+        # noise on the input embeddings of the positions after t. A causal model's output
+        # tangents at positions <= t are exact zeros (masked or untouched paths multiply
+        # by 0). Forward mode costs a third of the compile of the reverse-mode check it
+        # replaced (``benchmarks/candidate_overhead.py``).
+        noise_BxLxD = jax.random.normal(jax.random.key(seed + 1), pert.shape, jnp.float32)
         future_TxL = jnp.arange(seq_len)[None, :] > positions[:, None]
-        leak = jnp.max(jnp.where(future_TxL, mag_TxL, 0.0))
-        scale = jnp.max(jnp.where(future_TxL, 0.0, mag_TxL))
+        tangents_TxBxLxD = noise_BxLxD[None] * future_TxL[:, None, :, None]
+
+        def forward(p):
+            return model.apply({"params": params, "perturbations": {"embeddings": p}}, tokens)
+
+        def tangent_out(tangent):
+            return jax.jvp(forward, (pert,), (tangent,))[1]
+
+        mag_TxL = jnp.max(jnp.abs(jax.vmap(tangent_out)(tangents_TxBxLxD)), axis=(1, 3))
+        leak = jnp.max(jnp.where(future_TxL, 0.0, mag_TxL))
+        scale = jnp.max(jnp.where(future_TxL, mag_TxL, 0.0))
         return logits, jnp.stack([leak, scale])
 
     # The probe runs once per candidate: compiling it without backend optimisation costs
     # about half the compile time (the probe was the largest per-candidate cost on CPU).
-    key = jax.random.key(seed)
-    logits, grad_stats = compile_for_one_run(jax.jit(run).lower(key))(key)
+    logits, grad_stats = compile_for_one_run(jax.jit(run).lower(init_params))(init_params)
     logits = np.asarray(jax.device_get(logits), np.float64)
     finite = bool(np.isfinite(logits).all())
     leak = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import traceback
 from collections.abc import Callable
 
@@ -92,7 +93,7 @@ def check_params_and_probe(spec: ModelSpec, cfg, seq_len: int):
     if s.max_params and params > s.max_params:
         raise CandidateFailed("params", f"{params:,} parameters > search.max_params={int(s.max_params):,}")
     try:
-        probe = probe_model(spec, seq_len, batch=int(s.probe_batch), seed=int(cfg.seed))
+        probe = probe_model(spec, seq_len, batch=int(s.probe_batch), seed=int(cfg.seed), remember=True)
     except Exception as e:
         raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
     if not probe.finite:
@@ -265,7 +266,9 @@ class TrainingEvaluator:
         cfg, s = self.cfg, self.cfg.search
         try:
             trainer = Trainer(spec, cfg.train, self.mesh, self.rules, cfg.seed, self.seq_len, dtype=cfg.model.dtype)
+            t_init = time.perf_counter()
             state = trainer.init_state()
+            init_seconds = time.perf_counter() - t_init  # counted with compiling: per-candidate overhead
             iterator = self.data.train_iterator()
             first = next(iterator)
             trainer.compile(state, shd.shard_batch(first, self.mesh))
@@ -327,7 +330,7 @@ class TrainingEvaluator:
             fitness=fitness_at[-1],
             stopped_at_hurdle=stopped,
             steps=result.step if result else 0,
-            compile_seconds=trainer.compile_seconds,
+            compile_seconds=trainer.compile_seconds + init_seconds,
             train_seconds=train_seconds,
             memory_bytes=int(memory),
             hurdle_fitness=fitness_at,

@@ -126,7 +126,15 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def init_state(self) -> TrainState:
         return init_state(
-            self.model, self.tx, self.seed, self.seq_len, self.mesh, self.rules, shardings=self.state_shardings
+            self.model,
+            self.tx,
+            self.seed,
+            self.seq_len,
+            self.mesh,
+            self.rules,
+            shardings=self.state_shardings,
+            cache_key=(self.spec, self.seed, self.seq_len),
+            abstract_params=self.abstract_state.params,
         )
 
     def param_count(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import threading
 from typing import Any
 
 import flax.linen as nn
@@ -12,6 +14,7 @@ import optax
 from jax.sharding import Mesh
 
 from nasjax import sharding as shd
+from nasjax.measure.probe import compile_for_one_run
 
 
 @flax.struct.dataclass
@@ -71,23 +74,103 @@ def state_shardings(model, tx, seq_len: int, mesh: Mesh, rules) -> tuple[TrainSt
     return abstract, shardings
 
 
+def _params_fn(model: nn.Module, seq_len: int):
+    def init(rng):
+        variables = model.init({"params": rng, "dropout": rng}, dummy_inputs(1, seq_len))
+        return nn.meta.unbox(variables["params"])
+
+    return init
+
+
+def initial_params(model: nn.Module, seed: int, seq_len: int, shardings: Any = None) -> Any:
+    """The model's initial parameters for ``seed`` (unboxed), from one jitted program.
+
+    The program runs once per model, so it is compiled without backend optimisation
+    (:data:`~nasjax.measure.probe.FAST_COMPILE`): on CPU that cut the init compile of a
+    tiny Primer candidate from ~2.0 s to ~0.6 s (``benchmarks/candidate_overhead.py``).
+    ``shardings``: where the leaves go (None: the default device).
+    """
+    key = jax.random.key(seed)
+    fn = jax.jit(_params_fn(model, seq_len), out_shardings=shardings)
+    return compile_for_one_run(fn.lower(key))(key)
+
+
+# Initial parameters computed by a candidate's probe, kept for its training in the same
+# process (the probe and the trainer would otherwise each compile and run the init).
+# Keyed by (spec, seed, seq_len); taken (removed) by the trainer; at most two entries.
+_REMEMBERED: collections.OrderedDict = collections.OrderedDict()
+_REMEMBERED_LOCK = threading.Lock()
+_REMEMBER_MAX = 2
+
+
+def remember_initial_params(key: Any, params: Any) -> None:
+    """Keeps ``params`` (from :func:`initial_params` on the default device) for the trainer."""
+    with _REMEMBERED_LOCK:
+        _REMEMBERED[key] = params
+        _REMEMBERED.move_to_end(key)
+        while len(_REMEMBERED) > _REMEMBER_MAX:
+            _REMEMBERED.popitem(last=False)
+
+
+def _take_initial_params(key: Any, abstract_params: Any) -> Any | None:
+    with _REMEMBERED_LOCK:
+        params = _REMEMBERED.pop(key, None)
+    if params is None:
+        return None
+    same = jax.tree.structure(params) == jax.tree.structure(abstract_params) and all(
+        a.shape == b.shape and a.dtype == b.dtype
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(abstract_params), strict=True)
+    )
+    return params if same else None
+
+
 def init_state(
-    model, tx, seed: int, seq_len: int, mesh: Mesh, rules, shardings: TrainState | None = None
+    model,
+    tx,
+    seed: int,
+    seq_len: int,
+    mesh: Mesh,
+    rules,
+    shardings: TrainState | None = None,
+    cache_key: Any = None,
+    abstract_params: Any = None,
 ) -> TrainState:
-    """Initialises the train state directly into its shardings.
+    """Initialises the train state into its shardings.
 
     Args:
       shardings: from :func:`state_shardings`; derived here when not given (pass them
         to avoid tracing the model a second time).
+      cache_key: where a probe may have left this model's initial parameters
+        (:func:`remember_initial_params`); used when the parameters are replicated in
+        one process. Both paths run the same compiled init on the default device, so the
+        values do not depend on whether a probe ran first (a resumed search follows the
+        uninterrupted one).
+      abstract_params: the unboxed parameter shapes (checked against a cached entry).
 
     Returns:
-      The sharded TrainState.
+      The sharded TrainState. Sharded parameters (FSDP, tensor parallel) or several
+      processes: initialised directly into their shardings, never whole on one device.
     """
     if shardings is None:
         _, shardings = state_shardings(model, tx, seq_len, mesh, rules)
-    init = jax.jit(lambda r: nn.meta.unbox(_boxed_state(model, tx, r, seq_len)), out_shardings=shardings)
+    param_sh = jax.tree.leaves(shardings.params, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    local_replicated = jax.process_count() == 1 and all(sh.is_fully_replicated for sh in param_sh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return init(jax.random.key(seed))
+        if local_replicated:
+            params = None
+            if cache_key is not None:
+                if abstract_params is None:
+                    abstract_params = jax.eval_shape(_params_fn(model, seq_len), jax.random.key(seed))
+                params = _take_initial_params(cache_key, abstract_params)
+            if params is None:
+                params = initial_params(model, seed, seq_len)
+            params = jax.device_put(params, shardings.params)
+        else:
+            params = initial_params(model, seed, seq_len, shardings.params)
+        opt_init = jax.jit(tx.init, out_shardings=shardings.opt_state)
+        opt_state = compile_for_one_run(opt_init.lower(params))(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
