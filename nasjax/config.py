@@ -47,7 +47,9 @@ search.max_evaluations    stop after this many finished or failed evaluations (r
 search.in_flight          evaluations at once (N): candidate j is asked once j - N is told; results are
                           told in id order, so the same seed and N evaluate the same architectures on
                           any engine (1 = sequential; part of the algorithm, fixed for a search)
-engine                    inline (this process; default) | ray (long-lived actors, one job each)
+engine                    inline (this process; default) | threads (search.in_flight jobs at once in this
+                          process: CPU hosts where compiling dominates; primer with step budgets)
+                          | ray (long-lived actors, one job each)
 ray_address               '' = start a local Ray for this search; 'auto' or 'ray://HOST:10001' = a cluster
 ray_actors                actors to start (0 = search.in_flight)
 ray_cpus_per_actor, ray_gpus_per_actor   resources each actor reserves (1 GPU each on a GPU cluster)

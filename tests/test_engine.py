@@ -61,17 +61,34 @@ def test_inline_in_flight_search_resumes_on_the_same_set(primer_config, tmp_path
     assert _evaluated(part) == want
     with pytest.raises(Exception, match="search.in_flight"):
         run_search(primer_config(**{"search.in_flight": 1}), str(part), log=quiet)
+    # engine=threads: two candidates at once in this process, the same evaluated set
+    threads = run_search(primer_config(engine="threads"), str(tmp_path / "threads"), log=quiet)
+    assert threads.status == "finished" and threads.extra["engine"] == "threads"
+    assert _evaluated(tmp_path / "threads") == want
+    _order_rules_hold(tmp_path / "threads", 2)
 
 
 def test_unknown_engine_is_a_clear_error(primer_config, tmp_path):
     from nasjax.search.engine import EngineError
     from nasjax.search.run import run_search
 
-    with pytest.raises(EngineError, match="engine must be one of inline, ray"):
+    with pytest.raises(EngineError, match="engine must be one of inline, threads, ray"):
         run_search(primer_config(engine="spark"), str(tmp_path / "s"), log=lambda *a: None)
     with pytest.raises(EngineError, match="search.in_flight must be at least 1"):
         run_search(primer_config(**{"search.in_flight": 0}), str(tmp_path / "s"), log=lambda *a: None)
+    with pytest.raises(EngineError, match="engine=threads with train.budget_seconds"):
+        run_search(primer_config(engine="threads", **{"train.budget_seconds": 5.0}), str(tmp_path / "s"))
     assert not (tmp_path / "s").exists()  # rejected before a journal was created
+
+
+def test_threads_engine_refuses_lts(tmp_path):
+    from nasjax.config import load_config_file
+    from nasjax.search.engine import EngineError, check_engine_settings
+
+    cfg = load_config_file(os.path.join(ROOT, "configs/search/lts.py:cpu"))
+    cfg.engine = "threads"
+    with pytest.raises(EngineError, match="engine=threads .* search.method=lts"):
+        check_engine_settings(cfg)
 
 
 # ---------------------------------------------------------------------- Ray

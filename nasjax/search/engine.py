@@ -8,6 +8,13 @@ plain dict, ``{"ok": True, ...}`` or ``{"ok": False, "stage": ..., "reason": ...
 
 * :class:`InlineEngine` runs each job at once with the controller's evaluator (the
   default; needs no Ray).
+* :class:`ThreadEngine` (``engine=threads``) runs up to ``search.in_flight`` jobs at once
+  on threads of this process, sharing the evaluator. For CPU hosts where compiling
+  dominates a candidate (the tiny Primer preset: ~98% of a candidate's time): XLA
+  compiles on one core and releases the GIL, so two candidates compile at once on two
+  cores. Primer only (LTS's latency measurements would be disturbed, AutoBERT's
+  supernet is shared state), and not with time budgets (``train.budget_seconds``:
+  concurrent candidates would share the time).
 * :class:`RayEngine` keeps ``ray_actors`` long-lived :class:`Worker` actors (one per
   accelerator by default). Each builds its data pipeline and mesh once and keeps its
   compiled programs (and the persistent compile cache) warm across candidates. A job
@@ -35,9 +42,19 @@ import time
 import traceback
 from typing import Any
 
-ENGINES = ("inline", "ray")
+ENGINES = ("inline", "threads", "ray")
 
-__all__ = ["ENGINES", "Job", "InlineEngine", "RayEngine", "Worker", "make_engine", "EngineError", "run_job"]
+__all__ = [
+    "ENGINES",
+    "Job",
+    "InlineEngine",
+    "ThreadEngine",
+    "RayEngine",
+    "Worker",
+    "make_engine",
+    "EngineError",
+    "run_job",
+]
 
 
 class EngineError(RuntimeError):
@@ -107,6 +124,51 @@ class InlineEngine:
 
     def close(self) -> None:
         pass
+
+
+class ThreadEngine:
+    """Runs up to ``n`` jobs at once on threads of this process (``engine=threads``).
+
+    The jobs share the controller's evaluator (its data, mesh and caches); results are
+    handed back in completion order and told in id order by the controller, so a search
+    evaluates the same candidates as ``engine=inline`` with the same ``search.in_flight``.
+    """
+
+    name = "threads"
+
+    def __init__(self, adapter, n: int, should_stop=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.adapter, self.should_stop, self.n = adapter, should_stop, max(1, int(n))
+        self.pool = ThreadPoolExecutor(self.n, thread_name_prefix="nasjax-job")
+        self.running: dict = {}  # future -> job
+
+    @property
+    def capacity(self) -> int:
+        return self.n
+
+    def busy(self) -> int:
+        return len(self.running)
+
+    def submit(self, job: Job) -> None:
+        self.running[self.pool.submit(run_job, self.adapter, job, self.should_stop)] = job
+
+    def wait(self, timeout: float | None = None) -> list[tuple[Job, dict]]:
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_futures
+
+        if not self.running:
+            return []
+        done, _ = wait_futures(list(self.running), timeout=timeout, return_when=FIRST_COMPLETED)
+        out = []
+        for future in sorted(done, key=lambda f: self.running[f].key):
+            job = self.running.pop(future)
+            out.append((job, future.result()))  # re-raises Interrupted / KeyboardInterrupt
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.running.clear()
 
 
 # ---------------------------------------------------------------------- Ray
@@ -297,6 +359,19 @@ def check_engine_settings(cfg) -> None:
         raise EngineError(f"search.in_flight must be at least 1, got {cfg.search.in_flight}")
     if int(cfg.get("ray_actors", 0) or 0) < 0:
         raise EngineError(f"ray_actors must be >= 0 (0 = search.in_flight), got {cfg.ray_actors}")
+    if name == "threads" and "search" in cfg:
+        method = str(cfg.search.get("method", ""))
+        if method != "primer":
+            raise EngineError(
+                f"engine=threads runs candidates concurrently in one process, which search.method={method} "
+                "does not support (LTS measures latency and memory on this machine, which concurrent jobs would "
+                "disturb; AutoBERT's BIWS supernet is shared state); use engine=inline or engine=ray"
+            )
+        if float(cfg.train.get("budget_seconds", 0.0) or 0.0) > 0:
+            raise EngineError(
+                "engine=threads with train.budget_seconds > 0: concurrent candidates would share the hardware "
+                "their time budgets measure; use step budgets (train.steps), engine=inline or engine=ray"
+            )
 
 
 def make_engine(cfg, tokenizer, adapter, should_stop=None, log=print):
@@ -314,5 +389,7 @@ def make_engine(cfg, tokenizer, adapter, should_stop=None, log=print):
         return MultiProcessEngine(adapter, float(cfg.get("collective_timeout_s", 3600.0)))
     if name == "inline":
         return InlineEngine(adapter, should_stop)
+    if name == "threads":
+        return ThreadEngine(adapter, int(cfg.search.get("in_flight", 1)), should_stop)
     n = int(cfg.get("ray_actors", 0) or 0) or int(cfg.search.get("in_flight", 1))  # LTS: ray_actors
     return RayEngine(cfg, tokenizer, n, log)

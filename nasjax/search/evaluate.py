@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -189,6 +190,7 @@ class TrainingEvaluator:
             self.budgets = [float(b) for b in hurdle_steps(int(t.steps), self.n_hurdles)]
         self.val_batches = int(s.val_batches) or None
         self._val_cache = None
+        self._val_lock = threading.Lock()
 
     def budget_text(self) -> str:
         unit = "s" if self.by_time else " steps"
@@ -251,8 +253,9 @@ class TrainingEvaluator:
 
     # ------------------------------------------------------------------ training
     def _fixed_val(self):
-        if self._val_cache is None:
-            self._val_cache = list(self.data.val_batches(self.val_batches))
+        with self._val_lock:  # engine=threads: candidates train concurrently
+            if self._val_cache is None:
+                self._val_cache = list(self.data.val_batches(self.val_batches))
         return self._val_cache
 
     def train(

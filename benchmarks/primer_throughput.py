@@ -1,0 +1,99 @@
+"""Candidates per hour of the default tiny Primer search, for several versions side by side.
+
+    python benchmarks/primer_throughput.py --before=8f83601 --variants=inline,threads
+
+Runs the default search (``configs/search/primer.py:tiny``: 60 evaluations, population
+12, 160 steps cut by 2 hurdles, Shakespeare bytes) to the end, once per version, each
+in its own subprocess with a fresh persistent compile cache (every program compiles
+once), one after the other on the same machine. Versions:
+
+* ``--before=REF``: the search of git ref REF (a temporary worktree), engine inline;
+* ``--variants``: this tree with ``inline`` (search.in_flight=1, the preset's default)
+  and/or ``threads`` (engine=threads, search.in_flight=2: two candidates at once).
+
+Prints, per version: wall time, evaluations, trained / failed / reused, candidates per
+hour (trained or failed, i.e. evaluations that cost compute), evaluations per hour, the
+share of wall time outside training steps (1 - the journal's summed train seconds / wall
+time: probes, inits, compiles, validation, the search's own work), and the best fitness
+found (same-quality check: in_flight=1 versions follow the same trajectory up to float
+round-off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, ROOT)
+
+from benchmarks.primer_search import search_stats  # noqa: E402
+
+
+def run_version(root: str, workdir: str, overrides: list[str]) -> None:
+    cache = tempfile.mkdtemp(prefix="nasjax_xla_")
+    cmd = [sys.executable, "-m", "nasjax.cli", "search", f"--config={root}/configs/search/primer.py:tiny"]
+    cmd += [f"--workdir={workdir}", f"--config.compile_cache_dir={cache}"] + [f"--config.{o}" for o in overrides]
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=False)
+    shutil.rmtree(cache, ignore_errors=True)
+    if out.returncode:
+        raise SystemExit(f"search in {root} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", default="", help="a git ref to run first (engine inline)")
+    p.add_argument("--variants", default="inline,threads", help="this tree: inline and/or threads")
+    p.add_argument("--workdir", default="", help="where the searches' workdirs go (default: a temp dir)")
+    p.add_argument("--json_out", default="")
+    args = p.parse_args()
+
+    base = args.workdir or tempfile.mkdtemp(prefix="nasjax_throughput_")
+    os.makedirs(base, exist_ok=True)
+    runs = []
+    worktree = None
+    try:
+        if args.before:
+            worktree = tempfile.mkdtemp(prefix="nasjax_before_")
+            subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", worktree, args.before], check=True)
+            wd = os.path.join(base, "before")
+            run_version(worktree, wd, [])
+            runs.append((f"{args.before} (inline, in_flight 1)", wd))
+        for v in [x.strip() for x in args.variants.split(",") if x.strip()]:
+            if v not in ("inline", "threads"):
+                raise SystemExit(f"unknown variant {v!r}: inline or threads")
+            wd = os.path.join(base, v)
+            overrides = ["engine=threads", "search.in_flight=2"] if v == "threads" else []
+            run_version(ROOT, wd, overrides)
+            runs.append((f"this tree ({v}, in_flight {2 if v == 'threads' else 1})", wd))
+    finally:
+        if worktree:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", worktree], check=False)
+
+    print(
+        "| version | wall min | evaluations | trained / failed / reused | candidates/hour | evaluations/hour"
+        " | wall outside training steps | best fitness |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    out = {}
+    for name, wd in runs:
+        st = search_stats(wd)
+        out[name] = st
+        print(
+            f"| {name} | {st['wall_seconds'] / 60:.1f} | {st['evaluations']} | {st['trained']} / {st['failed']} / "
+            f"{st['reused']} | {st['candidates_per_hour']:.0f} | {st['evaluations_per_hour']:.0f} | "
+            f"{1 - st['train_seconds'] / max(st['wall_seconds'], 1e-9):.0%} | {st['best_fitness']:.4f} |"
+        )
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
