@@ -1,0 +1,111 @@
+"""Peak host memory of a long search: does it stay flat over 1,000 evaluations?
+
+    python benchmarks/search_memory.py --evaluations=1000 --workdir=/tmp/mem \\
+        --override search.d_model=16 --override search.n_layers=1 --override data.seq_len=16 \\
+        --override train.steps=8 --override search.hurdles=0 --override search.val_batches=1 \\
+        --override engine=threads --override search.in_flight=2
+
+Runs ``nasjax search`` (``--config``, default the tiny Primer preset, with the given
+``--override KEY=VALUE`` settings, passed as ``--config.KEY=VALUE``) in a subprocess
+until ``--evaluations`` results are journaled, and samples every second the process's
+resident memory (VmRSS), its high-water mark (VmHWM) and the journal's size. The table
+gives them at every ``--every`` evaluations, and the growth of resident memory per 100
+evaluations (least-squares slope over the second half of the run, after the caches of
+the first candidates have filled). What could grow: compiled executables kept by jit
+caches, the evolution's history, the journal index, the probe's parameter hand-over.
+
+Small candidates are the hard case for memory (many programs per minute), and make
+1,000 evaluations take minutes instead of hours on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+_RESULT = re.compile(rb'"event": ?"(?:finished|failed)"')
+
+
+def _status(pid: int) -> dict:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024.0  # kB -> MiB
+    return out
+
+
+def _results(journal: str) -> int:
+    try:
+        with open(journal, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    return len(_RESULT.findall(data))
+
+
+def _slope(points: list[tuple[int, float]]) -> float:
+    """MiB per 100 evaluations, least squares."""
+    if len(points) < 2:
+        return float("nan")
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    sxy = sum((p[0] - mx) * (p[1] - my) for p in points)
+    return 100.0 * sxy / sxx if sxx else float("nan")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/search/primer.py:tiny")
+    p.add_argument("--evaluations", type=int, default=1000)
+    p.add_argument("--every", type=int, default=100)
+    p.add_argument("--workdir", default="")
+    p.add_argument("--override", action="append", default=[], help="KEY=VALUE (repeatable)")
+    args = p.parse_args()
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="nasjax_memory_")
+    journal = os.path.join(workdir, "journal.jsonl")
+    cache = tempfile.mkdtemp(prefix="nasjax_xla_")
+    cmd = [sys.executable, "-m", "nasjax.cli", "search", f"--config={os.path.join(ROOT, args.config)}"]
+    cmd += [f"--workdir={workdir}", f"--config.search.max_evaluations={args.evaluations}"]
+    cmd += [f"--config.compile_cache_dir={cache}"] + [f"--config.{o}" for o in args.override]
+    log_path = os.path.join(workdir + "_search.log")
+    t0 = time.time()
+    samples: list[tuple[float, int, float, float, float]] = []  # time, results, rss, hwm, journal MiB
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            try:
+                st = _status(proc.pid)
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            size = os.path.getsize(journal) / 2**20 if os.path.exists(journal) else 0.0
+            samples.append((time.time() - t0, _results(journal), st.get("VmRSS", 0.0), st.get("VmHWM", 0.0), size))
+            time.sleep(1.0)
+    if proc.returncode:
+        raise SystemExit(f"the search failed (exit {proc.returncode}); see {log_path}")
+    final = _results(journal)
+    print(f"search: {final} evaluations in {(time.time() - t0) / 60:.1f} min; command: {' '.join(cmd[1:])}\n")
+    print("| evaluations | minutes | resident MiB | peak (high-water) MiB | journal MiB |")
+    print("|---|---|---|---|---|")
+    marks = list(range(args.every, final + 1, args.every))
+    for m in marks:
+        s = next((x for x in samples if x[1] >= m), samples[-1])
+        print(f"| {m} | {s[0] / 60:.1f} | {s[2]:.0f} | {s[3]:.0f} | {s[4]:.2f} |")
+    half = [(x[1], x[2]) for x in samples if x[1] >= final // 2]
+    print(f"\nresident memory growth over the second half: {_slope(half):+.1f} MiB per 100 evaluations")
+    first = next((x for x in samples if x[1] >= args.every), samples[-1])
+    print(f"peak resident: {max(x[3] for x in samples):.0f} MiB (at {args.every} evaluations: {first[3]:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
