@@ -1,6 +1,7 @@
-"""Per-candidate cost of a Primer search, phase by phase, for this tree and an older one side by side.
+"""Per-candidate cost of a Primer or LTS search, phase by phase, for this tree and an older one side by side.
 
     python benchmarks/candidate_overhead.py --candidates=12 --before=8f83601
+    python benchmarks/candidate_overhead.py --method=lts --candidates=30 --before=8f83601
 
 What it measures: the same ``--candidates`` programs (the vanilla seed, then a chain of
 mutations with a fixed seed, as a search would draw them) go through what a search does
@@ -11,6 +12,11 @@ with each, with the ``configs/search/primer.py:tiny`` settings on the local corp
   validation (``--hurdles_pass``: every band trained, the full 160 steps; otherwise the
   first hurdle stops the candidate at 23 steps, as it stopped 72% of them in the
   40-minute benchmark search).
+
+``--method=lts``: ``--candidates`` architectures sampled from the ``configs/search/lts.py:cpu``
+space with a fixed seed, each measured as an LTS search measures it (parameter counts, the
+compiled forward's latency over 2 warm-up + 10 timed runs at batch 1 and sequence 128,
+its memory analysis); ``runs`` is 12 x the median latency (the warm-up and timed calls).
 
 Every phase is wall time. ``overhead`` = everything but the training steps themselves
 (probe, init, compiles, validation); ``overhead share`` = overhead / total. Each
@@ -81,6 +87,48 @@ def measure(root: str, n: int, seed: int, hurdles_pass: bool) -> dict:
     return {"rows": rows, "jax": jax.__version__}
 
 
+def measure_lts(root: str, n: int, seed: int) -> dict:
+    sys.path.insert(0, root)
+    import jax
+    import numpy as np
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    from nasjax.config import load_config_file
+    from nasjax.genome.stack import StackSpace
+    from nasjax.search.lts import LTSMeasurer
+
+    cfg = load_config_file(os.path.join(root, "configs/search/lts.py:cpu"))
+    space = StackSpace.from_config(cfg.lts.space)
+    measurer = LTSMeasurer(cfg)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        genome = space.sample(rng)
+        spec = space.decode(genome, vocab_size=262, max_len=int(cfg.lts.seq_len))
+        t0 = time.perf_counter()
+        out = measurer.measure_job(spec, {})
+        total = time.perf_counter() - t0
+        runs = out["latency_s"] * (int(cfg.lts.latency_repeats) + 2)  # the timed and the 2 warm-up calls
+        rows.append(
+            {"hash": genome.key(), "total": total, "compile": out["compile_seconds"], "runs": runs, "status": "ok"}
+        )
+    return {"rows": rows, "jax": jax.__version__}
+
+
+def summarize_lts(rows: list[dict]) -> dict:
+    total = sum(r["total"] for r in rows)
+    runs = sum(r["runs"] for r in rows)
+    med = statistics.median
+    return {
+        "candidates": len(rows),
+        "compile_s": med([r["compile"] for r in rows]),
+        "runs_s": med([r["runs"] for r in rows]),
+        "total_s": total / len(rows),
+        "overhead_share": (total - runs) / max(total, 1e-9),
+        "candidates_per_hour": 3600 * len(rows) / max(total, 1e-9),
+    }
+
+
 def summarize(rows: list[dict]) -> dict:
     trained = [r for r in rows if r["status"] == "trained"]
     total = sum(r["total"] for r in rows)
@@ -100,7 +148,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def run_version(root: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", root, f"--candidates={args.candidates}"]
-    cmd += [f"--seed={args.seed}"] + (["--hurdles_pass"] if args.hurdles_pass else [])
+    cmd += [f"--seed={args.seed}", f"--method={args.method}"] + (["--hurdles_pass"] if args.hurdles_pass else [])
     env = dict(os.environ, PYTHONPATH=root, JAX_ENABLE_COMPILATION_CACHE="false")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -110,6 +158,7 @@ def run_version(root: str, args) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="primer", choices=("primer", "lts"))
     p.add_argument("--candidates", type=int, default=12)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--before", default="", help="a git ref to measure first, side by side")
@@ -118,7 +167,10 @@ def main():
     p.add_argument("--_worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._worker:
-        print(json.dumps(measure(args._worker, args.candidates, args.seed, args.hurdles_pass)))
+        if args.method == "lts":
+            print(json.dumps(measure_lts(args._worker, args.candidates, args.seed)))
+        else:
+            print(json.dumps(measure(args._worker, args.candidates, args.seed, args.hurdles_pass)))
         return
 
     versions = []
@@ -135,6 +187,20 @@ def main():
     hashes = [[r["hash"] for r in v["rows"]] for _, v in versions]
     same = all(h == hashes[0] for h in hashes)
     print(f"candidates: {args.candidates} programs (seed {args.seed}), identical in every version: {same}")
+    if args.method == "lts":
+        print(
+            "\n| version | architectures | forward compile s | runs s | total s per architecture | overhead share"
+            " | architectures/hour |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for name, v in versions:
+            s = summarize_lts(v["rows"])
+            print(
+                f"| {name} | {s['candidates']} | {s['compile_s']:.2f} | {s['runs_s']:.3f} | {s['total_s']:.2f} | "
+                f"{s['overhead_share']:.0%} | {s['candidates_per_hour']:.0f} |"
+            )
+        print("\n(compile and runs: medians; total: mean.)")
+        return
     bands = "every band (160 steps)" if args.hurdles_pass else "stopped at the first hurdle (23 steps)"
     print(f"training: {bands}")
     print()

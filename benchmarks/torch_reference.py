@@ -7,7 +7,9 @@ and the parameter count is checked against ``nasjax.measure.params``): pre-Layer
 decoder blocks of causal softmax attention (optional bias; Primer's causal depthwise
 convolution of width 3 on each head's Q, K and V), T5 relative-position bias shared by
 the layers or learned absolute positions, ReLU / squared ReLU / tanh-GELU FFN with bias,
-final LayerNorm, output logits tied to the token embedding. The training step is the
+final LayerNorm, output logits tied to the token embedding; dropout where the spec has it
+(GPT-2: 0.1 on the embeddings, on each sublayer's output and on the attention
+probabilities, as nasjax applies it). The training step is the
 eager PyTorch idiom: forward, mean token cross-entropy, backward, global-norm clipping
 at 1.0, AdamW (b1 0.9, b2 0.98, eps 1e-9, no weight decay: nasjax's defaults).
 Nothing here is tuned for speed beyond what a plain script does; that is the point
@@ -50,8 +52,10 @@ class DConv(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d, layer, init_std):
+    def __init__(self, d, layer, init_std, dropout: float = 0.0, attention_dropout: float = 0.0):
         super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.attention_dropout = attention_dropout
         m, f = layer.mixer, layer.ffn
         self.h = m.n_heads
         self.k = m.head_dim or d // m.n_heads
@@ -76,9 +80,10 @@ class Block(nn.Module):
         if self.dconv is not None:
             q, k, v = (c(t) for c, t in zip(self.dconv, (q, k, v)))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B, H, L, K
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, : self.h])
-        x = x + self.o(att.transpose(1, 2).reshape(b, n, self.h * self.k))
-        return x + self.fo(self.act(self.fi(self.ln2(x))))
+        p = self.attention_dropout if self.training else 0.0
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, : self.h], dropout_p=p)
+        x = x + self.drop(self.o(att.transpose(1, 2).reshape(b, n, self.h * self.k)))
+        return x + self.drop(self.fo(self.act(self.fi(self.ln2(x)))))
 
 
 class TorchDecoder(nn.Module):
@@ -103,7 +108,10 @@ class TorchDecoder(nn.Module):
             raise ValueError(f"positions={spec.positions!r} is not in the reference")
         mask = torch.full((seq_len, seq_len), -1e9).triu(1)
         self.register_buffer("mask", mask, persistent=False)
-        self.blocks = nn.ModuleList(Block(d, layer, spec.init_std) for layer in spec.layers)
+        self.blocks = nn.ModuleList(
+            Block(d, layer, spec.init_std, spec.dropout_rate, spec.attention_dropout_rate) for layer in spec.layers
+        )
+        self.drop = nn.Dropout(spec.dropout_rate)
         self.ln_f = nn.LayerNorm(d, eps=1e-6)
 
     def forward(self, tokens):
@@ -114,6 +122,7 @@ class TorchDecoder(nn.Module):
             bias = self.mask[None, None].expand(1, max(b.h for b in self.blocks), n, n)
         else:
             bias = self.rel[self.buckets[:n, :n]].permute(2, 0, 1)[None] + self.mask[:n, :n]
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x, bias)
         return self.ln_f(x) @ self.embed.weight.T

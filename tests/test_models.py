@@ -322,3 +322,27 @@ def test_sharded_forward_matches_single_device(n_devices):
         sharded = jax.device_put(variables, shardings)
         got = jax.jit(model.apply)(sharded, tokens)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keeps_the_right_fraction_and_the_mean():
+    """16-bit keep decisions: the keep rate is exact to 1/65536, the expectation is kept."""
+    from nasjax.layers.dropout import Dropout, keep_mask
+
+    n = 1_000_001  # odd: the last 32-bit word is half used
+    for keep in (0.9, 0.5, 0.25):
+        mask = np.asarray(keep_mask(jax.random.key(0), keep, (n,)))
+        want = round(keep * 65536) / 65536
+        assert abs(mask.mean() - want) < 4 * np.sqrt(want * (1 - want) / n)
+    a = np.asarray(keep_mask(jax.random.key(1), 0.5, (1000, 3)))
+    b = np.asarray(keep_mask(jax.random.key(1), 0.5, (1000, 3)))
+    c = np.asarray(keep_mask(jax.random.key(2), 0.5, (1000, 3)))
+    assert a.shape == (1000, 3) and (a == b).all() and (a != c).any()  # a function of the key
+    # the two 16-bit halves of a word are independent draws (no pairing of neighbours)
+    pairs = np.asarray(keep_mask(jax.random.key(3), 0.5, (200_000,))).reshape(-1, 2)
+    assert abs(np.mean(pairs[:, 0] & pairs[:, 1]) - 0.25) < 0.005
+    x = jnp.ones((400, 500))
+    y = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(4)})
+    kept = np.asarray(y) != 0
+    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.9, rtol=1e-6)
+    assert abs(float(jnp.mean(y)) - 1.0) < 0.01
+    np.testing.assert_array_equal(Dropout(0.1).apply({}, x, deterministic=True), x)

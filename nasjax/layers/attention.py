@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nasjax.layers.dconv import CausalDepthwiseConv
+from nasjax.layers.dropout import Dropout
 from nasjax.layers.embed import apply_rotary
 from nasjax.layers.mlp import make_dense
 from nasjax.spec import ATTENTION_VARIANTS, AttentionSpec
@@ -228,7 +229,7 @@ class MultiHeadAttention(nn.Module):
         mask = causal_mask(length) if self.causal else None
         probs_BxHxLxL = attention_probs(scores_BxHxLxL, bias, mask)
         if self.dropout_rate > 0.0:
-            probs_BxHxLxL = nn.Dropout(self.dropout_rate)(probs_BxHxLxL, deterministic=deterministic)
+            probs_BxHxLxL = Dropout(self.dropout_rate)(probs_BxHxLxL, deterministic=deterministic)
         out_BxHxLxK = jnp.einsum("bhqm,bhmk->bhqk", probs_BxHxLxL.astype(values_BxHxLxK.dtype), values_BxHxLxK)
         out_BxLxHxK = nn.with_logical_constraint(jnp.transpose(out_BxHxLxK, (0, 2, 1, 3)), _QKV_AXES)
         o_proj = dense(d_model, ("heads", "kv", "embed"), name="o_proj", axis=(-2, -1), use_bias=spec.use_bias)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from nasjax.layers.dropout import Dropout
 from nasjax.layers.mlp import make_dense
 
 __all__ = ["torch_conv_xavier_uniform", "LightweightConv1d", "GLUConvBlock"]
@@ -78,7 +79,7 @@ class LightweightConv1d(nn.Module):
             jnp.float32,
         )
         if self.weight_dropout_rate > 0.0:
-            w_Hxk = nn.Dropout(self.weight_dropout_rate)(w_Hxk, deterministic=deterministic)
+            w_Hxk = Dropout(self.weight_dropout_rate)(w_Hxk, deterministic=deterministic)
         dtype = self.dtype or x_BxLxD.dtype
         # Channel c belongs to group c // (D/H): expand the group kernels per channel and
         # run one depthwise conv, which XLA maps to a single windowed loop on every backend.

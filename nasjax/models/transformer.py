@@ -38,6 +38,7 @@ from nasjax.genome.attn_graph import GraphAttentionSpec
 from nasjax.genome.program import ProgramSpec
 from nasjax.layers.attention import MultiHeadAttention, padding_key_bias
 from nasjax.layers.conv import GLUConvBlock
+from nasjax.layers.dropout import Dropout
 from nasjax.layers.embed import Embeddings, RelativePositionBias
 from nasjax.layers.graph_attention import GraphAttention
 from nasjax.layers.mlp import FFN, make_dense
@@ -263,7 +264,7 @@ class Transformer(nn.Module):
 def _dropout(x, rate: float, deterministic: bool):
     if rate <= 0.0 or deterministic:
         return x
-    return nn.Dropout(rate)(x, deterministic=False)
+    return Dropout(rate)(x, deterministic=False)
 
 
 def build(spec: ModelSpec, dtype: Any = jnp.float32) -> Transformer:
