@@ -103,7 +103,7 @@ def test_ten_thousand_mutations_are_valid_and_causal():
         if i % 250 == 249:  # a deeply mutated program every 2.5 chains (40 programs in all)
             sampled.append(program)
     assert kinds == set(MUTATIONS)
-    # every sampled decoder program passes the gradient causality check (or is cleanly non-finite)
+    # every sampled decoder program passes the forward-mode causality check (or is cleanly non-finite)
     for program in sampled:
         spec = program_model_spec(program, base_dim=16, d_model=32, n_layers=1, vocab_size=64, max_len=16)
         try:
