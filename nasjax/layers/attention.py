@@ -47,6 +47,7 @@ __all__ = [
     "abz_scores_and_values",
     "abz_attention",
     "attention_probs",
+    "expand_over_batch",
     "MultiHeadAttention",
 ]
 
@@ -133,6 +134,21 @@ def abz_attention(variant: str, q, k, v, key_bias=None, mask=None):
     scores, values = abz_scores_and_values(variant, q, k, v)
     probs = attention_probs(scores, key_bias, mask).astype(values.dtype)
     return jnp.einsum("bhqm,bhmk->bhqk", probs, values)
+
+
+def expand_over_batch(bias_1xHxLxL: jnp.ndarray, batch: int) -> jnp.ndarray:
+    """[1, H, L, L] -> [B, H, L, L] as a rank-1 matmul with ones (exact: one product each).
+
+    The gradient of a plain broadcast is a reduce over the batch axis of a [B, H, L, L]
+    array, which XLA:CPU runs ~30x slower than the same sum as a matmul with ones (4.6 vs
+    0.16 ms at [16, 4, 128, 128]; it was ~20% of the tiny vanilla train step). Written as
+    this matmul, the backward pass is a matmul too.
+    """
+    if bias_1xHxLxL.shape[0] != 1 or batch == 1:
+        return bias_1xHxLxL
+    ones_Bx1 = jnp.ones((batch, 1), bias_1xHxLxL.dtype)
+    flat = ones_Bx1 @ bias_1xHxLxL.reshape(1, -1)
+    return flat.reshape((batch,) + bias_1xHxLxL.shape[1:])
 
 
 def attention_probs(scores_BxHxLxL, key_bias=None, mask=None):
@@ -224,7 +240,7 @@ class MultiHeadAttention(nn.Module):
         )
         bias = key_bias
         if position_bias is not None:
-            pos = position_bias[:, :n_heads].astype(jnp.float32)
+            pos = expand_over_batch(position_bias[:, :n_heads].astype(jnp.float32), batch)
             bias = pos if bias is None else bias + pos
         mask = causal_mask(length) if self.causal else None
         probs_BxHxLxL = attention_probs(scores_BxHxLxL, bias, mask)
