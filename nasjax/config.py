@@ -74,7 +74,7 @@ search.max_memory_bytes   reject candidates whose compiled train step needs more
 search.probe_batch        sequences in the causality / finiteness / equivalence probe
 search.val_batches        validation batches that define the fitness (0 = whole split)
 search.fec                reuse results of functionally equivalent candidates
-search.clear_caches       drop compiled programs after each candidate (long searches)
+search.clear_caches       drop compiled programs after each candidate and return freed heap to the OS (long searches)
 
 AutoBERT-Zero (configs/search/autobert.py) adds ``autobert.*`` (see nasjax/search/autobert.py):
 n_layers, d_model / n_heads / d_ff (0 = model.size's), dropout, kernel_sizes (odd), max_nodes
