@@ -29,6 +29,7 @@ trees have).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -146,6 +147,17 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
+@contextlib.contextmanager
+def checkout(ref: str):
+    """Git ref ``ref`` of this repository in a temporary worktree (removed afterwards)."""
+    worktree = tempfile.mkdtemp(prefix="nasjax_before_")
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", worktree, ref], check=True)
+    try:
+        yield worktree
+    finally:
+        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", worktree], check=False)
+
+
 def run_version(root: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", root, f"--candidates={args.candidates}"]
     cmd += [f"--seed={args.seed}", f"--method={args.method}"] + (["--hurdles_pass"] if args.hurdles_pass else [])
@@ -174,16 +186,10 @@ def main():
         return
 
     versions = []
-    worktree = None
-    try:
-        if args.before:
-            worktree = tempfile.mkdtemp(prefix="nasjax_before_")
-            subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", worktree, args.before], check=True)
+    if args.before:
+        with checkout(args.before) as worktree:
             versions.append((args.before, run_version(worktree, args)))
-        versions.append(("this tree", run_version(ROOT, args)))
-    finally:
-        if worktree:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", worktree], check=False)
+    versions.append(("this tree", run_version(ROOT, args)))
     hashes = [[r["hash"] for r in v["rows"]] for _, v in versions]
     same = all(h == hashes[0] for h in hashes)
     print(f"candidates: {args.candidates} programs (seed {args.seed}), identical in every version: {same}")

@@ -32,6 +32,7 @@ import tempfile
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
+from benchmarks.candidate_overhead import checkout  # noqa: E402
 from benchmarks.primer_search import search_stats  # noqa: E402
 
 
@@ -57,24 +58,18 @@ def main():
     base = args.workdir or tempfile.mkdtemp(prefix="nasjax_throughput_")
     os.makedirs(base, exist_ok=True)
     runs = []
-    worktree = None
-    try:
-        if args.before:
-            worktree = tempfile.mkdtemp(prefix="nasjax_before_")
-            subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", worktree, args.before], check=True)
+    if args.before:
+        with checkout(args.before) as worktree:
             wd = os.path.join(base, "before")
             run_version(worktree, wd, [])
             runs.append((f"{args.before} (inline, in_flight 1)", wd))
-        for v in [x.strip() for x in args.variants.split(",") if x.strip()]:
-            if v not in ("inline", "threads"):
-                raise SystemExit(f"unknown variant {v!r}: inline or threads")
-            wd = os.path.join(base, v)
-            overrides = ["engine=threads", "search.in_flight=2"] if v == "threads" else []
-            run_version(ROOT, wd, overrides)
-            runs.append((f"this tree ({v}, in_flight {2 if v == 'threads' else 1})", wd))
-    finally:
-        if worktree:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", worktree], check=False)
+    for v in [x.strip() for x in args.variants.split(",") if x.strip()]:
+        if v not in ("inline", "threads"):
+            raise SystemExit(f"unknown variant {v!r}: inline or threads")
+        wd = os.path.join(base, v)
+        overrides = ["engine=threads", "search.in_flight=2"] if v == "threads" else []
+        run_version(ROOT, wd, overrides)
+        runs.append((f"this tree ({v}, in_flight {2 if v == 'threads' else 1})", wd))
 
     print(
         "| version | wall min | evaluations | trained / failed / reused | candidates/hour | evaluations/hour"
