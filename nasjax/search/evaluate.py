@@ -345,8 +345,8 @@ class TrainingEvaluator:
 def release_free_memory() -> None:
     """Returns freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
-    Compiling leaves the heap fragmented: in a 120-candidate run it cut resident memory
-    by ~180 MiB (``benchmarks/search_memory.py``, docs/benchmarks.md).
+    Compiling leaves the heap fragmented: over a 120-candidate loop it kept resident
+    memory ~250-280 MiB lower (``benchmarks/candidate_memory.py``, docs/benchmarks.md).
     """
     try:
         import ctypes

@@ -1,0 +1,77 @@
+"""Resident memory of a Primer candidate loop in one process, with and without cache clearing.
+
+    python benchmarks/candidate_memory.py --after=none     # also: clear | trim | both
+
+Runs ``--candidates`` tiny Primer programs (the vanilla seed, then a chain of mutations
+with seed 0; 1 layer at width 16, sequence 16, 8 steps) through a search's evaluator
+(check + train, no controller or journal) and prints the process's resident memory
+every 20 candidates. ``--after`` is what happens after each candidate: nothing,
+``jax.clear_caches()`` (clear), glibc ``malloc_trim`` (trim), or both (what
+``search.clear_caches=true`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, ROOT)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--after", default="none", choices=("none", "clear", "trim", "both"))
+    p.add_argument("--candidates", type=int, default=121)
+    args = p.parse_args()
+
+    import jax
+    import numpy as np
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    from nasjax import sharding as shd
+    from nasjax.config import apply_overrides, load_config_file
+    from nasjax.search.evaluate import CandidateFailed, TrainingEvaluator, release_free_memory
+    from nasjax.search.run import _build_data, make_space
+
+    cfg = load_config_file(os.path.join(ROOT, "configs/search/primer.py:tiny"))
+    small = {"search.d_model": 16, "search.n_layers": 1, "data.seq_len": 16, "train.steps": 8}
+    small.update({"search.hurdles": 0, "search.val_batches": 1, "compile_cache_dir": "none"})
+    cfg = apply_overrides(cfg, small)
+    tokenizer, data = _build_data(cfg, tempfile.mkdtemp(prefix="nasjax_mem_"), log=lambda *a: None)
+    space = make_space(cfg, tokenizer.vocab_size)
+    mesh = shd.make_mesh(tuple(cfg.mesh.shape))
+    evaluator = TrainingEvaluator(cfg, data, mesh, shd.rules_from_config(cfg.mesh.rules), log=lambda *a: None)
+    rng = np.random.default_rng(0)
+    genome = space.seeds()[0][1]
+    print(f"after each candidate: {args.after}\n\n| candidates | resident MiB |\n|---|---|")
+    for i in range(args.candidates):
+        spec = space.decode(genome)
+        try:
+            evaluator.check(spec)
+            evaluator.train(spec, [])
+        except CandidateFailed:
+            pass
+        genome = space.mutate(genome, rng)[0]
+        if args.after in ("clear", "both"):
+            jax.clear_caches()
+        if args.after in ("trim", "both"):
+            release_free_memory()
+        if i % 20 == 0:
+            gc.collect()
+            print(f"| {i} | {_rss_mib():.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
