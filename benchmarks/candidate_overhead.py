@@ -1,6 +1,7 @@
 """Per-candidate cost of a Primer or LTS search, phase by phase, for this tree and an older one side by side.
 
     python benchmarks/candidate_overhead.py --candidates=12 --before=8f83601
+    python benchmarks/candidate_overhead.py --candidates=12 --also=search.compile_ahead=false
     python benchmarks/candidate_overhead.py --method=lts --candidates=30 --before=8f83601
 
 What it measures: the same ``--candidates`` programs (the vanilla seed, then a chain of
@@ -42,7 +43,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def measure(root: str, n: int, seed: int, hurdles_pass: bool) -> dict:
+def measure(root: str, n: int, seed: int, hurdles_pass: bool, overrides: dict | None = None) -> dict:
     sys.path.insert(0, root)
     import jax
     import numpy as np
@@ -54,7 +55,7 @@ def measure(root: str, n: int, seed: int, hurdles_pass: bool) -> dict:
     from nasjax.search.run import _build_data, make_space
 
     cfg = load_config_file(os.path.join(root, "configs/search/primer.py:tiny"))
-    cfg = apply_overrides(cfg, {"compile_cache_dir": "none"})
+    cfg = apply_overrides(cfg, {"compile_cache_dir": "none", **(overrides or {})})
     work = tempfile.mkdtemp(prefix="nasjax_overhead_")
     tokenizer, data = _build_data(cfg, work, log=lambda *a: None)
     space = make_space(cfg, tokenizer.vocab_size)
@@ -77,6 +78,7 @@ def measure(root: str, n: int, seed: int, hurdles_pass: bool) -> dict:
             row["train_phase"] = time.perf_counter() - t1
             row["train_steps"] = out.train_seconds
             row["steps"] = out.steps
+            row["fitness"] = out.fitness
             row["status"] = "trained"
         except CandidateFailed as e:
             row["status"] = f"failed:{e.stage}"
@@ -158,8 +160,21 @@ def checkout(ref: str):
         subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", worktree], check=False)
 
 
-def run_version(root: str, args) -> dict:
+def _value(text: str):
+    """A command-line override's value: true/false, an int, a float, else the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run_version(root: str, args, overrides: list[str] = ()) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", root, f"--candidates={args.candidates}"]
+    cmd += [f"--_override={o}" for o in overrides]
     cmd += [f"--seed={args.seed}", f"--method={args.method}"] + (["--hurdles_pass"] if args.hurdles_pass else [])
     env = dict(os.environ, PYTHONPATH=root, JAX_ENABLE_COMPILATION_CACHE="false")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -175,24 +190,38 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--before", default="", help="a git ref to measure first, side by side")
     p.add_argument("--hurdles_pass", action="store_true", help="train every band (160 steps), not 23 steps")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra row: this tree with this config override (repeatable; e.g. search.compile_ahead=false)",
+    )
     p.add_argument("--json_out", default="")
+    p.add_argument("--_override", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--_worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._worker:
         if args.method == "lts":
             print(json.dumps(measure_lts(args._worker, args.candidates, args.seed)))
         else:
-            print(json.dumps(measure(args._worker, args.candidates, args.seed, args.hurdles_pass)))
+            overrides = {k: _value(v) for k, v in (o.split("=", 1) for o in args._override)}
+            print(json.dumps(measure(args._worker, args.candidates, args.seed, args.hurdles_pass, overrides)))
         return
 
     versions = []
     if args.before:
         with checkout(args.before) as worktree:
             versions.append((args.before, run_version(worktree, args)))
+    for override in args.also:
+        versions.append((f"this tree, {override}", run_version(ROOT, args, [override])))
     versions.append(("this tree", run_version(ROOT, args)))
     hashes = [[r["hash"] for r in v["rows"]] for _, v in versions]
     same = all(h == hashes[0] for h in hashes)
     print(f"candidates: {args.candidates} programs (seed {args.seed}), identical in every version: {same}")
+    if args.method == "primer" and args.also:
+        fits = [[r.get("fitness") for r in v["rows"]] for _, v in versions if not _.startswith(args.before or " ")]
+        print(f"fitness of every candidate identical across this tree's rows: {all(f == fits[0] for f in fits)}")
     if args.method == "lts":
         print(
             "\n| version | architectures | forward compile s | runs s | total s per architecture | overhead share"

@@ -1,6 +1,7 @@
 """Candidates per hour of the default tiny Primer search, for several versions side by side.
 
     python benchmarks/primer_throughput.py --before=8f83601 --variants=inline,threads
+    python benchmarks/primer_throughput.py --variants=inline_noahead,inline,threads_noahead,threads
 
 Runs the default search (``configs/search/primer.py:tiny``: 60 evaluations, population
 12, 160 steps cut by 2 hurdles, Shakespeare bytes) to the end, once per version, each
@@ -9,7 +10,8 @@ once), one after the other on the same machine. Versions:
 
 * ``--before=REF``: the search of git ref REF (a temporary worktree), engine inline;
 * ``--variants``: this tree with ``inline`` (search.in_flight=1, the preset's default)
-  and/or ``threads`` (engine=threads, search.in_flight=2: two candidates at once).
+  and/or ``threads`` (engine=threads, search.in_flight=2: two candidates at once); a
+  ``_noahead`` suffix (``inline_noahead``) also sets ``search.compile_ahead=false``.
 
 Prints, per version: wall time, evaluations, trained / failed / reused, candidates per
 hour (trained or failed, i.e. evaluations that cost compute), evaluations per hour, the
@@ -50,7 +52,11 @@ def run_version(root: str, workdir: str, overrides: list[str]) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", default="", help="a git ref to run first (engine inline)")
-    p.add_argument("--variants", default="inline,threads", help="this tree: inline and/or threads")
+    p.add_argument(
+        "--variants",
+        default="inline,threads",
+        help="this tree: inline, threads, inline_noahead, threads_noahead (search.compile_ahead=false)",
+    )
     p.add_argument("--workdir", default="", help="where the searches' workdirs go (default: a temp dir)")
     p.add_argument("--json_out", default="")
     args = p.parse_args()
@@ -64,12 +70,15 @@ def main():
             run_version(worktree, wd, [])
             runs.append((f"{args.before} (inline, in_flight 1)", wd))
     for v in [x.strip() for x in args.variants.split(",") if x.strip()]:
-        if v not in ("inline", "threads"):
-            raise SystemExit(f"unknown variant {v!r}: inline or threads")
+        engine, _, ahead = v.partition("_")
+        if engine not in ("inline", "threads") or ahead not in ("", "noahead"):
+            raise SystemExit(f"unknown variant {v!r}: inline, threads, inline_noahead or threads_noahead")
         wd = os.path.join(base, v)
-        overrides = ["engine=threads", "search.in_flight=2"] if v == "threads" else []
+        overrides = ["engine=threads", "search.in_flight=2"] if engine == "threads" else []
+        overrides += ["search.compile_ahead=false"] if ahead else []
         run_version(ROOT, wd, overrides)
-        runs.append((f"this tree ({v}, in_flight {2 if v == 'threads' else 1})", wd))
+        label = f"{engine}, in_flight {2 if engine == 'threads' else 1}" + (", compile_ahead off" if ahead else "")
+        runs.append((f"this tree ({label})", wd))
 
     print(
         "| version | wall min | evaluations | trained / failed / reused | candidates/hour | evaluations/hour"

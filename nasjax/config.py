@@ -75,6 +75,9 @@ search.probe_batch        sequences in the causality / finiteness / equivalence 
 search.val_batches        validation batches that define the fitness (0 = whole split)
 search.fec                reuse results of functionally equivalent candidates
 search.clear_caches       drop compiled programs after each candidate and return freed heap to the OS (long searches)
+search.compile_ahead      (primer) auto | true | false: compile a candidate's train and eval steps on a
+                          background thread while its probe runs; identical results either way; auto = on
+                          with >= 4 CPU cores (no gain measured on 2); never with several processes
 
 AutoBERT-Zero (configs/search/autobert.py) adds ``autobert.*`` (see nasjax/search/autobert.py):
 n_layers, d_model / n_heads / d_ff (0 = model.size's), dropout, kernel_sizes (odd), max_nodes
@@ -229,6 +232,8 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     s.val_batches = 16
     s.fec = True
     s.clear_caches = False
+    if method == "primer":
+        s.compile_ahead = "auto"
     c.train.log_every = 10**9
     c.train.eval_every = 0
     c.train.checkpoint_every = 0

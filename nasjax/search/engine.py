@@ -123,7 +123,7 @@ class InlineEngine:
         return out
 
     def close(self) -> None:
-        pass
+        _close_adapter(self.adapter)
 
 
 class ThreadEngine:
@@ -169,6 +169,13 @@ class ThreadEngine:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.running.clear()
+        _close_adapter(self.adapter)
+
+
+def _close_adapter(adapter) -> None:
+    close = getattr(adapter, "close", None)
+    if close is not None:
+        close()
 
 
 # ---------------------------------------------------------------------- Ray
@@ -359,6 +366,13 @@ def check_engine_settings(cfg) -> None:
         raise EngineError(f"search.in_flight must be at least 1, got {cfg.search.in_flight}")
     if int(cfg.get("ray_actors", 0) or 0) < 0:
         raise EngineError(f"ray_actors must be >= 0 (0 = search.in_flight), got {cfg.ray_actors}")
+    if "search" in cfg and "compile_ahead" in cfg.search:
+        from nasjax.search.evaluate import compile_ahead_enabled
+
+        try:
+            compile_ahead_enabled(cfg.search.compile_ahead)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
     if name == "threads" and "search" in cfg:
         method = str(cfg.search.get("method", ""))
         if method != "primer":

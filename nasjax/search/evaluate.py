@@ -23,12 +23,15 @@ that fitness. Every candidate sees the same data in the same order.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import os
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 
@@ -37,7 +40,7 @@ from nasjax.measure.params import count_params
 from nasjax.measure.probe import LEAK_TOLERANCE, probe_model
 from nasjax.search.evolution import hurdle_budgets, hurdle_steps
 from nasjax.spec import ModelSpec
-from nasjax.train.loop import Hooks, Trainer
+from nasjax.train.loop import Hooks, Trainer, abstract_batch
 
 __all__ = ["CandidateFailed", "CheckResult", "TrainOutcome", "Interrupted", "TrainingEvaluator"]
 
@@ -79,8 +82,10 @@ def _short(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_params_and_probe(spec: ModelSpec, cfg, seq_len: int):
+def check_params_and_probe(spec: ModelSpec, cfg, seq_len: int, before_probe: Callable[[], None] | None = None):
     """``search.max_params`` (from eval_shape) and the finiteness probe at a fixed init.
+
+    ``before_probe`` is called once the parameter bound has passed (compile-ahead).
 
     Returns:
       (parameter count, :class:`~nasjax.measure.probe.ProbeResult`); raises
@@ -93,6 +98,8 @@ def check_params_and_probe(spec: ModelSpec, cfg, seq_len: int):
         raise CandidateFailed("decode", f"the model does not trace: {_short(e)}") from None
     if s.max_params and params > s.max_params:
         raise CandidateFailed("params", f"{params:,} parameters > search.max_params={int(s.max_params):,}")
+    if before_probe is not None:
+        before_probe()
     try:
         probe = probe_model(spec, seq_len, batch=int(s.probe_batch), seed=int(cfg.seed), remember=True)
     except Exception as e:
@@ -100,6 +107,39 @@ def check_params_and_probe(spec: ModelSpec, cfg, seq_len: int):
     if not probe.finite:
         raise CandidateFailed("probe", "non-finite outputs at initialisation on the probe batch")
     return params, probe
+
+
+# search.compile_ahead=auto turns compile-ahead on from this many usable CPU cores. XLA:CPU
+# already spreads one compile's kernel code generation over ~1.6 cores, so on 2 cores the
+# overlap with the probe bought nothing: 668 vs 647 candidates/hour inline, 708 vs 743 with
+# engine=threads (benchmarks/primer_throughput.py, docs/benchmarks.md). The threshold is a
+# choice: hosts with spare cores (GPU and TPU VMs) can overlap; this CPU cannot.
+COMPILE_AHEAD_MIN_CORES = 4
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def compile_ahead_enabled(value) -> bool:
+    """Reads ``search.compile_ahead`` (auto | true | false); raises ValueError naming it otherwise.
+
+    ``auto``: on with at least :data:`COMPILE_AHEAD_MIN_CORES` usable CPU cores. Never on in a
+    multi-process search, whose processes compile each program in step with each other.
+    """
+    text = str(value).strip().lower()
+    if text == "auto":
+        on = _usable_cores() >= COMPILE_AHEAD_MIN_CORES
+    elif text in ("true", "on", "1", "yes"):
+        on = True
+    elif text in ("false", "off", "0", "no"):
+        on = False
+    else:
+        raise ValueError(f"search.compile_ahead must be auto, true or false, got {value!r}")
+    return on and jax.process_count() == 1
 
 
 def fit_candidate(trainer: Trainer, state, iterator, steps: int, stage: str, mesh, should_stop=None):
@@ -191,16 +231,82 @@ class TrainingEvaluator:
         self.val_batches = int(s.val_batches) or None
         self._val_cache = None
         self._val_lock = threading.Lock()
+        # Compile-ahead (search.compile_ahead): a candidate's train and eval steps compile on
+        # a background thread while its probe runs; train() takes the compiled Trainer.
+        self.compile_ahead = compile_ahead_enabled(s.get("compile_ahead", "auto"))
+        self._ahead: collections.OrderedDict[ModelSpec, Future] = collections.OrderedDict()
+        self._ahead_lock = threading.Lock()
+        self._ahead_pool: ThreadPoolExecutor | None = None
+        # Candidates checked but not trained (probe failures, equivalent programs) leave
+        # entries behind: keep the newest few (every in-flight candidate's, and one spare).
+        self._ahead_keep = max(1, int(s.in_flight)) + 1
+        self._layouts: tuple[dict, dict | None] | None = None
 
     def budget_text(self) -> str:
         unit = "s" if self.by_time else " steps"
         return " / ".join(f"{b:.4g}{unit}" for b in self.budgets)
 
+    # ------------------------------------------------------------------ compile-ahead
+    def _batch_layouts(self) -> tuple[dict, dict | None]:
+        """Abstract (train, eval) batches: the layout every candidate's steps compile for."""
+        with self._val_lock:
+            layouts = self._layouts
+        if layouts is None:
+            train = abstract_batch(shd.shard_batch(next(self.data.train_iterator()), self.mesh))
+            val = [dict(b) for b in self._fixed_val()[:1]]
+            for b in val:
+                b.pop("num_bytes", None)
+            layouts = (train, abstract_batch(shd.shard_batch(val[0], self.mesh)) if val else None)
+            with self._val_lock:
+                self._layouts = layouts
+        return layouts
+
+    def _compiled_trainer(self, spec: ModelSpec) -> Trainer:
+        cfg = self.cfg
+        trainer = Trainer(spec, cfg.train, self.mesh, self.rules, cfg.seed, self.seq_len, dtype=cfg.model.dtype)
+        trainer.precompile(*self._batch_layouts())
+        return trainer
+
+    def start_compile(self, spec: ModelSpec) -> None:
+        """Starts compiling ``spec``'s train and eval steps on a background thread (if enabled)."""
+        if not self.compile_ahead:
+            return
+        with self._ahead_lock:
+            if spec in self._ahead:
+                return
+            if self._ahead_pool is None:
+                workers = max(1, int(self.cfg.search.in_flight))
+                self._ahead_pool = ThreadPoolExecutor(workers, thread_name_prefix="nasjax-compile")
+            self._ahead[spec] = self._ahead_pool.submit(self._compiled_trainer, spec)
+            while len(self._ahead) > self._ahead_keep:  # a dropped future finishes and is freed
+                self._ahead.popitem(last=False)[1].cancel()
+
+    def _take_compiled(self, spec: ModelSpec) -> Future | None:
+        with self._ahead_lock:
+            return self._ahead.pop(spec, None)
+
+    def close(self) -> None:
+        """Stops compile-ahead work (queued compiles are cancelled; a running one finishes)."""
+        with self._ahead_lock:
+            pool, self._ahead_pool = self._ahead_pool, None
+            self._ahead.clear()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
     # ------------------------------------------------------------------ checks
     def check(self, spec: ModelSpec) -> CheckResult:
-        """Parameter bound and the probe; raises :class:`CandidateFailed`."""
-        params, probe = check_params_and_probe(spec, self.cfg, self.seq_len)
+        """Parameter bound and the probe; raises :class:`CandidateFailed`.
+
+        With ``search.compile_ahead``, the train and eval steps start compiling once the
+        parameter bound has passed, while the probe runs.
+        """
+        try:
+            params, probe = check_params_and_probe(spec, self.cfg, self.seq_len, lambda: self.start_compile(spec))
+        except CandidateFailed:
+            self._take_compiled(spec)
+            raise
         if not probe.causal:
+            self._take_compiled(spec)
             raise CandidateFailed(
                 "probe",
                 f"causal leak: outputs depend on later positions (relative gradient {probe.causal_leak:.3g} > "
@@ -267,8 +373,12 @@ class TrainingEvaluator:
     ) -> TrainOutcome:
         """Trains ``spec`` band by band; raises :class:`CandidateFailed` or :class:`Interrupted`."""
         cfg, s = self.cfg, self.cfg.search
+        ahead = self._take_compiled(spec)
         try:
-            trainer = Trainer(spec, cfg.train, self.mesh, self.rules, cfg.seed, self.seq_len, dtype=cfg.model.dtype)
+            if ahead is not None:
+                trainer = ahead.result()  # a compile error surfaces here, as stage "compile"
+            else:
+                trainer = Trainer(spec, cfg.train, self.mesh, self.rules, cfg.seed, self.seq_len, dtype=cfg.model.dtype)
             t_init = time.perf_counter()
             state = trainer.init_state()
             init_seconds = time.perf_counter() - t_init  # counted with compiling: per-candidate overhead

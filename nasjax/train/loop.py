@@ -77,6 +77,16 @@ class Hooks:
     on_eval: Callable[[int, dict], None] | None = None
 
 
+def abstract_batch(batch: dict) -> dict:
+    """``jax.ShapeDtypeStruct`` s (shape, dtype and, for arrays, sharding) of a batch's arrays."""
+    return {
+        k: v
+        if isinstance(v, jax.ShapeDtypeStruct)
+        else jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=getattr(v, "sharding", None))
+        for k, v in batch.items()
+    }
+
+
 def objective_for(spec: ModelSpec) -> str:
     return {"lm": "lm", "mlm": "mlm", "cls": "cls"}[spec.head]
 
@@ -159,11 +169,15 @@ class Trainer:
         return _Ctx(self.mesh, self.rules)
 
     def compile(self, state: TrainState, batch: dict) -> float:
-        """AOT-compiles the train and eval steps for this batch layout; returns seconds."""
+        """AOT-compiles the train step for this batch layout; returns seconds.
+
+        ``state`` and ``batch`` may be concrete arrays or ``jax.ShapeDtypeStruct`` s (what
+        :meth:`precompile` passes): only shapes, dtypes and shardings enter the program.
+        """
         keys = tuple(sorted(batch))
         if self._compiled_train is not None and keys == self._batch_keys:
             return 0.0
-        batch_sh = {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+        batch_sh = {k: shd.batch_sharding(self.mesh, len(np.shape(v))) for k, v in batch.items()}
         t0 = time.perf_counter()
         with self._context():
             train = jax.jit(
@@ -177,6 +191,23 @@ class Trainer:
         self._batch_keys = keys
         self.compile_seconds += dt
         return dt
+
+    def precompile(self, train_batch: dict, eval_batch: dict | None = None) -> float:
+        """Compiles the train step (and the eval step) before any state exists; returns seconds.
+
+        Args:
+          train_batch, eval_batch: a sharded batch of each kind, as arrays or
+            ``jax.ShapeDtypeStruct`` s (:func:`abstract_batch`); only the layout is used.
+
+        The programs are the ones :meth:`step` and :meth:`evaluate` would compile on first
+        use (same shapes, dtypes, shardings), so a search can compile a candidate while
+        its probe runs (``search.compile_ahead``) without changing any result.
+        """
+        t0 = self.compile_seconds
+        self.compile(self.restore_target(), abstract_batch(train_batch))
+        if eval_batch is not None:
+            self._eval_fn(abstract_batch(eval_batch))
+        return self.compile_seconds - t0
 
     def memory_bytes(self) -> dict:
         """XLA's memory analysis of the compiled train step (bytes per device), {} if unknown.
@@ -192,7 +223,7 @@ class Trainer:
 
     def _eval_fn(self, batch: dict):
         if self._compiled_eval is None or self._compiled_eval[0] != tuple(sorted(batch)):
-            batch_sh = {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+            batch_sh = {k: shd.batch_sharding(self.mesh, len(np.shape(v))) for k, v in batch.items()}
             t0 = time.perf_counter()
             with self._context():
                 fn = jax.jit(

@@ -1,0 +1,144 @@
+"""search.compile_ahead: a candidate's steps compile while its probe runs, with identical results."""
+
+import os
+
+import numpy as np
+import pytest
+
+
+def _evaluator(cfg, workdir):
+    from nasjax import sharding as shd
+    from nasjax.search.evaluate import TrainingEvaluator
+    from nasjax.search.run import _build_data
+
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer, data = _build_data(cfg, str(workdir), log=lambda *a: None)
+    mesh = shd.make_mesh(tuple(cfg.mesh.shape))
+    return tokenizer, TrainingEvaluator(cfg, data, mesh, shd.rules_from_config(cfg.mesh.rules), log=lambda *a: None)
+
+
+def _specs(cfg, vocab_size: int, n: int):
+    from nasjax.search.run import make_space
+
+    space = make_space(cfg, vocab_size)
+    rng = np.random.default_rng(3)
+    genome = space.seeds()[0][1]
+    out = []
+    while len(out) < n:
+        spec = space.decode(genome)
+        if spec not in out:
+            out.append(spec)
+        genome = space.mutate(genome, rng)[0]
+    return out
+
+
+def test_precompiled_trainer_trains_exactly_like_a_lazily_compiled_one(search_config, tmp_path):
+    import jax
+
+    from nasjax import sharding as shd
+    from nasjax.train.loop import Trainer, abstract_batch
+
+    cfg = search_config()
+    tokenizer, evaluator = _evaluator(cfg, tmp_path / "w")
+    spec = _specs(cfg, tokenizer.vocab_size, 1)[0]
+    batch = shd.shard_batch(next(evaluator.data.train_iterator()), evaluator.mesh)
+    val = dict(evaluator._fixed_val()[0])
+    val.pop("num_bytes", None)
+    runs = []
+    for ahead in (False, True):
+        trainer = Trainer(spec, cfg.train, evaluator.mesh, evaluator.rules, cfg.seed, cfg.data.seq_len)
+        if ahead:  # compiled from shapes alone, before any state exists
+            assert trainer.precompile(abstract_batch(batch), abstract_batch(shd.shard_batch(val, evaluator.mesh))) > 0
+            assert trainer._compiled_train is not None and trainer._compiled_eval is not None
+        state = trainer.init_state()
+        losses = []
+        for _ in range(3):
+            state, metrics = trainer.step(state, dict(next(evaluator.data.train_iterator())))
+            losses.append(float(metrics["loss"]))
+        runs.append((losses, trainer.evaluate(state.params, evaluator._fixed_val()), jax.device_get(state.params)))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1] == runs[1][1]
+    jax.tree.map(np.testing.assert_array_equal, runs[0][2], runs[1][2])
+
+
+def test_evaluator_compiles_ahead_drops_unused_entries_and_matches_without(search_config, tmp_path):
+    from nasjax.search.evaluate import CandidateFailed
+
+    cfg_on = search_config(**{"search.compile_ahead": "true"})
+    cfg_off = search_config(**{"search.compile_ahead": "false"})
+    tokenizer, on = _evaluator(cfg_on, tmp_path / "on")
+    _, off = _evaluator(cfg_off, tmp_path / "off")
+    assert on.compile_ahead and not off.compile_ahead
+    specs = _specs(cfg_on, tokenizer.vocab_size, 4)
+
+    def outcome(evaluator, spec):
+        try:
+            evaluator.check(spec)
+            out = evaluator.train(spec, [None] * evaluator.n_hurdles)
+        except CandidateFailed as e:
+            return ("failed", e.stage, e.reason)
+        return (out.fitness, out.hurdle_fitness, out.steps, out.memory_bytes)
+
+    for spec in specs[:2]:
+        assert outcome(on, spec) == outcome(off, spec)
+        assert spec not in on._ahead  # taken by train(), or dropped by a failed check
+    assert not off._ahead
+
+    # checked but never trained (e.g. reused as functionally equivalent): only the newest few stay
+    passed = []
+    for spec in specs:
+        try:
+            on.check(spec)
+            passed.append(spec)
+        except CandidateFailed:
+            assert spec not in on._ahead
+    assert len(on._ahead) <= on._ahead_keep == 2
+    assert list(on._ahead) == passed[-2:]
+
+    # a candidate that fails its checks leaves nothing behind
+    small = search_config(**{"search.max_params": 10, "search.compile_ahead": "true"})
+    _, bounded = _evaluator(small, tmp_path / "bounded")
+    with pytest.raises(CandidateFailed, match="max_params"):
+        bounded.check(specs[0])
+    assert not bounded._ahead
+    on.close()
+    on.close()  # idempotent
+    assert not on._ahead
+
+
+def test_compile_ahead_setting_is_read_or_refused():
+    from nasjax.search import evaluate
+
+    assert evaluate.compile_ahead_enabled("true") and evaluate.compile_ahead_enabled(True)
+    assert not evaluate.compile_ahead_enabled("false") and not evaluate.compile_ahead_enabled("off")
+    assert evaluate.compile_ahead_enabled("auto") == (evaluate._usable_cores() >= evaluate.COMPILE_AHEAD_MIN_CORES)
+    with pytest.raises(ValueError, match="search.compile_ahead must be auto, true or false, got 'sometimes'"):
+        evaluate.compile_ahead_enabled("sometimes")
+
+
+def test_bad_compile_ahead_stops_a_search_before_it_starts(search_config, tmp_path):
+    from nasjax.search.engine import EngineError
+    from nasjax.search.run import run_search
+
+    with pytest.raises(EngineError, match="search.compile_ahead must be auto, true or false"):
+        run_search(search_config(**{"search.compile_ahead": "sometimes"}), str(tmp_path / "s"))
+    assert not os.path.exists(tmp_path / "s" / "journal.jsonl")
+
+
+def test_search_results_identical_with_and_without_compile_ahead(search_config, tmp_path):
+    from nasjax.search.journal import read_journal
+    from nasjax.search.run import run_search
+
+    def results(workdir):
+        recs = read_journal(os.path.join(workdir, "journal.jsonl"))
+        return [
+            (r["id"], r["event"], r.get("fitness"), r.get("stage"), r.get("cached_from"))
+            for r in recs
+            if r["event"] in ("finished", "failed")
+        ]
+
+    quiet = lambda *a: None  # noqa: E731
+    a = run_search(search_config(**{"search.compile_ahead": "true"}), str(tmp_path / "ahead"), log=quiet)
+    b = run_search(search_config(**{"search.compile_ahead": "false"}), str(tmp_path / "lazy"), log=quiet)
+    assert a.status == b.status == "finished"
+    assert results(tmp_path / "ahead") == results(tmp_path / "lazy")
