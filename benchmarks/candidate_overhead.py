@@ -1,7 +1,7 @@
 """Per-candidate cost of a Primer or LTS search, phase by phase, for this tree and an older one side by side.
 
     python benchmarks/candidate_overhead.py --candidates=12 --before=8f83601
-    python benchmarks/candidate_overhead.py --candidates=12 --also=search.compile_ahead=false
+    python benchmarks/candidate_overhead.py --candidates=12 --also=search.compile_ahead=true
     python benchmarks/candidate_overhead.py --method=lts --candidates=30 --before=8f83601
 
 What it measures: the same ``--candidates`` programs (the vanilla seed, then a chain of
@@ -55,7 +55,12 @@ def measure(root: str, n: int, seed: int, hurdles_pass: bool, overrides: dict | 
     from nasjax.search.run import _build_data, make_space
 
     cfg = load_config_file(os.path.join(root, "configs/search/primer.py:tiny"))
-    cfg = apply_overrides(cfg, {"compile_cache_dir": "none", **(overrides or {})})
+    cfg = apply_overrides(cfg, {"compile_cache_dir": "none"})
+    for key, value in (overrides or {}).items():
+        try:
+            cfg = apply_overrides(cfg, {key: _value(value)})
+        except TypeError:  # a string-typed setting (e.g. search.compile_ahead=true)
+            cfg = apply_overrides(cfg, {key: value})
     work = tempfile.mkdtemp(prefix="nasjax_overhead_")
     tokenizer, data = _build_data(cfg, work, log=lambda *a: None)
     space = make_space(cfg, tokenizer.vocab_size)
@@ -205,7 +210,7 @@ def main():
         if args.method == "lts":
             print(json.dumps(measure_lts(args._worker, args.candidates, args.seed)))
         else:
-            overrides = {k: _value(v) for k, v in (o.split("=", 1) for o in args._override)}
+            overrides = dict(o.split("=", 1) for o in args._override)
             print(json.dumps(measure(args._worker, args.candidates, args.seed, args.hurdles_pass, overrides)))
         return
 

@@ -1,7 +1,7 @@
 """Candidates per hour of the default tiny Primer search, for several versions side by side.
 
     python benchmarks/primer_throughput.py --before=8f83601 --variants=inline,threads
-    python benchmarks/primer_throughput.py --variants=inline_noahead,inline,threads_noahead,threads
+    python benchmarks/primer_throughput.py --variants=inline_noahead,inline_ahead,threads_noahead,threads_ahead
 
 Runs the default search (``configs/search/primer.py:tiny``: 60 evaluations, population
 12, 160 steps cut by 2 hurdles, Shakespeare bytes) to the end, once per version, each
@@ -11,7 +11,8 @@ once), one after the other on the same machine. Versions:
 * ``--before=REF``: the search of git ref REF (a temporary worktree), engine inline;
 * ``--variants``: this tree with ``inline`` (search.in_flight=1, the preset's default)
   and/or ``threads`` (engine=threads, search.in_flight=2: two candidates at once); a
-  ``_noahead`` suffix (``inline_noahead``) also sets ``search.compile_ahead=false``.
+  ``_ahead`` or ``_noahead`` suffix (``inline_ahead``) also sets ``search.compile_ahead``
+  to true or false (default: auto).
 
 Prints, per version: wall time, evaluations, trained / failed / reused, candidates per
 hour (trained or failed, i.e. evaluations that cost compute), evaluations per hour, the
@@ -55,7 +56,7 @@ def main():
     p.add_argument(
         "--variants",
         default="inline,threads",
-        help="this tree: inline, threads, inline_noahead, threads_noahead (search.compile_ahead=false)",
+        help="this tree: inline and/or threads, each optionally _ahead / _noahead (search.compile_ahead=true/false)",
     )
     p.add_argument("--workdir", default="", help="where the searches' workdirs go (default: a temp dir)")
     p.add_argument("--json_out", default="")
@@ -71,13 +72,14 @@ def main():
             runs.append((f"{args.before} (inline, in_flight 1)", wd))
     for v in [x.strip() for x in args.variants.split(",") if x.strip()]:
         engine, _, ahead = v.partition("_")
-        if engine not in ("inline", "threads") or ahead not in ("", "noahead"):
-            raise SystemExit(f"unknown variant {v!r}: inline, threads, inline_noahead or threads_noahead")
+        if engine not in ("inline", "threads") or ahead not in ("", "ahead", "noahead"):
+            raise SystemExit(f"unknown variant {v!r}: inline or threads, optionally with _ahead or _noahead")
         wd = os.path.join(base, v)
         overrides = ["engine=threads", "search.in_flight=2"] if engine == "threads" else []
-        overrides += ["search.compile_ahead=false"] if ahead else []
+        overrides += [f"search.compile_ahead={'true' if ahead == 'ahead' else 'false'}"] if ahead else []
         run_version(ROOT, wd, overrides)
-        label = f"{engine}, in_flight {2 if engine == 'threads' else 1}" + (", compile_ahead off" if ahead else "")
+        label = f"{engine}, in_flight {2 if engine == 'threads' else 1}"
+        label += {"ahead": ", compile_ahead on", "noahead": ", compile_ahead off"}.get(ahead, "")
         runs.append((f"this tree ({label})", wd))
 
     print(

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nasjax import sharding as shd
+from nasjax.measure.probe import compile_for_one_run
 from nasjax.models import build
 from nasjax.spec import ModelSpec
 from nasjax.train.optim import make_optimizer
@@ -161,7 +162,8 @@ class Trainer:
         """
         merged, copied = inherit_params(jax.device_get(state.params), jax.device_get(params))
         params = jax.device_put(merged, self.state_shardings.params)
-        opt = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+        opt_init = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)
+        opt = compile_for_one_run(opt_init.lower(params))(params)  # runs once: no backend optimisation
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt), copied
 
     # ------------------------------------------------------------------ compile
