@@ -1,13 +1,15 @@
 """Resident memory of a Primer candidate loop in one process, with and without cache clearing.
 
     python benchmarks/candidate_memory.py --after=none     # also: clear | trim | both
+    python benchmarks/candidate_memory.py --after=both --every=20
 
 Runs ``--candidates`` tiny Primer programs (the vanilla seed, then a chain of mutations
 with seed 0; 1 layer at width 16, sequence 16, 8 steps) through a search's evaluator
 (check + train, no controller or journal) and prints the process's resident memory
 every 20 candidates. ``--after`` is what happens after each candidate: nothing,
 ``jax.clear_caches()`` (clear), glibc ``malloc_trim`` (trim), or both (what
-``search.clear_caches=true`` does).
+``search.clear_caches=true`` does); ``--every=N`` does it after every N-th candidate only
+(``search.clear_caches_every=N``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--after", default="none", choices=("none", "clear", "trim", "both"))
     p.add_argument("--candidates", type=int, default=121)
+    p.add_argument("--every", type=int, default=1, help="clear / trim after every N-th candidate only")
     args = p.parse_args()
 
     import jax
@@ -55,7 +58,7 @@ def main():
     evaluator = TrainingEvaluator(cfg, data, mesh, shd.rules_from_config(cfg.mesh.rules), log=lambda *a: None)
     rng = np.random.default_rng(0)
     genome = space.seeds()[0][1]
-    print(f"after each candidate: {args.after}\n\n| candidates | resident MiB |\n|---|---|")
+    print(f"after every {args.every} candidate(s): {args.after}\n\n| candidates | resident MiB |\n|---|---|")
     for i in range(args.candidates):
         spec = space.decode(genome)
         try:
@@ -64,9 +67,10 @@ def main():
         except CandidateFailed:
             pass
         genome = space.mutate(genome, rng)[0]
-        if args.after in ("clear", "both"):
+        due = (i + 1) % max(1, args.every) == 0
+        if due and args.after in ("clear", "both"):
             jax.clear_caches()
-        if args.after in ("trim", "both"):
+        if due and args.after in ("trim", "both"):
             release_free_memory()
         if i % 20 == 0:
             gc.collect()

@@ -75,6 +75,7 @@ search.probe_batch        sequences in the causality / finiteness / equivalence 
 search.val_batches        validation batches that define the fitness (0 = whole split)
 search.fec                reuse results of functionally equivalent candidates
 search.clear_caches       drop compiled programs after each candidate and return freed heap to the OS (long searches)
+search.clear_caches_every with search.clear_caches: only after every N-th trained candidate (1 = each one)
 search.compile_ahead      (primer) auto | true | false: compile a candidate's train and eval steps on a
                           background thread while its probe runs; identical results either way; auto = on
                           with >= 4 CPU cores (no gain measured on 2); never with several processes
@@ -232,6 +233,7 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     s.val_batches = 16
     s.fec = True
     s.clear_caches = False
+    s.clear_caches_every = 1
     if method == "primer":
         s.compile_ahead = "auto"
     c.train.log_every = 10**9

@@ -142,3 +142,27 @@ def test_search_results_identical_with_and_without_compile_ahead(search_config, 
     b = run_search(search_config(**{"search.compile_ahead": "false"}), str(tmp_path / "lazy"), log=quiet)
     assert a.status == b.status == "finished"
     assert results(tmp_path / "ahead") == results(tmp_path / "lazy")
+
+
+def test_clear_caches_every_n_trained_candidates(search_config, tmp_path, monkeypatch):
+    import jax
+
+    from nasjax.search import evaluate
+    from nasjax.search.engine import EngineError
+    from nasjax.search.run import run_search
+
+    cleared = []
+    monkeypatch.setattr(jax, "clear_caches", lambda: cleared.append(1))
+    cfg = search_config(**{"search.clear_caches": True, "search.clear_caches_every": 3})
+    tokenizer, evaluator = _evaluator(cfg, tmp_path / "w")
+    trained = 0
+    for spec in _specs(cfg, tokenizer.vocab_size, 7):
+        try:
+            evaluator.check(spec)
+            evaluator.train(spec, [None] * evaluator.n_hurdles)
+            trained += 1
+        except evaluate.CandidateFailed:
+            pass
+    assert trained >= 3 and len(cleared) == trained // 3
+    with pytest.raises(EngineError, match="search.clear_caches_every must be at least 1, got 0"):
+        run_search(search_config(**{"search.clear_caches_every": 0}), str(tmp_path / "s"))

@@ -241,10 +241,18 @@ class TrainingEvaluator:
         # entries behind: keep the newest few (every in-flight candidate's, and one spare).
         self._ahead_keep = max(1, int(s.in_flight)) + 1
         self._layouts: tuple[dict, dict | None] | None = None
+        self._trained = 0  # candidates trained by this evaluator (search.clear_caches_every)
 
     def budget_text(self) -> str:
         unit = "s" if self.by_time else " steps"
         return " / ".join(f"{b:.4g}{unit}" for b in self.budgets)
+
+    def _count_for_clearing(self) -> bool:
+        """Counts a trained candidate; True on every ``search.clear_caches_every``-th."""
+        every = int(self.cfg.search.get("clear_caches_every", 1))  # >= 1: checked before a search starts
+        with self._ahead_lock:
+            self._trained += 1
+            return self._trained % every == 0
 
     # ------------------------------------------------------------------ compile-ahead
     def _batch_layouts(self) -> tuple[dict, dict | None]:
@@ -437,7 +445,7 @@ class TrainingEvaluator:
                     stopped = band
                     break
         del state
-        if s.clear_caches:  # long searches: drop compiled programs of finished candidates
+        if s.clear_caches and self._count_for_clearing():  # long searches: drop finished programs
             jax.clear_caches()
             release_free_memory()
         return TrainOutcome(

@@ -65,6 +65,7 @@ RESUMABLE_KEYS = (
     "search.iterations",
     "search.max_seconds",
     "search.clear_caches",
+    "search.clear_caches_every",
     "search.compile_ahead",
     "compile_cache_dir",
     "data.cache_dir",
