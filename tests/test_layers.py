@@ -464,3 +464,26 @@ def test_embeddings_parts_and_tied_attend():
     )
     with pytest.raises(ValueError, match="exceeds max_len"):
         emb.apply(v, jnp.zeros((1, 17), jnp.int32))
+
+
+def test_softmax_value_and_derivatives_match_the_plain_formula():
+    """nasjax's softmax: jax.nn.softmax's value bit for bit, its VJP and JVP to rounding,
+    and exactly zero probability and gradient at masked keys."""
+    from nasjax.layers.attention import MASK_VALUE, softmax
+
+    x = _x(3, (2, 3, 8, 8), 3.0)
+    mask = jnp.tril(jnp.ones((8, 8), bool))
+    masked = jnp.where(mask, x, MASK_VALUE)
+    np.testing.assert_array_equal(_np(softmax(masked)), _np(jax.nn.softmax(masked, axis=-1)))
+    w = _x(4, x.shape)
+
+    def loss(fn):
+        return lambda z: jnp.sum(w * fn(jnp.where(mask, z, MASK_VALUE)) ** 2)
+
+    g = jax.grad(loss(softmax))(x)
+    np.testing.assert_allclose(_np(g), _np(jax.grad(loss(lambda z: jax.nn.softmax(z, axis=-1)))(x)), atol=1e-6)
+    assert np.all(_np(g)[..., ~np.asarray(mask)] == 0.0)
+    dx = _x(5, x.shape)
+    _, t = jax.jvp(softmax, (masked,), (dx,))
+    _, t_ref = jax.jvp(lambda z: jax.nn.softmax(z, axis=-1), (masked,), (dx,))
+    np.testing.assert_allclose(_np(t), _np(t_ref), atol=1e-6)

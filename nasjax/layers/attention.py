@@ -47,6 +47,7 @@ __all__ = [
     "abz_scores_and_values",
     "abz_attention",
     "attention_probs",
+    "softmax",
     "expand_over_batch",
     "MultiHeadAttention",
 ]
@@ -151,6 +152,29 @@ def expand_over_batch(bias_1xHxLxL: jnp.ndarray, batch: int) -> jnp.ndarray:
     return flat.reshape((batch,) + bias_1xHxLxL.shape[1:])
 
 
+@jax.custom_jvp
+def softmax(x: jnp.ndarray) -> jnp.ndarray:
+    """Softmax over the last axis, differentiated through its output.
+
+    The value is jax.nn.softmax's, bit for bit: exp(x - max) / sum. The derivative is
+    y * (dx - sum(y * dx)), so reverse mode keeps only y and the backward is one
+    product and one row sum, as in PyTorch. jax.nn.softmax instead differentiates the
+    division (``jax_softmax_custom_jvp`` is off by default), which keeps 1/sum broadcast
+    to the full [B, H, Lq, Lk] shape as an extra saved array per layer. Entries whose
+    probability is exactly 0 (masked keys) get an exactly 0 derivative.
+    """
+    x_max = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(x - x_max)
+    return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    y = softmax(x)
+    return y, y * (x_dot - jnp.sum(y * x_dot, axis=-1, keepdims=True))
+
+
 def attention_probs(scores_BxHxLxL, key_bias=None, mask=None):
     """softmax over keys in float32 after adding ``key_bias`` and applying ``mask``."""
     scores = scores_BxHxLxL.astype(jnp.float32)
@@ -158,7 +182,7 @@ def attention_probs(scores_BxHxLxL, key_bias=None, mask=None):
         scores = scores + key_bias
     if mask is not None:
         scores = jnp.where(mask, scores, MASK_VALUE)
-    return jax.nn.softmax(scores, axis=-1)
+    return softmax(scores)
 
 
 class MultiHeadAttention(nn.Module):

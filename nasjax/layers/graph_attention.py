@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nasjax.genome.attn_graph import LEAVES, AttentionGraph, GraphAttentionSpec
-from nasjax.layers.attention import PADDING_BIAS
+from nasjax.layers.attention import PADDING_BIAS, softmax
 from nasjax.layers.mlp import make_dense
 
 __all__ = ["GUARD_EPS", "eval_graph", "GraphAttention"]
@@ -44,7 +44,7 @@ def _unary(op: str, x, scale: float, key_valid, last_axis_is_n: bool):
     if op == "softmax":
         if last_axis_is_n and key_valid is not None:
             x = x + jnp.where(key_valid, 0.0, PADDING_BIAS)
-        return jax.nn.softmax(x, axis=-1)
+        return softmax(x)
     if op == "logsigmoid":
         return jax.nn.log_sigmoid(x)
     if op == "softsign":
