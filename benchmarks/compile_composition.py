@@ -15,7 +15,9 @@ optimised program and the median step time:
 * ``grad+adamw``: nasjax's optimizer (``nasjax.train.optim.make_optimizer``: global-norm
   clipping, AdamW with the decay mask), per parameter leaf, as the trainer runs it;
 * ``grad+flat-adamw``: the same update on one flattened vector of all parameters
-  (``optax.flatten``): one kernel per update phase instead of one per leaf;
+  (``optax.flatten``): one kernel per update phase instead of one per leaf. The decay
+  mask then sees one 1-D vector, so this variant has weight decay off: a compile
+  measurement, not a usable optimizer;
 * ``grad+adamw scan``: the identical layers run under ``flax.linen.scan`` (one compiled
   layer body, parameters stacked on a leading axis) instead of unrolled. nasjax does not
   build models this way; the variant swaps the stack module in for the measurement only.
