@@ -9,6 +9,7 @@ in its own subprocess with a fresh persistent compile cache (every program compi
 once), one after the other on the same machine. Versions:
 
 * ``--before=REF``: the search of git ref REF (a temporary worktree), engine inline;
+* ``--also=KEY=VALUE``: every variant once more with that setting (repeatable);
 * ``--variants``: this tree with ``inline`` (search.in_flight=1, the preset's default)
   and/or ``threads`` (engine=threads, search.in_flight=2: two candidates at once); a
   ``_ahead`` or ``_noahead`` suffix (``inline_ahead``) also sets ``search.compile_ahead``
@@ -58,6 +59,12 @@ def main():
         default="inline,threads",
         help="this tree: inline and/or threads, each optionally _ahead / _noahead (search.compile_ahead=true/false)",
     )
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        help="KEY=VALUE (repeatable): also run every variant with this setting, as a row of its own",
+    )
     p.add_argument("--workdir", default="", help="where the searches' workdirs go (default: a temp dir)")
     p.add_argument("--json_out", default="")
     args = p.parse_args()
@@ -74,13 +81,14 @@ def main():
         engine, _, ahead = v.partition("_")
         if engine not in ("inline", "threads") or ahead not in ("", "ahead", "noahead"):
             raise SystemExit(f"unknown variant {v!r}: inline or threads, optionally with _ahead or _noahead")
-        wd = os.path.join(base, v)
         overrides = ["engine=threads", "search.in_flight=2"] if engine == "threads" else []
         overrides += [f"search.compile_ahead={'true' if ahead == 'ahead' else 'false'}"] if ahead else []
-        run_version(ROOT, wd, overrides)
         label = f"{engine}, in_flight {2 if engine == 'threads' else 1}"
         label += {"ahead": ", compile_ahead on", "noahead": ", compile_ahead off"}.get(ahead, "")
-        runs.append((f"this tree ({label})", wd))
+        for extra in [None] + args.also:
+            wd = os.path.join(base, v if extra is None else f"{v}_{extra.replace('=', '_')}")
+            run_version(ROOT, wd, overrides + ([extra] if extra else []))
+            runs.append((f"this tree ({label}{', ' + extra if extra else ''})", wd))
 
     print(
         "| version | wall min | evaluations | trained / failed / reused | candidates/hour | evaluations/hour"

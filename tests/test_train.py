@@ -20,8 +20,9 @@ def _train_losses(workdir):
     return {r["step"]: r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["kind"] == "train"}
 
 
-def test_train_writes_workdir_and_resumes_exactly(tiny_config, tmp_path):
-    cfg = tiny_config(**{"train.steps": 6, "train.keep_checkpoints": 5})
+@pytest.mark.parametrize("flat_optimizer", [False, True])
+def test_train_writes_workdir_and_resumes_exactly(tiny_config, tmp_path, flat_optimizer):
+    cfg = tiny_config(**{"train.steps": 6, "train.keep_checkpoints": 5, "train.flat_optimizer": flat_optimizer})
     wd = str(tmp_path / "a")
     result = run.train(cfg, wd, log=lambda *_: None, progress=False)
     assert result.status == "finished" and result.step == 6
@@ -280,3 +281,41 @@ def test_corrupt_checkpoint_falls_back_and_other_model_is_refused(tiny_config, t
 
     with pytest.raises(run.RunError, match="different model"):
         run.train(tiny_config(**{"model.name": "gpt2"}), str(wd), log=lambda *_: None, progress=False)
+
+
+def test_flat_optimizer_gives_each_element_the_per_leaf_update(tiny_config):
+    """train.flat_optimizer: optax's AdamW math on one vector of all parameters. Every element
+    gets the per-leaf chain's update up to float rounding (XLA fuses the two differently),
+    weight-decay mask included: matrices decayed, biases / norm scales / dconv taps not. A
+    wrong mask would move parameters by ~lr * weight_decay * |p| ~ 1e-3 relative, far above
+    the tolerance; so would a wrong clipping factor."""
+    batch = _batch(np.random.default_rng(3))
+    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    for clip in (0.0, 1.0):
+        out = {}
+        for flat in (False, True):
+            kw = {"train.weight_decay": 1.0, "train.grad_clip": clip, "train.flat_optimizer": flat}
+            tr = _trainer(tiny_config, mesh, **kw)
+            state = tr.init_state()
+            for _ in range(3):
+                state, metrics = tr.step(state, batch)
+            out[flat] = (float(metrics["loss"]), jax.device_get(state.params))
+            if flat:
+                assert {x.ndim for x in jax.tree.leaves(state.opt_state) if x.ndim} == {1}  # mu, nu: flat vectors
+        np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), out[True][1], out[False][1])
+
+
+def test_flat_optimizer_refuses_sharded_params_and_adafactor(tiny_config):
+    from nasjax.train.optim import OptimConfigError
+
+    with pytest.raises(OptimConfigError, match="flat_optimizer"):
+        _trainer(
+            tiny_config,
+            shd.make_mesh((1, 1, 1), jax.devices()[:1]),
+            **{"train.flat_optimizer": True, "train.optimizer": "adafactor"},
+        )
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    with pytest.raises(ValueError, match="flat_optimizer.*replicated"):
+        _trainer(tiny_config, shd.make_mesh((4, 1, 2)), **{"train.flat_optimizer": True})

@@ -67,6 +67,9 @@ RESUMABLE_KEYS = (
     "search.clear_caches",
     "search.clear_caches_every",
     "search.compile_ahead",
+    # the same optimizer math per element, summed in another order: results differ only by
+    # float rounding, so a search started before the setting existed (or with it off) resumes
+    "train.flat_optimizer",
     "compile_cache_dir",
     "data.cache_dir",
     "engine",
