@@ -25,7 +25,7 @@ train.learning_rate, optimizer (adamw | adafactor), schedule (cosine | rsqrt | l
 train.warmup_steps, min_learning_rate_ratio, weight_decay, b1, b2, eps, grad_clip,
 train.grad_accum_steps    micro-batches per optimizer step
 train.flat_optimizer      (adamw, replicated parameters) clip and AdamW on one vector of all parameters:
-                          the same update per element; ~15-19% less train-step compile on tiny models
+                          each element's update up to rounding; ~15-19% less train-step compile (tiny)
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices

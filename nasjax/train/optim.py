@@ -71,16 +71,16 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     parameters (:func:`_flat_adamw`).
     """
     schedule = make_schedule(cfg)
+    parts = []
+    if cfg.grad_clip and cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
     if cfg.get("flat_optimizer", False):
         if cfg.optimizer != "adamw":
             raise OptimConfigError(
                 f"train.flat_optimizer=true needs train.optimizer=adamw (Adafactor factors each matrix's "
                 f"second moments, which one flat vector cannot hold); got {cfg.optimizer!r}"
             )
-        return _flat_adamw(cfg, schedule), schedule
-    parts = []
-    if cfg.grad_clip and cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
+        return _flat_adamw(cfg, schedule, parts), schedule
     if cfg.optimizer == "adamw":
         parts.append(
             optax.adamw(
@@ -107,22 +107,21 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return optax.chain(*parts), schedule
 
 
-def _flat_adamw(cfg, schedule) -> optax.GradientTransformation:
+def _flat_adamw(cfg, schedule, clipping: list) -> optax.GradientTransformation:
     """Clipping and AdamW on one vector that holds every parameter (``train.flat_optimizer``).
 
     The per-element math is optax's own (``clip_by_global_norm``, ``scale_by_adam``,
     ``scale_by_learning_rate``, run on the flattened vector), and weight decay follows
     :func:`_decay_mask` leaf by leaf, so every element gets the update the per-leaf
-    chain of :func:`make_optimizer` gives it. Only the global norm is summed in another
-    order, which moves the clipping factor in its last bits. What it buys is compile
+    chain of :func:`make_optimizer` gives it, up to float rounding: the global norm is
+    summed in another order and XLA fuses the update differently. What it buys is compile
     time: XLA:CPU emits each parameter's mu, nu and update as kernels of their own, and
     on a tiny model those make a third of the train step's compile
     (``benchmarks/compile_composition.py``). The state holds ``mu`` and ``nu`` as one
     [num_params] vector each, so it suits replicated parameters only (the trainer checks).
+    ``clipping``: the clip transformation, if any, as :func:`make_optimizer` builds it.
     """
-    parts = []
-    if cfg.grad_clip and cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
+    parts = list(clipping)
     parts.append(optax.scale_by_adam(b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps)))
     parts.append(optax.add_decayed_weights(float(cfg.weight_decay)))
     parts.append(optax.scale_by_learning_rate(schedule))
