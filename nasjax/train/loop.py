@@ -33,6 +33,7 @@ from nasjax.train.state import (
     abstract_with_shardings,
     inherit_params,
     init_state,
+    params_replicated,
     state_shardings,
 )
 from nasjax.train.step import make_eval_step, make_train_step
@@ -128,16 +129,12 @@ class Trainer:
         )
         self._eval_step = make_eval_step(self.model, self.objective)
         self.abstract_state, self.state_shardings = state_shardings(self.model, self.tx, self.seq_len, mesh, rules)
-        if train_cfg.get("flat_optimizer", False):
-            param_sh = jax.tree.leaves(
-                self.state_shardings.params, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+        if train_cfg.get("flat_optimizer", False) and not params_replicated(self.state_shardings.params):
+            raise TrainConfigError(
+                f"train.flat_optimizer=true keeps the optimizer state as one vector, so it needs replicated "
+                f"parameters, but mesh {dict(mesh.shape)} shards them (FSDP / tensor axes); "
+                f"set train.flat_optimizer=false"
             )
-            if not all(sh.is_fully_replicated for sh in param_sh):
-                raise TrainConfigError(
-                    f"train.flat_optimizer=true keeps the optimizer state as one vector, so it needs replicated "
-                    f"parameters, but mesh {dict(mesh.shape)} shards them (FSDP / tensor axes); "
-                    f"set train.flat_optimizer=false"
-                )
         self._compiled_train = None
         self._compiled_eval = None
         self._batch_keys: tuple | None = None

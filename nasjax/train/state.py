@@ -61,6 +61,12 @@ def _opt_state_shardings(abstract_opt: Any, abstract_params: Any, param_sharding
     return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
+def params_replicated(param_shardings: Any) -> bool:
+    """True when every parameter's sharding keeps the whole array on each device."""
+    leaves = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return all(sh.is_fully_replicated for sh in leaves)
+
+
 def state_shardings(model, tx, seq_len: int, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
     """Abstract (unboxed) state and its NamedShardings, from eval_shape only."""
     boxed = jax.eval_shape(lambda r: _boxed_state(model, tx, r, seq_len), jax.random.key(0))
@@ -153,8 +159,7 @@ def init_state(
     """
     if shardings is None:
         _, shardings = state_shardings(model, tx, seq_len, mesh, rules)
-    param_sh = jax.tree.leaves(shardings.params, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    local_replicated = jax.process_count() == 1 and all(sh.is_fully_replicated for sh in param_sh)
+    local_replicated = jax.process_count() == 1 and params_replicated(shardings.params)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if local_replicated:
             params = None
