@@ -81,6 +81,10 @@ search.clear_caches_every with search.clear_caches: only after every N-th traine
 search.compile_ahead      (primer) auto | true | false: compile a candidate's train and eval steps on a
                           background thread while its probe runs; identical results either way; auto = on
                           with >= 4 CPU cores (no gain measured on 2); never with several processes
+search.op_by_op           (primer) auto | true | false: run each candidate's init, probe and optimizer-state
+                          init op by op (per-op programs compiled once per process, shared by all candidates)
+                          instead of compiling them per candidate; values equal up to float rounding;
+                          auto = on unless search.clear_caches (which drops the per-op programs)
 
 AutoBERT-Zero (configs/search/autobert.py) adds ``autobert.*`` (see nasjax/search/autobert.py):
 n_layers, d_model / n_heads / d_ff (0 = model.size's), dropout, kernel_sizes (odd), max_nodes
@@ -239,6 +243,7 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     s.clear_caches_every = 1
     if method == "primer":
         s.compile_ahead = "auto"
+        s.op_by_op = "auto"
     c.train.log_every = 10**9
     c.train.eval_every = 0
     c.train.checkpoint_every = 0

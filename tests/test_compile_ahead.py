@@ -116,6 +116,21 @@ def test_compile_ahead_setting_is_read_or_refused():
         evaluate.compile_ahead_enabled("sometimes")
 
 
+def test_op_by_op_setting_is_read_or_refused(search_config, tmp_path):
+    from nasjax.search import evaluate
+    from nasjax.search.engine import EngineError
+    from nasjax.search.run import run_search
+
+    read = lambda **kw: evaluate.op_by_op_enabled(search_config(**kw).search)  # noqa: E731
+    assert read() and read(**{"search.op_by_op": "true"})
+    assert not read(**{"search.clear_caches": True})  # auto: clearing drops the per-op programs
+    assert read(**{"search.clear_caches": True, "search.op_by_op": "true"})
+    assert not read(**{"search.op_by_op": "off"})
+    with pytest.raises(EngineError, match="search.op_by_op must be auto, true or false, got 'often'"):
+        run_search(search_config(**{"search.op_by_op": "often"}), str(tmp_path / "s"))
+    assert not os.path.exists(tmp_path / "s" / "journal.jsonl")
+
+
 def test_bad_compile_ahead_stops_a_search_before_it_starts(search_config, tmp_path):
     from nasjax.search.engine import EngineError
     from nasjax.search.run import run_search

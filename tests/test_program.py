@@ -238,23 +238,43 @@ def test_seed_programs_pass_the_probe():
         assert result.finite and result.causal_leak == 0.0 and result.output_hash
 
 
-def test_probe_detects_a_leak(monkeypatch):
-    """An anti-causal op (a reverse cumulative sum patched into the interpreter) is caught."""
+@pytest.mark.parametrize("op_by_op", [False, True], ids=["compiled", "op_by_op"])
+def test_probe_detects_a_leak(monkeypatch, op_by_op):
+    """An anti-causal op (a reverse cumulative sum patched into the interpreter) is caught,
+    whether the probe is one compiled program or runs op by op (``search.op_by_op``)."""
     import nasjax.layers.program as interp
 
     main = Subprogram((Instruction("CUM_SUM", 1), Instruction("ADD", 1, 2)))
     spec = _spec(Program((main,), (1.0,), (1,)), n_layers=1)
-    assert probe_model(spec, seq_len=LEN).causal_leak == 0.0
+    assert probe_model(spec, seq_len=LEN, op_by_op=op_by_op).causal_leak == 0.0
     real = interp.apply_pure_op
 
     def leaky(op, a, b, c):
         return jnp.flip(jnp.cumsum(jnp.flip(a, 1), axis=1), 1) if op == "CUM_SUM" else real(op, a, b, c)
 
     monkeypatch.setattr(interp, "apply_pure_op", leaky)
-    result = probe_model(spec, seq_len=LEN)
+    result = probe_model(spec, seq_len=LEN, op_by_op=op_by_op)
     assert not result.causal and result.causal_leak > 0.1
     encoder = get_spec("bert", "tiny", vocab_size=262, max_len=64)
-    assert probe_model(encoder, seq_len=LEN).causal_leak is None  # encoders are not checked
+    assert probe_model(encoder, seq_len=LEN, op_by_op=op_by_op).causal_leak is None  # encoders are not checked
+
+
+def test_op_by_op_probe_agrees_with_the_compiled_probe():
+    """``search.op_by_op`` changes how the init and the probe execute, not what they compute:
+    the same initial parameters and logits up to float rounding, and the same verdicts."""
+    from nasjax.train.state import initial_params
+
+    for program in (vanilla_program(H, D, F), primer_ez_program(H, D, F)):
+        spec = _spec(program)
+        model = build(spec)
+        compiled = initial_params(model, 5, LEN)
+        eager = initial_params(model, 5, LEN, op_by_op=True)
+        assert jax.tree.structure(compiled) == jax.tree.structure(eager)
+        for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager), strict=True):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+        assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager)))
+        one, other = probe_model(spec, seq_len=LEN, seed=5), probe_model(spec, seq_len=LEN, seed=5, op_by_op=True)
+        assert one.finite and other.finite and one.causal_leak == other.causal_leak == 0.0
 
 
 def test_nested_branches_train_under_a_mesh(tiny_config, tmp_path):
@@ -276,9 +296,11 @@ def test_nested_branches_train_under_a_mesh(tiny_config, tmp_path):
     assert np.isfinite(float(metrics["loss"]))
 
 
-def test_probe_parameters_are_the_trainers_init(tiny_config):
+@pytest.mark.parametrize("op_by_op", [False, True], ids=["compiled", "op_by_op"])
+def test_probe_parameters_are_the_trainers_init(tiny_config, op_by_op):
     """The probe's init is the trainer's: a search's trainer takes it instead of initialising
-    again, and gets exactly what a trainer without a probe computes (8-device mesh)."""
+    again, and gets exactly what a trainer without a probe computes (8-device mesh), with
+    the one-off programs compiled or run op by op (``search.op_by_op``)."""
     from nasjax import sharding as shd
     from nasjax.train import state as state_lib
     from nasjax.train.loop import Trainer
@@ -286,20 +308,34 @@ def test_probe_parameters_are_the_trainers_init(tiny_config):
     spec = _spec(primer_ez_program(H, D, F))
     cfg = tiny_config()
     mesh = shd.make_mesh((-1, 1, 1))
+    key = (spec, 3, LEN, op_by_op)
+
+    def trainer_state():
+        trainer = Trainer(spec, cfg.train, mesh, shd.DEFAULT_RULES, seed=3, seq_len=LEN, op_by_op=op_by_op)
+        return trainer.init_state()
 
     def trainer_params():
-        trainer = Trainer(spec, cfg.train, mesh, shd.DEFAULT_RULES, seed=3, seq_len=LEN)
-        return jax.device_get(trainer.init_state().params)
+        return jax.device_get(trainer_state().params)
 
     fresh = trainer_params()
-    probe_model(spec, seq_len=LEN, seed=3, remember=True)
-    assert (spec, 3, LEN) in state_lib._REMEMBERED
-    taken = trainer_params()
-    assert (spec, 3, LEN) not in state_lib._REMEMBERED  # taken, not kept
+    probe_model(spec, seq_len=LEN, seed=3, remember=True, op_by_op=not op_by_op)
+    other = (spec, 3, LEN, not op_by_op)
+    np.testing.assert_array_equal(jax.tree.leaves(trainer_params())[0], jax.tree.leaves(fresh)[0])
+    assert other in state_lib._REMEMBERED  # the other setting's entry is not this trainer's
+    state_lib._REMEMBERED.clear()
+    probe_model(spec, seq_len=LEN, seed=3, remember=True, op_by_op=op_by_op)
+    assert key in state_lib._REMEMBERED
+    state = trainer_state()
+    taken = jax.device_get(state.params)
+    assert key not in state_lib._REMEMBERED  # taken, not kept
     for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(taken), strict=True):
         np.testing.assert_array_equal(a, b)
+    # the state lies in the trainer's shardings either way, the optimizer state zeroed
+    for leaf in jax.tree.leaves(state.opt_state):
+        if np.ndim(leaf):
+            assert len(leaf.sharding.device_set) == 8 and not np.any(np.asarray(leaf))
     # A mismatching entry (another spec under the key) is ignored, not used.
-    state_lib.remember_initial_params((spec, 3, LEN), {"wrong": np.zeros(3)})
+    state_lib.remember_initial_params(key, {"wrong": np.zeros(3)})
     again = trainer_params()
     for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)

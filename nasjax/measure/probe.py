@@ -102,13 +102,26 @@ def _positions(seq_len: int) -> tuple[int, ...]:
 
 
 def probe_model(
-    spec: ModelSpec, seq_len: int, batch: int = 2, seed: int = 0, digits: int = 3, remember: bool = False
+    spec: ModelSpec,
+    seq_len: int,
+    batch: int = 2,
+    seed: int = 0,
+    digits: int = 3,
+    remember: bool = False,
+    op_by_op: bool = False,
 ) -> ProbeResult:
     """Runs the checks of the module docstring on ``spec`` (CPU or default device).
 
     The model is initialised as the trainer initialises it (seed ``seed``, sequence
     ``seq_len``); ``remember=True`` keeps those parameters for a Trainer of the same
-    spec, seed and sequence length in this process (a search's next step).
+    spec, seed, sequence length and ``op_by_op`` setting in this process (a search's
+    next step).
+
+    ``op_by_op``: run the init and the checks without jit, op by op, so that no program
+    is compiled for this model; the per-op programs are compiled once per process and
+    shared by every later candidate (``search.op_by_op``). Otherwise the init and the
+    checks are each one program compiled without backend optimisation. The verdicts are
+    the same; logits (and so the output hashes) may differ in the last bits.
 
     Raises whatever tracing raises (shape errors of a malformed program): callers record
     it as a failed candidate.
@@ -125,9 +138,9 @@ def probe_model(
     # process takes these parameters instead of compiling and running its own init.
     from nasjax.train.state import initial_params, remember_initial_params
 
-    init_params = initial_params(model, seed, seq_len)
+    init_params = initial_params(model, seed, seq_len, op_by_op=op_by_op)
     if remember:
-        remember_initial_params((spec, seed, seq_len), init_params)
+        remember_initial_params((spec, seed, seq_len, bool(op_by_op)), init_params)
 
     def run(params):
         pert = jnp.zeros((batch, seq_len, spec.d_model), jnp.float32)
@@ -156,7 +169,10 @@ def probe_model(
 
     # The probe runs once per candidate: compiling it without backend optimisation costs
     # about half the compile time (the probe was the largest per-candidate cost on CPU).
-    logits, grad_stats = compile_for_one_run(jax.jit(run).lower(init_params))(init_params)
+    if op_by_op:
+        logits, grad_stats = run(init_params)
+    else:
+        logits, grad_stats = compile_for_one_run(jax.jit(run).lower(init_params))(init_params)
     logits = np.asarray(jax.device_get(logits), np.float64)
     finite = bool(np.isfinite(logits).all())
     leak = None

@@ -375,6 +375,13 @@ def check_engine_settings(cfg) -> None:
             compile_ahead_enabled(cfg.search.compile_ahead)
         except ValueError as e:
             raise EngineError(str(e)) from None
+    if "search" in cfg and "op_by_op" in cfg.search:
+        from nasjax.search.evaluate import op_by_op_enabled
+
+        try:
+            op_by_op_enabled(cfg.search)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
     if name == "threads" and "search" in cfg:
         method = str(cfg.search.get("method", ""))
         if method != "primer":

@@ -82,10 +82,14 @@ def _short(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_params_and_probe(spec: ModelSpec, cfg, seq_len: int, before_probe: Callable[[], None] | None = None):
+def check_params_and_probe(
+    spec: ModelSpec, cfg, seq_len: int, before_probe: Callable[[], None] | None = None, op_by_op: bool = False
+):
     """``search.max_params`` (from eval_shape) and the finiteness probe at a fixed init.
 
     ``before_probe`` is called once the parameter bound has passed (compile-ahead).
+    ``op_by_op``: run the probe (and the init it leaves for the trainer) op by op
+    (:func:`op_by_op_enabled`).
 
     Returns:
       (parameter count, :class:`~nasjax.measure.probe.ProbeResult`); raises
@@ -101,7 +105,9 @@ def check_params_and_probe(spec: ModelSpec, cfg, seq_len: int, before_probe: Cal
     if before_probe is not None:
         before_probe()
     try:
-        probe = probe_model(spec, seq_len, batch=int(s.probe_batch), seed=int(cfg.seed), remember=True)
+        probe = probe_model(
+            spec, seq_len, batch=int(s.probe_batch), seed=int(cfg.seed), remember=True, op_by_op=op_by_op
+        )
     except Exception as e:
         raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
     if not probe.finite:
@@ -140,6 +146,32 @@ def compile_ahead_enabled(value) -> bool:
     else:
         raise ValueError(f"search.compile_ahead must be auto, true or false, got {value!r}")
     return on and jax.process_count() == 1
+
+
+def op_by_op_enabled(search_cfg) -> bool:
+    """Reads ``search.op_by_op`` (auto | true | false); raises ValueError naming it otherwise.
+
+    On: a candidate's one-off programs (parameter init, probe, optimizer-state init) run
+    op by op. Every jax op then runs as a small program that jax compiles once per (op,
+    shapes) and keeps for the process, and candidates share nearly all of them, so no
+    program is compiled per candidate for these steps. On this 2-core CPU the probe with
+    its init fell from ~1.5 s to ~0.7 s per tiny candidate after a one-time ~8 s warm-up
+    (docs/benchmarks.md). Off: each is one program compiled for the candidate without
+    backend optimisation.
+
+    ``auto``: on unless ``search.clear_caches`` is on. Clearing drops the per-op programs
+    too, and compiling them all again cost ~9.5 s per candidate, against ~1.9 s for the
+    compiled path. (A choice for CPU hosts; on accelerators op-by-op dispatch is cheap
+    too, and the warm-up is paid once per process.)
+    """
+    text = str(search_cfg.get("op_by_op", "auto")).strip().lower()
+    if text == "auto":
+        return not bool(search_cfg.get("clear_caches", False))
+    if text in ("true", "on", "1", "yes"):
+        return True
+    if text in ("false", "off", "0", "no"):
+        return False
+    raise ValueError(f"search.op_by_op must be auto, true or false, got {search_cfg.get('op_by_op')!r}")
 
 
 def fit_candidate(trainer: Trainer, state, iterator, steps: int, stage: str, mesh, should_stop=None):
@@ -234,6 +266,7 @@ class TrainingEvaluator:
         # Compile-ahead (search.compile_ahead): a candidate's train and eval steps compile on
         # a background thread while its probe runs; train() takes the compiled Trainer.
         self.compile_ahead = compile_ahead_enabled(s.get("compile_ahead", "auto"))
+        self.op_by_op = op_by_op_enabled(s)  # one-off inits and the probe run op by op
         self._ahead: collections.OrderedDict[ModelSpec, Future] = collections.OrderedDict()
         self._ahead_lock = threading.Lock()
         self._ahead_pool: ThreadPoolExecutor | None = None
@@ -269,9 +302,21 @@ class TrainingEvaluator:
                 self._layouts = layouts
         return layouts
 
-    def _compiled_trainer(self, spec: ModelSpec) -> Trainer:
+    def _new_trainer(self, spec: ModelSpec) -> Trainer:
         cfg = self.cfg
-        trainer = Trainer(spec, cfg.train, self.mesh, self.rules, cfg.seed, self.seq_len, dtype=cfg.model.dtype)
+        return Trainer(
+            spec,
+            cfg.train,
+            self.mesh,
+            self.rules,
+            cfg.seed,
+            self.seq_len,
+            dtype=cfg.model.dtype,
+            op_by_op=self.op_by_op,
+        )
+
+    def _compiled_trainer(self, spec: ModelSpec) -> Trainer:
+        trainer = self._new_trainer(spec)
         trainer.precompile(*self._batch_layouts())
         return trainer
 
@@ -309,7 +354,9 @@ class TrainingEvaluator:
         parameter bound has passed, while the probe runs.
         """
         try:
-            params, probe = check_params_and_probe(spec, self.cfg, self.seq_len, lambda: self.start_compile(spec))
+            params, probe = check_params_and_probe(
+                spec, self.cfg, self.seq_len, lambda: self.start_compile(spec), op_by_op=self.op_by_op
+            )
         except CandidateFailed:
             self._take_compiled(spec)
             raise
@@ -386,7 +433,7 @@ class TrainingEvaluator:
             if ahead is not None:
                 trainer = ahead.result()  # a compile error surfaces here, as stage "compile"
             else:
-                trainer = Trainer(spec, cfg.train, self.mesh, self.rules, cfg.seed, self.seq_len, dtype=cfg.model.dtype)
+                trainer = self._new_trainer(spec)
             t_init = time.perf_counter()
             state = trainer.init_state()
             init_seconds = time.perf_counter() - t_init  # counted with compiling: per-candidate overhead

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from nasjax import sharding as shd
-from nasjax.measure.probe import compile_for_one_run
 from nasjax.models import build
 from nasjax.spec import ModelSpec
 from nasjax.train.optim import make_optimizer
@@ -33,6 +32,7 @@ from nasjax.train.state import (
     abstract_with_shardings,
     inherit_params,
     init_state,
+    optimizer_init,
     params_replicated,
     state_shardings,
 )
@@ -103,10 +103,24 @@ class Trainer:
       seed: init and dropout seed.
       seq_len: training sequence length (for shapes of the dummy init input).
       dtype: activation dtype name.
+      op_by_op: run the one-off inits (parameters, optimizer state) op by op rather than
+        as programs compiled for this model (``search.op_by_op``;
+        :func:`nasjax.train.state.initial_params`).
     """
 
-    def __init__(self, spec: ModelSpec, train_cfg, mesh, rules, seed: int, seq_len: int, dtype: str = "float32"):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        train_cfg,
+        mesh,
+        rules,
+        seed: int,
+        seq_len: int,
+        dtype: str = "float32",
+        op_by_op: bool = False,
+    ):
         self.spec = spec
+        self.op_by_op = bool(op_by_op)
         self.cfg = train_cfg
         self.mesh = mesh
         self.rules = rules
@@ -151,8 +165,9 @@ class Trainer:
             self.mesh,
             self.rules,
             shardings=self.state_shardings,
-            cache_key=(self.spec, self.seed, self.seq_len),
+            cache_key=(self.spec, self.seed, self.seq_len, self.op_by_op),
             abstract_params=self.abstract_state.params,
+            op_by_op=self.op_by_op,
         )
 
     def param_count(self) -> int:
@@ -169,8 +184,8 @@ class Trainer:
         """
         merged, copied = inherit_params(jax.device_get(state.params), jax.device_get(params))
         params = jax.device_put(merged, self.state_shardings.params)
-        opt_init = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)
-        opt = compile_for_one_run(opt_init.lower(params))(params)  # runs once: no backend optimisation
+        op_by_op = self.op_by_op and jax.process_count() == 1 and params_replicated(self.state_shardings.params)
+        opt = optimizer_init(self.tx, params, self.state_shardings.opt_state, op_by_op)  # runs once
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt), copied
 
     # ------------------------------------------------------------------ compile

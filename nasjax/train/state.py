@@ -88,22 +88,35 @@ def _params_fn(model: nn.Module, seq_len: int):
     return init
 
 
-def initial_params(model: nn.Module, seed: int, seq_len: int, shardings: Any = None) -> Any:
-    """The model's initial parameters for ``seed`` (unboxed), from one jitted program.
+def initial_params(model: nn.Module, seed: int, seq_len: int, shardings: Any = None, op_by_op: bool = False) -> Any:
+    """The model's initial parameters for ``seed`` (unboxed).
 
-    The program runs once per model, so it is compiled without backend optimisation
-    (:data:`~nasjax.measure.probe.FAST_COMPILE`): on CPU that cut the init compile of a
-    tiny Primer candidate from ~2.0 s to ~0.6 s (``benchmarks/candidate_overhead.py``).
+    The init runs once per model, so by default it is one jitted program compiled without
+    backend optimisation (:data:`~nasjax.measure.probe.FAST_COMPILE`): on CPU that cut the
+    init compile of a tiny Primer candidate from ~2.0 s to ~0.6 s
+    (``benchmarks/candidate_overhead.py``).
+
+    ``op_by_op=True`` runs the init without jit: every jax op executes as its own small
+    program, which jax compiles once per (op, shapes) and keeps for the process. Within a
+    search, candidates share most of those programs, so after the first candidate
+    (~8 s of cold per-op compiles on CPU) an init costs ~0.3-0.5 s instead of ~1.2 s
+    (``search.op_by_op``). The values equal the compiled init's up to float rounding
+    (the normal sampler's transcendental functions are fused differently): callers that
+    must agree (a probe and its candidate's trainer) use the same setting.
+
     ``shardings``: where the leaves go (None: the default device).
     """
     key = jax.random.key(seed)
+    if op_by_op:
+        params = _params_fn(model, seq_len)(key)
+        return params if shardings is None else jax.device_put(params, shardings)
     fn = jax.jit(_params_fn(model, seq_len), out_shardings=shardings)
     return compile_for_one_run(fn.lower(key))(key)
 
 
 # Initial parameters computed by a candidate's probe, kept for its training in the same
 # process (the probe and the trainer would otherwise each compile and run the init).
-# Keyed by (spec, seed, seq_len); taken (removed) by the trainer; at most two entries.
+# Keyed by (spec, seed, seq_len, op_by_op); taken (removed) by the trainer; at most two entries.
 _REMEMBERED: collections.OrderedDict = collections.OrderedDict()
 _REMEMBERED_LOCK = threading.Lock()
 _REMEMBER_MAX = 2
@@ -140,6 +153,7 @@ def init_state(
     shardings: TrainState | None = None,
     cache_key: Any = None,
     abstract_params: Any = None,
+    op_by_op: bool = False,
 ) -> TrainState:
     """Initialises the train state into its shardings.
 
@@ -152,6 +166,9 @@ def init_state(
         values do not depend on whether a probe ran first (a resumed search follows the
         uninterrupted one).
       abstract_params: the unboxed parameter shapes (checked against a cached entry).
+      op_by_op: run the parameter and optimizer-state inits op by op instead of as
+        programs compiled for this model (:func:`initial_params`); replicated
+        parameters in one process only (otherwise the compiled init is used).
 
     Returns:
       The sharded TrainState. Sharded parameters (FSDP, tensor parallel) or several
@@ -160,22 +177,32 @@ def init_state(
     if shardings is None:
         _, shardings = state_shardings(model, tx, seq_len, mesh, rules)
     local_replicated = jax.process_count() == 1 and params_replicated(shardings.params)
+    params = None
+    if local_replicated:
+        # On the default device, outside the mesh: the program a probe runs, so that both
+        # give the same values (the mesh's activation constraints do not apply to it).
+        if cache_key is not None:
+            if abstract_params is None:
+                abstract_params = jax.eval_shape(_params_fn(model, seq_len), jax.random.key(seed))
+            params = _take_initial_params(cache_key, abstract_params)
+        if params is None:
+            params = initial_params(model, seed, seq_len, op_by_op=op_by_op)
+        params = jax.device_put(params, shardings.params)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if local_replicated:
-            params = None
-            if cache_key is not None:
-                if abstract_params is None:
-                    abstract_params = jax.eval_shape(_params_fn(model, seq_len), jax.random.key(seed))
-                params = _take_initial_params(cache_key, abstract_params)
-            if params is None:
-                params = initial_params(model, seed, seq_len)
-            params = jax.device_put(params, shardings.params)
-        else:
+        if not local_replicated:
             params = initial_params(model, seed, seq_len, shardings.params)
-        opt_init = jax.jit(tx.init, out_shardings=shardings.opt_state)
-        opt_state = compile_for_one_run(opt_init.lower(params))(params)
+        opt_state = optimizer_init(tx, params, shardings.opt_state, op_by_op and local_replicated)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def optimizer_init(tx, params: Any, shardings: Any, op_by_op: bool = False) -> Any:
+    """``tx.init(params)`` placed in ``shardings``: op by op (zeros and, for the flat
+    optimizer, one concatenation), or one program compiled without backend optimisation."""
+    if op_by_op:
+        return jax.device_put(tx.init(params), shardings)
+    opt_init = jax.jit(tx.init, out_shardings=shardings)
+    return compile_for_one_run(opt_init.lower(params))(params)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
