@@ -10,6 +10,8 @@ once), one after the other on the same machine. Versions:
 
 * ``--before=REF``: the search of git ref REF (a temporary worktree), engine inline;
 * ``--also=KEY=VALUE``: every variant once more with that setting (repeatable);
+* ``--set=KEY=VALUE``: a setting for every version, ``--before`` included (repeatable;
+  e.g. ``--set=seed=1`` for another search trajectory);
 * ``--variants``: this tree with ``inline`` (search.in_flight=1, the preset's default)
   and/or ``threads`` (engine=threads, search.in_flight=2: two candidates at once); a
   ``_ahead`` or ``_noahead`` suffix (``inline_ahead``) also sets ``search.compile_ahead``
@@ -65,6 +67,12 @@ def main():
         default=[],
         help="KEY=VALUE (repeatable): also run every variant with this setting, as a row of its own",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="KEY=VALUE (repeatable): a setting for every version (e.g. seed=1)",
+    )
     p.add_argument("--workdir", default="", help="where the searches' workdirs go (default: a temp dir)")
     p.add_argument("--json_out", default="")
     args = p.parse_args()
@@ -75,13 +83,13 @@ def main():
     if args.before:
         with checkout(args.before) as worktree:
             wd = os.path.join(base, "before")
-            run_version(worktree, wd, [])
+            run_version(worktree, wd, list(args.set))
             runs.append((f"{args.before} (inline, in_flight 1)", wd))
     for v in [x.strip() for x in args.variants.split(",") if x.strip()]:
         engine, _, ahead = v.partition("_")
         if engine not in ("inline", "threads") or ahead not in ("", "ahead", "noahead"):
             raise SystemExit(f"unknown variant {v!r}: inline or threads, optionally with _ahead or _noahead")
-        overrides = ["engine=threads", "search.in_flight=2"] if engine == "threads" else []
+        overrides = list(args.set) + (["engine=threads", "search.in_flight=2"] if engine == "threads" else [])
         overrides += [f"search.compile_ahead={'true' if ahead == 'ahead' else 'false'}"] if ahead else []
         label = f"{engine}, in_flight {2 if engine == 'threads' else 1}"
         label += {"ahead": ", compile_ahead on", "noahead": ", compile_ahead off"}.get(ahead, "")
