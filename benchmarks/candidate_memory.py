@@ -2,6 +2,7 @@
 
     python benchmarks/candidate_memory.py --after=none     # also: clear | trim | both
     python benchmarks/candidate_memory.py --after=both --every=20
+    python benchmarks/candidate_memory.py --override=search.op_by_op=false
 
 Runs ``--candidates`` tiny Primer programs (the vanilla seed, then a chain of mutations
 with seed 0; 1 layer at width 16, sequence 16, 8 steps) through a search's evaluator
@@ -9,7 +10,8 @@ with seed 0; 1 layer at width 16, sequence 16, 8 steps) through a search's evalu
 every 20 candidates. ``--after`` is what happens after each candidate: nothing,
 ``jax.clear_caches()`` (clear), glibc ``malloc_trim`` (trim), or both (what
 ``search.clear_caches=true`` does); ``--every=N`` does it after every N-th candidate only
-(``search.clear_caches_every=N``).
+(``search.clear_caches_every=N``). ``--override=KEY=VALUE`` (repeatable) changes a setting
+of the preset (e.g. ``search.op_by_op=false``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main():
     p.add_argument("--after", default="none", choices=("none", "clear", "trim", "both"))
     p.add_argument("--candidates", type=int, default=121)
     p.add_argument("--every", type=int, default=1, help="clear / trim after every N-th candidate only")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="a setting (repeatable)")
     args = p.parse_args()
 
     import jax
@@ -51,6 +54,7 @@ def main():
     cfg = load_config_file(os.path.join(ROOT, "configs/search/primer.py:tiny"))
     small = {"search.d_model": 16, "search.n_layers": 1, "data.seq_len": 16, "train.steps": 8}
     small.update({"search.hurdles": 0, "search.val_batches": 1, "compile_cache_dir": "none"})
+    small.update(dict(o.split("=", 1) for o in args.override))
     cfg = apply_overrides(cfg, small)
     tokenizer, data = _build_data(cfg, tempfile.mkdtemp(prefix="nasjax_mem_"), log=lambda *a: None)
     space = make_space(cfg, tokenizer.vocab_size)
@@ -58,7 +62,9 @@ def main():
     evaluator = TrainingEvaluator(cfg, data, mesh, shd.rules_from_config(cfg.mesh.rules), log=lambda *a: None)
     rng = np.random.default_rng(0)
     genome = space.seeds()[0][1]
-    print(f"after every {args.every} candidate(s): {args.after}\n\n| candidates | resident MiB |\n|---|---|")
+    settings = ", ".join(args.override) or "preset defaults"
+    print(f"after every {args.every} candidate(s): {args.after}; {settings}\n")
+    print("| candidates | resident MiB |\n|---|---|")
     for i in range(args.candidates):
         spec = space.decode(genome)
         try:
