@@ -85,6 +85,10 @@ search.op_by_op           (primer) auto | true | false: run each candidate's ini
                           init op by op (per-op programs compiled once per process, shared by all candidates)
                           instead of compiling them per candidate; values equal up to float rounding;
                           auto = on unless search.clear_caches (which drops the per-op programs)
+search.op_by_op_clear_every (primer) with op_by_op on: drop jax's compiled programs (the per-op ones
+                          with them) and return freed heap after every N checked candidates, which bounds
+                          their memory (new shapes keep adding ~1.4 MiB programs: ~11 MiB per tiny
+                          candidate); each drop costs a re-warm of the per-op programs; 0 = never
 
 AutoBERT-Zero (configs/search/autobert.py) adds ``autobert.*`` (see nasjax/search/autobert.py):
 n_layers, d_model / n_heads / d_ff (0 = model.size's), dropout, kernel_sizes (odd), max_nodes
@@ -244,6 +248,7 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     if method == "primer":
         s.compile_ahead = "auto"
         s.op_by_op = "auto"
+        s.op_by_op_clear_every = 50
     c.train.log_every = 10**9
     c.train.eval_every = 0
     c.train.checkpoint_every = 0

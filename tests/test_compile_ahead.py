@@ -181,3 +181,39 @@ def test_clear_caches_every_n_trained_candidates(search_config, tmp_path, monkey
     assert trained >= 3 and len(cleared) == trained // 3
     with pytest.raises(EngineError, match="search.clear_caches_every must be at least 1, got 0"):
         run_search(search_config(**{"search.clear_caches_every": 0}), str(tmp_path / "s"))
+
+
+def test_op_by_op_programs_are_dropped_every_n_checked_candidates(search_config, tmp_path, monkeypatch):
+    """``search.op_by_op_clear_every=N`` drops jax's compiled programs after every N-th
+    checked candidate (passed or failed), so the per-op programs a long search keeps
+    adding stay bounded; never with op_by_op off or N = 0, and a bad N stops a search."""
+    import jax
+
+    from nasjax.search import evaluate
+    from nasjax.search.engine import EngineError
+    from nasjax.search.run import run_search
+
+    drops = []
+    monkeypatch.setattr(jax, "clear_caches", lambda: drops.append(1))
+    monkeypatch.setattr(evaluate, "release_free_memory", lambda: drops.append(0))
+    cfg = search_config(**{"search.op_by_op": "true", "search.op_by_op_clear_every": 2})
+    tokenizer, evaluator = _evaluator(cfg, tmp_path / "w")
+    specs = _specs(cfg, tokenizer.vocab_size, 5)
+    for i, spec in enumerate(specs):
+        try:
+            evaluator.check(spec)
+        except evaluate.CandidateFailed:
+            pass
+        assert drops.count(1) == (i + 1) // 2 and drops.count(0) == (i + 1) // 2
+    for name, overrides in (("off", {"search.op_by_op": "false"}), ("never", {"search.op_by_op_clear_every": 0})):
+        drops.clear()
+        _, other = _evaluator(search_config(**overrides), tmp_path / name)
+        for spec in specs[:2]:
+            try:
+                other.check(spec)
+            except evaluate.CandidateFailed:
+                pass
+        assert not drops
+    with pytest.raises(EngineError, match=r"search.op_by_op_clear_every must be >= 0 \(0 = never\), got -1"):
+        run_search(search_config(**{"search.op_by_op_clear_every": -1}), str(tmp_path / "s"))
+    assert not os.path.exists(tmp_path / "s" / "journal.jsonl")

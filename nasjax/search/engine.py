@@ -368,6 +368,10 @@ def check_engine_settings(cfg) -> None:
         raise EngineError(f"ray_actors must be >= 0 (0 = search.in_flight), got {cfg.ray_actors}")
     if "search" in cfg and int(cfg.search.get("clear_caches_every", 1)) < 1:
         raise EngineError(f"search.clear_caches_every must be at least 1, got {cfg.search.clear_caches_every}")
+    if "search" in cfg and int(cfg.search.get("op_by_op_clear_every", 0)) < 0:
+        raise EngineError(
+            f"search.op_by_op_clear_every must be >= 0 (0 = never), got {cfg.search.op_by_op_clear_every}"
+        )
     if "search" in cfg and "compile_ahead" in cfg.search:
         from nasjax.search.evaluate import compile_ahead_enabled
 

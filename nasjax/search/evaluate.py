@@ -275,6 +275,7 @@ class TrainingEvaluator:
         self._ahead_keep = max(1, int(s.in_flight)) + 1
         self._layouts: tuple[dict, dict | None] | None = None
         self._trained = 0  # candidates trained by this evaluator (search.clear_caches_every)
+        self._checked = 0  # candidates checked op by op (search.op_by_op_clear_every)
 
     def budget_text(self) -> str:
         unit = "s" if self.by_time else " steps"
@@ -286,6 +287,21 @@ class TrainingEvaluator:
         with self._ahead_lock:
             self._trained += 1
             return self._trained % every == 0
+
+    def _count_check_for_clearing(self) -> bool:
+        """Counts a candidate checked op by op; True on every ``search.op_by_op_clear_every``-th.
+
+        Per-op programs are kept for the process, and candidates keep bringing new (op,
+        shapes) pairs: ~7 new programs of ~1.4 MiB each per tiny candidate at the default
+        shapes (docs/benchmarks.md), so without a drop a 1,000-candidate search would grow by
+        ~10 GiB. Dropping them costs a re-warm (the next candidates compile their ops again).
+        """
+        every = int(self.cfg.search.get("op_by_op_clear_every", 0))  # >= 0: checked before a search starts
+        if not self.op_by_op or every <= 0:
+            return False
+        with self._ahead_lock:
+            self._checked += 1
+            return self._checked % every == 0
 
     # ------------------------------------------------------------------ compile-ahead
     def _batch_layouts(self) -> tuple[dict, dict | None]:
@@ -360,6 +376,10 @@ class TrainingEvaluator:
         except CandidateFailed:
             self._take_compiled(spec)
             raise
+        finally:
+            if self._count_check_for_clearing():  # bound the per-op programs' memory
+                jax.clear_caches()
+                release_free_memory()
         if not probe.causal:
             self._take_compiled(spec)
             raise CandidateFailed(

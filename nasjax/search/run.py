@@ -73,6 +73,7 @@ RESUMABLE_KEYS = (
     # the same init and probe computed op by op instead of as one compiled program: values
     # differ only by float rounding (a search started before the setting existed resumes)
     "search.op_by_op",
+    "search.op_by_op_clear_every",
     "compile_cache_dir",
     "data.cache_dir",
     "engine",
