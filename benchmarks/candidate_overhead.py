@@ -2,6 +2,7 @@
 
     python benchmarks/candidate_overhead.py --candidates=12 --before=8f83601
     python benchmarks/candidate_overhead.py --candidates=12 --also=search.compile_ahead=true
+    python benchmarks/candidate_overhead.py --candidates=16 --also='train.segmented=true;train.flat_optimizer=false'
     python benchmarks/candidate_overhead.py --method=lts --candidates=30 --before=8f83601
 
 What it measures: the same ``--candidates`` programs (the vanilla seed, then a chain of
@@ -200,7 +201,8 @@ def main():
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an extra row: this tree with this config override (repeatable; e.g. search.compile_ahead=false)",
+        help="an extra row: this tree with these config overrides, ';'-separated (repeatable; "
+        "e.g. search.compile_ahead=false or 'train.segmented=true;train.flat_optimizer=false')",
     )
     p.add_argument("--json_out", default="")
     p.add_argument("--_override", action="append", default=[], help=argparse.SUPPRESS)
@@ -219,7 +221,7 @@ def main():
         with checkout(args.before) as worktree:
             versions.append((args.before, run_version(worktree, args)))
     for override in args.also:
-        versions.append((f"this tree, {override}", run_version(ROOT, args, [override])))
+        versions.append((f"this tree, {override}", run_version(ROOT, args, override.split(";"))))
     versions.append(("this tree", run_version(ROOT, args)))
     hashes = [[r["hash"] for r in v["rows"]] for _, v in versions]
     same = all(h == hashes[0] for h in hashes)

@@ -65,7 +65,7 @@ def main():
         "--also",
         action="append",
         default=[],
-        help="KEY=VALUE (repeatable): also run every variant with this setting, as a row of its own",
+        help="KEY=VALUE[;KEY=VALUE...] (repeatable): also run every variant with these settings, as a row of its own",
     )
     p.add_argument(
         "--set",
@@ -95,7 +95,7 @@ def main():
         label += {"ahead": ", compile_ahead on", "noahead": ", compile_ahead off"}.get(ahead, "")
         for extra in [None] + args.also:
             wd = os.path.join(base, v if extra is None else f"{v}_{extra.replace('=', '_')}")
-            run_version(ROOT, wd, overrides + ([extra] if extra else []))
+            run_version(ROOT, wd, overrides + (extra.split(";") if extra else []))
             runs.append((f"this tree ({label}{', ' + extra if extra else ''})", wd))
 
     print(

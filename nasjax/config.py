@@ -26,6 +26,10 @@ train.warmup_steps, min_learning_rate_ratio, weight_decay, b1, b2, eps, grad_cli
 train.grad_accum_steps    micro-batches per optimizer step
 train.flat_optimizer      (adamw, replicated parameters) clip and AdamW on one vector of all parameters:
                           each element's update up to rounding; ~15-19% less train-step compile (tiny)
+train.segmented           compile the train / eval steps as pieces (embedding, each distinct layer, head,
+                          per-leaf optimizer updates) shared by all models of a process, instead of one
+                          program per model; equal up to float rounding; LM head, no dropout, per-leaf
+                          optimizer, replicated parameters (nasjax/train/segmented.py)
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices
@@ -164,6 +168,7 @@ def base_config(finetune: bool = False) -> ml_collections.ConfigDict:
     c.train.eps = 1e-9
     c.train.grad_clip = 1.0
     c.train.flat_optimizer = False
+    c.train.segmented = False
     c.train.grad_accum_steps = 1
     c.train.log_every = 10
     c.train.eval_every = 500

@@ -28,6 +28,7 @@ w.r.t. the perturbation; without that collection the hook is a no-op.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -46,7 +47,7 @@ from nasjax.layers.norms import make_norm
 from nasjax.layers.program import ProgramBlock
 from nasjax.spec import AttentionSpec, BlockSpec, ConvSpec, ModelSpec
 
-__all__ = ["Transformer", "Block", "Stack", "build", "max_attention_heads"]
+__all__ = ["Transformer", "Block", "Stack", "Segments", "build", "max_attention_heads"]
 
 _X_AXES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -187,18 +188,7 @@ class Transformer(nn.Module):
         """
         spec = self.spec
         length = tokens_BxL.shape[1]
-        embed = Embeddings(
-            vocab_size=spec.vocab_size,
-            d_model=spec.d_model,
-            max_len=spec.max_len,
-            positions=spec.positions,
-            type_vocab_size=spec.type_vocab_size if spec.kind == "encoder" else 0,
-            norm_kind=spec.norm if spec.embed_norm else None,
-            norm_eps=spec.norm_eps,
-            init_std=spec.init_std,
-            dtype=self.dtype,
-            name="embed",
-        )
+        embed = _embeddings(spec, self.dtype, name="embed")
         x_BxLxD = embed(tokens_BxL, segment_ids).astype(self.dtype)
         if self.has_variable("perturbations", "embeddings"):
             x_BxLxD = self.perturb("embeddings", x_BxLxD)
@@ -227,17 +217,7 @@ class Transformer(nn.Module):
         if spec.final_norm:
             x_BxLxD = make_norm(spec.norm, spec.norm_eps, name="final_norm", dtype=self.dtype)(x_BxLxD)
 
-        if spec.tie_embeddings:
-            decode = embed.attend
-        else:
-            decode = make_dense(
-                spec.vocab_size,
-                ("embed", "vocab"),
-                name="lm_head",
-                use_bias=False,
-                init_std=spec.init_std,
-                dtype=self.dtype,
-            )
+        decode = embed.attend if spec.tie_embeddings else _lm_head(spec, self.dtype, name="lm_head")
 
         pooled_BxD = None
         if spec.pooler or spec.head == "cls":
@@ -258,6 +238,105 @@ class Transformer(nn.Module):
             pooled_BxD = _dropout(pooled_BxD, spec.dropout_rate, deterministic)
             classifier = make_dense(spec.n_classes, ("embed", None), name="classifier", init_std=spec.init_std)
             return classifier(pooled_BxD).astype(jnp.float32)
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def _embeddings(spec: ModelSpec, dtype, name: str | None = None) -> Embeddings:
+    return Embeddings(
+        vocab_size=spec.vocab_size,
+        d_model=spec.d_model,
+        max_len=spec.max_len,
+        positions=spec.positions,
+        type_vocab_size=spec.type_vocab_size if spec.kind == "encoder" else 0,
+        norm_kind=spec.norm if spec.embed_norm else None,
+        norm_eps=spec.norm_eps,
+        init_std=spec.init_std,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def _lm_head(spec: ModelSpec, dtype, name: str | None = None) -> nn.Module:
+    return make_dense(
+        spec.vocab_size, ("embed", "vocab"), name=name, use_bias=False, init_std=spec.init_std, dtype=dtype
+    )
+
+
+class Segments:
+    """The model of a spec cut at its layer boundaries: embedding, each layer, head + loss.
+
+    Each piece is a pure function of its own parameter subtree (the paths of the
+    module docstring), and chaining them computes what :class:`Transformer` computes
+    for the same parameters. ``train.segmented`` compiles one program per piece instead
+    of one per model, so candidates of a search that share pieces (the embedding and
+    head always, layers when their blocks are equal) share their compiled programs
+    (``nasjax.train.segmented``).
+
+    Only what the pieces need is supported; :meth:`unsupported` names the rest.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: Any = jnp.float32):
+        problem = self.unsupported(spec)
+        if problem:
+            raise ValueError(f"this model cannot be cut into layer pieces: {problem}")
+        self.spec, self.dtype = spec, dtype
+        self._embed = _embeddings(spec, dtype)
+        self._blocks = [Block(b, spec, dtype=dtype) for b in spec.layers]
+        self._final_norm = make_norm(spec.norm, spec.norm_eps, dtype=dtype) if spec.final_norm else None
+        self._lm_head = None if spec.tie_embeddings else _lm_head(spec, dtype)
+
+    @staticmethod
+    def unsupported(spec: ModelSpec) -> str:
+        """Why ``spec`` cannot be cut into pieces, or '' if it can."""
+        if spec.head != "lm":
+            return f"head {spec.head!r} (only the language-model head)"
+        if spec.dropout_rate > 0 or spec.attention_dropout_rate > 0:
+            return "dropout (the pieces run deterministically)"
+        if spec.positions == "relative":
+            return "relative position biases (shared by all layers)"
+        if spec.pooler:
+            return "a pooler"
+        return ""
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._blocks)
+
+    def template_key(self) -> tuple:
+        """What the embedding and head pieces depend on: every spec field but the layers."""
+        fields = dataclasses.fields(self.spec)
+        return tuple((f.name, getattr(self.spec, f.name)) for f in fields if f.name not in ("layers", "name"))
+
+    def layer_key(self, i: int) -> tuple:
+        """What layer ``i`` depends on: its block and the model-wide settings it reads."""
+        return (self.spec.layers[i], self.template_key())
+
+    def layer_params(self, params, i: int):
+        return params[self.spec.kind][f"layer_{i}"]
+
+    def head_params(self, params) -> dict:
+        """The subtree the head reads (the embedding too when the output is tied to it)."""
+        names = ["final_norm"] if self._final_norm is not None else []
+        names.append("embed" if self._lm_head is None else "lm_head")
+        return {n: params[n] for n in names}
+
+    def embed(self, embed_params, tokens_BxL):
+        x_BxLxD = self._embed.apply({"params": embed_params}, tokens_BxL, None).astype(self.dtype)
+        return nn.with_logical_constraint(x_BxLxD, _X_AXES)
+
+    def layer(self, i: int, layer_params, x_BxLxD):
+        return self._blocks[i].apply(
+            {"params": layer_params}, x_BxLxD, padding_mask=None, key_bias=None, position_bias=None, deterministic=True
+        )
+
+    def logits(self, head_params, x_BxLxD):
+        if self._final_norm is not None:
+            x_BxLxD = self._final_norm.apply({"params": head_params["final_norm"]}, x_BxLxD)
+        if self._lm_head is None:
+            logits = self._embed.apply({"params": head_params["embed"]}, x_BxLxD, method="attend")
+        else:
+            logits = self._lm_head.apply({"params": head_params["lm_head"]}, x_BxLxD)
+        logits = logits.astype(jnp.float32)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from nasjax import sharding as shd
 from nasjax.models import build
 from nasjax.spec import ModelSpec
+from nasjax.train import segmented
 from nasjax.train.optim import make_optimizer
 from nasjax.train.state import (
     TrainState,
@@ -149,6 +150,16 @@ class Trainer:
                 f"parameters, but mesh {dict(mesh.shape)} shards them (FSDP / tensor axes); "
                 f"set train.flat_optimizer=false"
             )
+        self._segments = None
+        if train_cfg.get("segmented", False):
+            problem = segmented.unsupported(spec, train_cfg, accum, params_replicated(self.state_shardings.params))
+            if problem:
+                raise TrainConfigError(
+                    f"train.segmented=true cannot run {spec.name or 'this model'}: {problem}; set train.segmented=false"
+                )
+            self._segments = segmented.SegmentedSteps(
+                spec, train_cfg, mesh, rules, self._context, jnp.dtype(dtype), self.state_shardings
+            )
         self._compiled_train = None
         self._compiled_eval = None
         self._batch_keys: tuple | None = None
@@ -201,6 +212,11 @@ class Trainer:
         keys = tuple(sorted(batch))
         if self._compiled_train is not None and keys == self._batch_keys:
             return 0.0
+        if self._segments is not None:  # train.segmented: pieces shared across models
+            dt = self._segments.compile(state, batch)
+            self._compiled_train, self._batch_keys = self._segments.step, keys
+            self.compile_seconds += dt
+            return dt
         batch_sh = {k: shd.batch_sharding(self.mesh, len(np.shape(v))) for k, v in batch.items()}
         t0 = time.perf_counter()
         with self._context():
@@ -241,12 +257,23 @@ class Trainer:
         """
         if self._compiled_train is None:
             return {}
+        if self._segments is not None:
+            return dict(self._segments.memory)
         from nasjax.measure.hardware import compiled_memory_bytes
 
         return compiled_memory_bytes(self._compiled_train)
 
     def _eval_fn(self, batch: dict):
         if self._compiled_eval is None or self._compiled_eval[0] != tuple(sorted(batch)):
+            if self._segments is not None:  # pieces per batch layout, found or compiled on first use
+
+                def run(params, b):
+                    self.compile_seconds += self._segments.compile_eval(lambda: self.restore_target().params, b)
+                    return self._segments.evaluate(params, b)
+
+                self.compile_seconds += self._segments.compile_eval(lambda: self.restore_target().params, batch)
+                self._compiled_eval = (tuple(sorted(batch)), run)
+                return run
             batch_sh = {k: shd.batch_sharding(self.mesh, len(np.shape(v))) for k, v in batch.items()}
             t0 = time.perf_counter()
             with self._context():

@@ -107,6 +107,48 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return optax.chain(*parts), schedule
 
 
+# The settings make_optimizer reads: programs compiled for one optimizer (train.segmented's
+# per-leaf updates) are shared by every trainer whose values of these are equal.
+OPTIMIZER_KEYS = (
+    "optimizer",
+    "learning_rate",
+    "warmup_steps",
+    "steps",
+    "schedule",
+    "min_learning_rate_ratio",
+    "b1",
+    "b2",
+    "eps",
+    "weight_decay",
+    "grad_clip",
+)
+
+
+def segment_optimizer(cfg) -> tuple[float, optax.GradientTransformation, int, tuple, optax.Schedule]:
+    """:func:`make_optimizer`'s chain split for per-leaf updates (``train.segmented``).
+
+    Returns:
+      (clip norm, 0 if none; the chain after its clipping, to run on one leaf at a time;
+      how many leading entries of the whole chain's state belong to the clipping; the
+      settings as a hashable key; the schedule). Running the returned chain leaf by leaf
+      on gradients clipped by the global norm computes what the whole chain computes.
+    """
+    tx, schedule = make_optimizer(cfg)  # validates the settings
+    del tx
+    clip = float(cfg.grad_clip) if cfg.grad_clip and cfg.grad_clip > 0 else 0.0
+    no_clip = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    no_clip.update(grad_clip=0.0, flat_optimizer=False)
+    inner, _ = make_optimizer(_Settings(no_clip))
+    key = tuple((k, str(cfg.get(k))) for k in OPTIMIZER_KEYS)
+    return clip, inner, 1 if clip else 0, key, schedule
+
+
+class _Settings(dict):
+    """A plain dict readable as ``cfg.name`` and ``cfg.get(name)`` (what make_optimizer reads)."""
+
+    __getattr__ = dict.__getitem__
+
+
 def _flat_adamw(cfg, schedule, clipping: list) -> optax.GradientTransformation:
     """Clipping and AdamW on one vector that holds every parameter (``train.flat_optimizer``).
 
