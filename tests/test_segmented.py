@@ -34,7 +34,7 @@ def _primer_specs(n: int, d_model: int = 32):
 
 def _train_cfg(**overrides):
     cfg = load_config_file(PRIMER_TINY)
-    base = {"train.flat_optimizer": False, "train.batch_size": BATCH, "train.warmup_steps": 2}
+    base = {"train.flat_optimizer": False, "train.segmented": False, "train.batch_size": BATCH, "train.warmup_steps": 2}
     # Clipping active (the global norm is well above 0.05) and decay on matrices: every
     # branch of the per-leaf update runs.
     base.update({"train.grad_clip": 0.05, "train.weight_decay": 1.0})
@@ -174,3 +174,23 @@ def test_segmented_refuses_what_it_cannot_run():
     bad = dict(_batches(1)[0], segment_ids=np.zeros((BATCH, LEN), np.int32))
     with pytest.raises(ValueError, match="train.segmented runs language-model batches"):
         trainer.step(trainer.init_state(), bad)
+
+
+def test_segmented_registry_is_bounded_and_live_trainers_keep_their_pieces(monkeypatch):
+    """At most MAX_PROGRAMS['layer'] layer pieces stay registered (memory stays bounded
+    over a long search); a trainer whose pieces were dropped still steps with them."""
+    segmented.clear_programs()
+    monkeypatch.setitem(segmented.MAX_PROGRAMS, "layer", 1)
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    cfg = _train_cfg(**{"train.segmented": True})
+    batch = _batches(1)[0]
+    trainers = []
+    for spec in _primer_specs(3):
+        trainer = Trainer(spec, cfg, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
+        state = trainer.init_state()
+        trainer.step(state, batch)
+        trainers.append((trainer, state))
+        assert sum(k[0] == "layer" for k in segmented._PROGRAMS) == 1
+    first, state = trainers[0]
+    _, metrics = first.step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))

@@ -40,6 +40,7 @@ from nasjax.measure.params import count_params
 from nasjax.measure.probe import LEAK_TOLERANCE, probe_model
 from nasjax.search.evolution import hurdle_budgets, hurdle_steps
 from nasjax.spec import ModelSpec
+from nasjax.train import segmented
 from nasjax.train.loop import Hooks, Trainer, abstract_batch
 
 __all__ = ["CandidateFailed", "CheckResult", "TrainOutcome", "Interrupted", "TrainingEvaluator"]
@@ -514,6 +515,7 @@ class TrainingEvaluator:
         del state
         if s.clear_caches and self._count_for_clearing():  # long searches: drop finished programs
             jax.clear_caches()
+            segmented.clear_programs()
             release_free_memory()
         return TrainOutcome(
             fitness=fitness_at[-1],

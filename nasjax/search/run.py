@@ -70,6 +70,8 @@ RESUMABLE_KEYS = (
     # the same optimizer math per element, summed in another order: results differ only by
     # float rounding, so a search started before the setting existed (or with it off) resumes
     "train.flat_optimizer",
+    # the same step computed as shared pieces: results differ only by float rounding
+    "train.segmented",
     # the same init and probe computed op by op instead of as one compiled program: values
     # differ only by float rounding (a search started before the setting existed resumes)
     "search.op_by_op",

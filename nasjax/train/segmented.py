@@ -53,9 +53,11 @@ from nasjax.train.state import TrainState
 
 __all__ = ["SegmentedSteps", "unsupported", "clear_programs", "MAX_PROGRAMS"]
 
-# Compiled pieces kept per process (least recently used dropped first). Each layer
-# piece of a tiny candidate holds ~1-3 MiB of host memory; shared pieces are few.
-MAX_PROGRAMS = 96
+# Compiled pieces kept per process, least recently used dropped first, per kind: layer
+# pieces are rarely shared beyond one model (a Primer child's layers are all new), and
+# each holds ~1-3 MiB of host memory; the shared kinds (embedding, head, norm, one update
+# per parameter shape) are few and used by every model.
+MAX_PROGRAMS = {"layer": 16, "shared": 256}
 _PROGRAMS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 _LOCK = threading.Lock()
 LM_BATCH_KEYS = ("inputs", "targets", "weights")
@@ -126,9 +128,15 @@ def _program(key: tuple, build) -> tuple[Any, float]:
     with _LOCK:
         built = _PROGRAMS.setdefault(key, built)  # another thread may have built it meanwhile
         _PROGRAMS.move_to_end(key)
-        while len(_PROGRAMS) > MAX_PROGRAMS:
-            _PROGRAMS.popitem(last=False)
+        group = _group(key)
+        keys = [k for k in _PROGRAMS if _group(k) == group]
+        for k in keys[: max(0, len(keys) - MAX_PROGRAMS[group])]:  # oldest first
+            del _PROGRAMS[k]
     return built, seconds
+
+
+def _group(key: tuple) -> str:
+    return "layer" if key[0] == "layer" else "shared"
 
 
 def _sumsq(tree):
