@@ -32,13 +32,16 @@ def _specs(cfg, vocab_size: int, n: int):
     return out
 
 
-def test_precompiled_trainer_trains_exactly_like_a_lazily_compiled_one(search_config, tmp_path):
+@pytest.mark.parametrize("segmented", [False, True], ids=["one_program", "segmented"])
+def test_precompiled_trainer_trains_exactly_like_a_lazily_compiled_one(search_config, tmp_path, segmented):
     import jax
 
     from nasjax import sharding as shd
+    from nasjax.train import segmented as pieces
     from nasjax.train.loop import Trainer, abstract_batch
 
-    cfg = search_config()
+    cfg = search_config(**{"train.segmented": segmented})
+    pieces.clear_programs()
     tokenizer, evaluator = _evaluator(cfg, tmp_path / "w")
     spec = _specs(cfg, tokenizer.vocab_size, 1)[0]
     batch = shd.shard_batch(next(evaluator.data.train_iterator()), evaluator.mesh)
@@ -48,6 +51,8 @@ def test_precompiled_trainer_trains_exactly_like_a_lazily_compiled_one(search_co
     for ahead in (False, True):
         trainer = Trainer(spec, cfg.train, evaluator.mesh, evaluator.rules, cfg.seed, cfg.data.seq_len)
         if ahead:  # compiled from shapes alone, before any state exists
+            if segmented:  # the lazy run compiled the pieces: found in the registry, nothing to compile
+                pieces.clear_programs()
             assert trainer.precompile(abstract_batch(batch), abstract_batch(shd.shard_batch(val, evaluator.mesh))) > 0
             assert trainer._compiled_train is not None and trainer._compiled_eval is not None
         state = trainer.init_state()

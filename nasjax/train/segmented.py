@@ -34,6 +34,7 @@ objective without dropout, one micro-batch, replicated parameters (data parallel
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +61,12 @@ __all__ = ["SegmentedSteps", "unsupported", "clear_programs", "MAX_PROGRAMS"]
 MAX_PROGRAMS = {"layer": 16, "shared": 256}
 _PROGRAMS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 _LOCK = threading.Lock()
+# Shared pieces on a mesh of several devices hold collectives (the gradient all-reduce).
+# Two threads running such steps at once (engine=threads) could interleave executions of
+# the same program, and on XLA:CPU the participants of one collective then starve for
+# threads and abort; steps on multi-device meshes therefore run one at a time, each to
+# completion (a one-device mesh has no collectives and runs freely).
+_EXECUTION = threading.Lock()
 LM_BATCH_KEYS = ("inputs", "targets", "weights")
 
 
@@ -80,8 +87,6 @@ def unsupported(spec, train_cfg, accum_steps: int, params_replicated: bool) -> s
         return "train.flat_optimizer=true (the segmented update runs per parameter leaf already)"
     if not params_replicated:
         return "a mesh that shards parameters (FSDP / tensor axes); data parallelism only"
-    if jax.process_count() > 1:
-        return f"{jax.process_count()} processes (one host only)"
     return ""
 
 
@@ -205,6 +210,18 @@ class SegmentedSteps:
         self.memory: dict = {}
         self._train = None  # (batch layout, plan)
         self._eval: dict = {}  # batch layout -> plan
+        self._serial = _EXECUTION if mesh.devices.size > 1 else contextlib.nullcontext()
+        # XLA:CPU runs each device of a multi-device program on its thread pool, and a
+        # collective's participants wait there for each other: with several such programs
+        # in flight (asynchronous dispatch of one piece after another) they can starve the
+        # pool. Simulated multi-device CPU meshes (tests) therefore run piece by piece.
+        self._sync = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
+    def _run(self, program, *args):
+        out = program(*args)
+        if self._sync:
+            jax.block_until_ready(out)
+        return out
 
     # ------------------------------------------------------------------ programs
     def _key(self, *parts) -> tuple:
@@ -361,30 +378,37 @@ class SegmentedSteps:
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         if self._train is None:
             self.compile(state, batch)
-        plan, seg = self._train[1], self.seg
+        with self._serial:
+            out = self._step(state, batch)
+            if self._serial is _EXECUTION:
+                jax.block_until_ready(out)
+        return out
+
+    def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        plan, seg, run = self._train[1], self.seg, self._run
         params = state.params
         head_p = seg.head_params(params)
         fwd, embed_bwd, _ = plan["embed"]
-        x, embed_vjp = fwd(params["embed"], batch["inputs"])
+        x, embed_vjp = run(fwd, params["embed"], batch["inputs"])
         vjps = []
         for i, (layer_fwd, _, _) in enumerate(plan["layers"]):
-            x, vjp = layer_fwd(seg.layer_params(params, i), x)
+            x, vjp = run(layer_fwd, seg.layer_params(params, i), x)
             vjps.append(vjp)
-        loss_sum, weight_sum, g_head, g_x, sum_head = plan["head"](head_p, x, batch["targets"], batch["weights"])
+        loss_sum, weight_sum, g_head, g_x, sum_head = run(plan["head"], head_p, x, batch["targets"], batch["weights"])
         sums, g_layers = [sum_head], [None] * len(vjps)
         for i in reversed(range(len(vjps))):
-            g_layers[i], g_x, s = plan["layers"][i][1](vjps[i], g_x, None)
+            g_layers[i], g_x, s = run(plan["layers"][i][1], vjps[i], g_x, None)
             sums.append(s)
-        g_embed, _, s = embed_bwd(embed_vjp, g_x, g_head.get("embed"))
+        g_embed, _, s = run(embed_bwd, embed_vjp, g_x, g_head.get("embed"))
         sums.append(s)
-        stats = plan["norm"](tuple(sums), weight_sum, loss_sum, state.step)
+        stats = run(plan["norm"], tuple(sums), weight_sum, loss_sum, state.step)
         grads = self._grad_tree(params, g_embed, g_layers, g_head)
         slots = plan["slots"]
         views = slots.views(self._inner_state(state.opt_state))
         new_p, new_views = [], []
         leaves = zip(plan["updates"], jax.tree.leaves(params), jax.tree.leaves(grads), views)
         for program, p, g, view in leaves:
-            p, view = program(p, g, view, stats["denom"], stats["grad_norm"])
+            p, view = run(program, p, g, view, stats["denom"], stats["grad_norm"])
             new_p.append(p)
             new_views.append(view)
         inner = slots.merge(new_views)
@@ -412,11 +436,18 @@ class SegmentedSteps:
 
     def evaluate(self, params, batch: dict) -> dict:
         """The eval step's sums for one batch (its pieces compiled by :meth:`compile_eval`)."""
-        plan, seg = self._eval[_layout(_abstract(batch))], self.seg
-        x, _ = plan["embed"][0](params["embed"], batch["inputs"])
+        with self._serial:
+            out = self._evaluate(self._eval[_layout(_abstract(batch))], params, batch)
+            if self._serial is _EXECUTION:
+                jax.block_until_ready(out)
+        return out
+
+    def _evaluate(self, plan, params, batch: dict) -> dict:
+        seg, run = self.seg, self._run
+        x, _ = run(plan["embed"][0], params["embed"], batch["inputs"])
         for i, (layer_fwd, _, _) in enumerate(plan["layers"]):
-            x, _ = layer_fwd(seg.layer_params(params, i), x)
-        loss_sum, weight_sum = plan["head"](seg.head_params(params), x, batch["targets"], batch["weights"])
+            x, _ = run(layer_fwd, seg.layer_params(params, i), x)
+        loss_sum, weight_sum = run(plan["head"], seg.head_params(params), x, batch["targets"], batch["weights"])
         return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": jnp.zeros((), jnp.float32)}
 
     # ------------------------------------------------------------------ memory
