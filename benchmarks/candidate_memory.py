@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import tempfile
@@ -32,6 +33,14 @@ def _rss_mib() -> float:
             if line.startswith("VmRSS"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _value(text: str):
+    """A command-line value as the config holds it: JSON where it parses (true, 3, 0.5), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def main():
@@ -54,7 +63,7 @@ def main():
     cfg = load_config_file(os.path.join(ROOT, "configs/search/primer.py:tiny"))
     small = {"search.d_model": 16, "search.n_layers": 1, "data.seq_len": 16, "train.steps": 8}
     small.update({"search.hurdles": 0, "search.val_batches": 1, "compile_cache_dir": "none"})
-    small.update(dict(o.split("=", 1) for o in args.override))
+    small.update({k: _value(v) for k, v in (o.split("=", 1) for o in args.override)})
     cfg = apply_overrides(cfg, small)
     tokenizer, data = _build_data(cfg, tempfile.mkdtemp(prefix="nasjax_mem_"), log=lambda *a: None)
     space = make_space(cfg, tokenizer.vocab_size)
