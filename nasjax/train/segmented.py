@@ -164,7 +164,7 @@ class _StateSlots:
         self.n = params_def.num_leaves
         mirrors = lambda x: not _is_leaf(x) and jax.tree.structure(x) == params_def  # noqa: E731
         slots, self.slots_def = jax.tree.flatten(inner_state, is_leaf=mirrors)
-        self.mirror = [not _is_leaf(s) and jax.tree.structure(s) == params_def for s in slots]
+        self.mirror = [mirrors(s) for s in slots]
 
     def views(self, inner_state) -> list:
         slots = jax.tree.flatten(inner_state, is_leaf=lambda x: False)[0]
@@ -287,11 +287,10 @@ class SegmentedSteps:
         seg = self.seg
         tokens, targets, weights = (_abstract(batch[k]) for k in LM_BATCH_KEYS)
         p_embed = abstract_params["embed"]
-        embed_fn = lambda p, t: seg.embed(p, t)  # noqa: E731
         head_p = seg.head_params(abstract_params)
         tied = "embed" in head_p
         embed_key = ("embed", seg.template_key(), _layout(p_embed), _layout(tokens), tied)
-        embed = self._pair(embed_key, embed_fn, p_embed, tokens, wrt_x=False, extra_grads=tied)
+        embed = self._pair(embed_key, seg.embed, p_embed, tokens, wrt_x=False, extra_grads=tied)
         x = embed[2]
         layers = []
         for i in range(seg.n_layers):
@@ -328,11 +327,8 @@ class SegmentedSteps:
     def _norm(self, sums, weight_sum, loss_sum, step):
         denom = jnp.maximum(weight_sum, 1.0)
         grad_norm = jnp.sqrt(sum(sums)) / denom  # the norm of the mean gradient, as optax.tree.norm(grads / denom)
-        lr = self._lr(step)
+        lr = self._schedule(step)
         return {"denom": denom, "grad_norm": grad_norm, "loss": loss_sum / denom, "learning_rate": lr, "step": step + 1}
-
-    def _lr(self, step):
-        return self._schedule(step)
 
     def _update_groups(self, params, views) -> list[tuple[Any, list[int]]]:
         """The update programs of a model: leaves of equal layout in chunks of 16, 8, 4, 2, 1.
@@ -381,8 +377,9 @@ class SegmentedSteps:
         if self._train is None or self._train[0] != layout:
             plan = self._plan(abstract_state.params, batch, train=True)
             params = _abstract(abstract_state.params)
-            slots = _StateSlots(self._inner_state(abstract_state.opt_state), jax.tree.structure(params))
-            views = slots.views(_abstract(self._inner_state(abstract_state.opt_state)))
+            inner = _abstract(self._inner_state(abstract_state.opt_state))
+            slots = _StateSlots(inner, jax.tree.structure(params))
+            views = slots.views(inner)
             plan["updates"] = self._update_groups(jax.tree.leaves(params), views)
             plan["slots"] = slots
             self._train = (layout, plan)
