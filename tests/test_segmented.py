@@ -194,3 +194,19 @@ def test_segmented_registry_is_bounded_and_live_trainers_keep_their_pieces(monke
     first, state = trainers[0]
     _, metrics = first.step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_segmented_trainer_steps_from_an_inherited_state(n_devices):
+    """``Trainer.with_params`` (weight inheritance) hands the segmented step a state it
+    can run on a multi-device mesh, with the step counter placed like ``init_state``'s."""
+    spec = _primer_specs(1)[0]
+    mesh = shd.make_mesh((-1, 1, 1))
+    batches = _batches(2)
+    parent = Trainer(spec, _train_cfg(), mesh, shd.DEFAULT_RULES, seed=1, seq_len=LEN)
+    child = Trainer(spec, _train_cfg(**{"train.segmented": True}), mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
+    state, copied = child.with_params(child.init_state(), parent.init_state().params)
+    assert copied == len(jax.tree.leaves(state.params))
+    assert state.step.sharding.is_equivalent_to(child.state_shardings.step, 0)
+    for b in batches:
+        state, m = child.step(state, b)
+    assert int(state.step) == 2 and np.isfinite(float(m["loss"]))

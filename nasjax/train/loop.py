@@ -197,7 +197,10 @@ class Trainer:
         params = jax.device_put(merged, self.state_shardings.params)
         op_by_op = self.op_by_op and jax.process_count() == 1 and params_replicated(self.state_shardings.params)
         opt = optimizer_init(self.tx, params, self.state_shardings.opt_state, op_by_op)  # runs once
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt), copied
+        # The counter goes on the mesh like init_state's: the segmented step's norm piece
+        # and the one-program step are compiled for a replicated (committed) step.
+        step = jax.device_put(np.zeros((), np.int32), self.state_shardings.step)
+        return TrainState(step=step, params=params, opt_state=opt), copied
 
     # ------------------------------------------------------------------ compile
     def _context(self):
