@@ -57,7 +57,8 @@ def main():
     jax.config.update("jax_enable_compilation_cache", False)
     from nasjax import sharding as shd
     from nasjax.config import apply_overrides, load_config_file
-    from nasjax.search.evaluate import CandidateFailed, TrainingEvaluator, release_free_memory
+    from nasjax.hostmem import release_free_memory
+    from nasjax.search.evaluate import CandidateFailed, TrainingEvaluator
     from nasjax.search.run import _build_data, make_space
 
     cfg = load_config_file(os.path.join(ROOT, "configs/search/primer.py:tiny"))

@@ -36,6 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 
 from nasjax import sharding as shd
+from nasjax.hostmem import release_free_memory
 from nasjax.measure.params import count_params
 from nasjax.measure.probe import LEAK_TOLERANCE, probe_model
 from nasjax.search.evolution import hurdle_budgets, hurdle_steps
@@ -527,20 +528,6 @@ class TrainingEvaluator:
             hurdle_fitness=fitness_at,
             val=val,
         )
-
-
-def release_free_memory() -> None:
-    """Returns freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Compiling leaves the heap fragmented: over a 120-candidate loop it kept resident
-    memory ~250-280 MiB lower (``benchmarks/candidate_memory.py``, docs/benchmarks.md).
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _prepend(first, iterator):
