@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nasjax import hostmem  # noqa: E402
 from nasjax import sharding as shd  # noqa: E402
 from nasjax.config import base_config  # noqa: E402
 from nasjax.measure.flops import flops_per_token  # noqa: E402
@@ -103,6 +104,7 @@ def main():
     p.add_argument("--seq_len", type=int, default=0, help="override the per-size sequence length")
     p.add_argument("--peak_n", type=int, default=0, help="matmul size for the peak (default 2048 CPU, 8192 GPU)")
     args = p.parse_args()
+    hostmem.for_training()  # the heap setting of `nasjax train`, before jax starts its backend
 
     backend = jax.default_backend()
     dev = jax.devices()[0]

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import torch_reference  # noqa: E402
 import train_throughput  # noqa: E402
 
+from nasjax import hostmem  # noqa: E402
 from nasjax import sharding as shd  # noqa: E402
 from nasjax.measure.flops import flops_per_token  # noqa: E402
 from nasjax.models import get_spec  # noqa: E402
@@ -54,6 +55,7 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
+    hostmem.for_training()  # the heap setting of `nasjax train`, before jax starts its backend
     torch.set_num_threads(args.threads)
     jax_peak = train_throughput.measure_matmul_peak(jnp.float32, 1024)
     torch_peak = torch_reference.matmul_peak(1024)

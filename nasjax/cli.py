@@ -23,6 +23,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from nasjax import hostmem
+
 USAGE = __doc__
 
 FLAGS = flags.FLAGS
@@ -59,6 +61,7 @@ def _distributed() -> None:
 
 
 def cmd_train(args: list[str]) -> int:
+    hostmem.for_training()  # step-bound: one heap arena (before jax starts its threads)
     from nasjax.train import run
 
     cfg = _need("config", FLAGS.config, "train")
@@ -70,6 +73,7 @@ def cmd_train(args: list[str]) -> int:
 def cmd_finetune(args: list[str]) -> int:
     if FLAGS.config is not None and "init_from" not in FLAGS.config:
         raise SystemExit("error: nasjax finetune needs a finetune config (e.g. configs/train/finetune.py:tiny)")
+    hostmem.for_training()
     from nasjax.train.compare import finetune
 
     cfg = _need("config", FLAGS.config, "finetune")

@@ -13,13 +13,25 @@ A train step then page-faults its whole working set in again, zero-filled by the
 showed it as matmuls running at a tenth of their standalone speed
 (docs/benchmarks.md, "The host heap").
 
-:func:`keep_freed_pages` sets, with ``mallopt``: one arena for all threads, an mmap
-threshold of 2 GiB - 1 (the largest ``mallopt`` takes; larger blocks stay mapped and
-return at once), and no automatic trimming. Freed buffers stay in the heap and the next
-step reuses them already mapped. It runs once, when ``nasjax`` is imported (every nasjax
-process runs XLA programs), unless the environment sets ``NASJAX_HOST_HEAP=system``
-(glibc's defaults). The arena setting reaches only threads that allocate afterwards, so
-import nasjax before jax starts its backend (the CLI does).
+:func:`keep_freed_pages` raises glibc's mmap and trim thresholds (1 GiB), so freed
+buffers stay in the heap and the next step reuses them already mapped. That covers
+blocks allocated from the main arena. With ``one_arena=True`` it also puts every thread
+on the main arena, with an mmap threshold of 2 GiB - 1 (the most ``mallopt`` takes) and
+no automatic trimming, so a worker thread's large temporaries stay mapped too. One
+arena makes threads share one malloc lock: compile-bound work (a tiny Primer search,
+whose compiles run LLVM on several threads) lost ~15% candidates per hour with it, while
+step-bound training of the small models gained ~22% tokens per second.
+
+``NASJAX_HOST_HEAP`` chooses, read when ``nasjax`` is imported (every nasjax process
+runs XLA programs):
+- ``auto`` (the default): ``reuse`` at import; step-bound entry points (``nasjax
+  train``, ``nasjax finetune``, the train-step benchmarks) call :func:`for_training`,
+  which moves to ``one_arena``;
+- ``reuse``: thresholds only, everywhere;
+- ``one_arena``: thresholds and one arena, everywhere;
+- ``system``: glibc's defaults.
+The arena setting reaches only threads that allocate afterwards, so it must come before
+jax starts its backend (the CLI applies it first thing).
 
 The cost is resident memory the heap keeps after a peak; :func:`release_free_memory`
 (``malloc_trim``) returns it, and searches call it between candidates
@@ -32,16 +44,17 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["ENV", "THRESHOLD_BYTES", "keep_freed_pages", "release_free_memory", "configure_from_env"]
+__all__ = ["ENV", "MODES", "keep_freed_pages", "release_free_memory", "configure_from_env", "for_training"]
 
 ENV = "NASJAX_HOST_HEAP"
-MODES = ("reuse", "system")
+MODES = ("auto", "reuse", "one_arena", "system")
 # Allocations below this come from the heap (and return to it); above it, from mmap.
-# mallopt takes an int: 2 GiB - 1 is the most it can be.
-THRESHOLD_BYTES = 2**31 - 1
+THRESHOLD_BYTES = 1 << 30
+# With one arena: mallopt takes an int, so 2 GiB - 1 is the most it can be.
+ONE_ARENA_THRESHOLD_BYTES = 2**31 - 1
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters
 
-_applied: bool | None = None
+_active = "system"
 
 
 def _libc():
@@ -53,22 +66,24 @@ def _libc():
         return None
 
 
-def keep_freed_pages(threshold_bytes: int = THRESHOLD_BYTES) -> bool:
-    """Makes glibc keep freed blocks below ``threshold_bytes`` in one heap for reuse.
+def keep_freed_pages(one_arena: bool = False) -> bool:
+    """Makes glibc keep freed blocks in the heap for the next execution to reuse.
 
-    One arena for every thread (so a worker thread's large block comes from the heap,
-    not from ``mmap``), ``threshold_bytes`` as the mmap threshold, and no automatic
-    trimming of the heap's top (``-1``: glibc's "never").
+    Args:
+      one_arena: also put every thread on the main arena (so a worker thread's block
+        larger than a thread arena's 64 MiB heap comes from the heap, not from ``mmap``),
+        with a 2 GiB - 1 mmap threshold and no automatic trimming (``-1``: "never").
 
     Returns:
-      True where glibc accepted the three settings, False elsewhere (nothing changed).
+      True where glibc accepted every setting, False elsewhere (nothing changed).
     """
-    if not 0 < threshold_bytes < 2**31:
-        raise ValueError(f"threshold_bytes must be in (0, 2**31), got {threshold_bytes}")
     libc = _libc()
     if libc is None:
         return False
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, int(threshold_bytes)), (_M_TRIM_THRESHOLD, -1))
+    if one_arena:
+        settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, ONE_ARENA_THRESHOLD_BYTES), (_M_TRIM_THRESHOLD, -1))
+    else:
+        settings = ((_M_MMAP_THRESHOLD, THRESHOLD_BYTES), (_M_TRIM_THRESHOLD, THRESHOLD_BYTES))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
@@ -85,19 +100,38 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-def configure_from_env() -> bool:
-    """Applies ``NASJAX_HOST_HEAP`` (``reuse``, the default, or ``system``) once per process.
+def _mode() -> str:
+    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV}={mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def _apply(mode: str) -> str:
+    global _active
+    if mode != "system" and keep_freed_pages(one_arena=mode == "one_arena"):
+        _active = mode
+    return _active
+
+
+def configure_from_env() -> str:
+    """Applies ``NASJAX_HOST_HEAP`` at import (``auto`` and ``reuse``: thresholds only).
 
     Returns:
-      Whether freed pages are kept for reuse.
+      The heap setting in force: ``reuse``, ``one_arena`` or ``system``.
 
     Raises:
       ValueError: an unknown value, naming the variable and the accepted ones.
     """
-    global _applied
-    mode = os.environ.get(ENV, "reuse").strip().lower() or "reuse"
-    if mode not in MODES:
-        raise ValueError(f"{ENV}={mode!r} is not one of {', '.join(MODES)}")
-    if _applied is None:
-        _applied = mode == "reuse" and keep_freed_pages()
-    return _applied
+    mode = _mode()
+    return _apply("reuse" if mode == "auto" else mode)
+
+
+def for_training() -> str:
+    """Moves to ``one_arena`` under ``auto``, for step-bound work; call before jax starts.
+
+    Returns:
+      The heap setting in force afterwards.
+    """
+    mode = _mode()
+    return _apply("one_arena" if mode == "auto" else mode)

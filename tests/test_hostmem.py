@@ -25,6 +25,8 @@ def cycle():
     p = libc.malloc(256 << 20)
     ctypes.memset(p, 1, 256 << 20)
     libc.free(ctypes.c_void_p(p))
+if sys.argv[2] == "training":
+    hostmem.for_training()
 before = rss()
 if sys.argv[1] == "thread":
     t = threading.Thread(target=cycle)
@@ -38,32 +40,37 @@ print(freed, rss() - before)
 """
 
 
-def _probe(mode: str, where: str):
+def _probe(mode: str, where: str, entry: str = "import"):
     env = dict(os.environ, **{hostmem.ENV: mode})
-    out = subprocess.run([sys.executable, "-c", _PROBE, where], env=env, cwd=ROOT, capture_output=True, text=True)
+    cmd = [sys.executable, "-c", _PROBE, where, entry]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return [float(x) for x in out.stdout.split()]
 
 
 @pytest.mark.skipif(hostmem._libc() is None or not os.path.exists("/proc/self/status"), reason="glibc, Linux only")
-@pytest.mark.parametrize("where", ["main", "thread"])
-def test_freed_pages_stay_resident_for_reuse_until_released(where):
-    kept, released = _probe("reuse", where)
-    assert kept > 200  # a freed 256 MiB block stays in the heap, also when a worker thread freed it
-    assert released < 50  # and malloc_trim hands it back
-    dropped, _ = _probe("system", where)
-    assert dropped < 50  # glibc's defaults: mmap'd (above the threshold, or beyond a thread arena's heap), unmapped
+@pytest.mark.parametrize(
+    "mode, where, entry, kept",
+    [
+        ("auto", "main", "import", True),  # thresholds raised at import
+        ("auto", "thread", "import", False),  # a thread arena's 64 MiB heaps: mmap'd whatever the threshold
+        ("auto", "thread", "training", True),  # for_training: one arena
+        ("one_arena", "thread", "import", True),
+        ("reuse", "thread", "training", False),  # an explicit mode wins over for_training
+        ("system", "main", "training", False),  # glibc's defaults: mmap'd, unmapped on free
+    ],
+)
+def test_freed_pages_stay_resident_where_the_mode_keeps_them(mode, where, entry, kept):
+    freed, released = _probe(mode, where, entry)
+    if kept:
+        assert freed > 200  # the freed 256 MiB block stays in the heap for the next execution
+        assert released < 50  # and malloc_trim hands it back
+    else:
+        assert freed < 50
 
 
 def test_an_unknown_mode_stops_the_import_with_the_variable_named():
     env = dict(os.environ, **{hostmem.ENV: "huge"})
     out = subprocess.run([sys.executable, "-c", "import nasjax"], env=env, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0
-    assert "NASJAX_HOST_HEAP='huge' is not one of reuse, system" in out.stderr
-
-
-def test_threshold_bounds_are_checked():
-    with pytest.raises(ValueError, match="threshold_bytes"):
-        hostmem.keep_freed_pages(0)
-    with pytest.raises(ValueError, match="threshold_bytes"):
-        hostmem.keep_freed_pages(2**31)
+    assert "NASJAX_HOST_HEAP='huge' is not one of auto, reuse, one_arena, system" in out.stderr
