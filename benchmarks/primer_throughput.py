@@ -13,7 +13,8 @@ once), one after the other on the same machine. Versions:
 * ``--set=KEY=VALUE``: a setting for every version, ``--before`` included (repeatable;
   e.g. ``--set=seed=1`` for another search trajectory);
 * ``--variants``: this tree with ``inline`` (search.in_flight=1, the preset's default)
-  and/or ``threads`` (engine=threads, search.in_flight=2: two candidates at once); a
+  and/or ``threads`` (engine=threads, search.in_flight=2: two candidates at once),
+  ``processes`` (engine=processes, two worker processes) or ``processes1`` (one); a
   ``_ahead`` or ``_noahead`` suffix (``inline_ahead``) also sets ``search.compile_ahead``
   to true or false (default: auto).
 
@@ -53,13 +54,23 @@ def run_version(root: str, workdir: str, overrides: list[str]) -> None:
         raise SystemExit(f"search in {root} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
 
 
+# variant -> (engine, search.in_flight)
+ENGINES = {
+    "inline": ("inline", 1),
+    "threads": ("threads", 2),
+    "processes": ("processes", 2),
+    "processes1": ("processes", 1),
+}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", default="", help="a git ref to run first (engine inline)")
     p.add_argument(
         "--variants",
         default="inline,threads",
-        help="this tree: inline and/or threads, each optionally _ahead / _noahead (search.compile_ahead=true/false)",
+        help="this tree: inline, threads, processes (2 workers), processes1 (1 worker), each optionally "
+        "_ahead / _noahead (search.compile_ahead=true/false)",
     )
     p.add_argument(
         "--also",
@@ -87,11 +98,12 @@ def main():
             runs.append((f"{args.before} (inline, in_flight 1)", wd))
     for v in [x.strip() for x in args.variants.split(",") if x.strip()]:
         engine, _, ahead = v.partition("_")
-        if engine not in ("inline", "threads") or ahead not in ("", "ahead", "noahead"):
-            raise SystemExit(f"unknown variant {v!r}: inline or threads, optionally with _ahead or _noahead")
-        overrides = list(args.set) + (["engine=threads", "search.in_flight=2"] if engine == "threads" else [])
+        if engine not in ENGINES or ahead not in ("", "ahead", "noahead"):
+            raise SystemExit(f"unknown variant {v!r}: {', '.join(ENGINES)}, optionally with _ahead or _noahead")
+        name, in_flight = ENGINES[engine]
+        overrides = list(args.set) + ([f"engine={name}", f"search.in_flight={in_flight}"] if name != "inline" else [])
         overrides += [f"search.compile_ahead={'true' if ahead == 'ahead' else 'false'}"] if ahead else []
-        label = f"{engine}, in_flight {2 if engine == 'threads' else 1}"
+        label = f"{name}, in_flight {in_flight}"
         label += {"ahead": ", compile_ahead on", "noahead": ", compile_ahead off"}.get(ahead, "")
         for extra in [None] + args.also:
             wd = os.path.join(base, v if extra is None else f"{v}_{extra.replace('=', '_')}")

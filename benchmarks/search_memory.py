@@ -7,8 +7,10 @@
 
 Runs ``nasjax search`` (``--config``, default the tiny Primer preset, with the given
 ``--override KEY=VALUE`` settings, passed as ``--config.KEY=VALUE``) in a subprocess
-until ``--evaluations`` results are journaled, and samples every second the process's
-resident memory (VmRSS), its high-water mark (VmHWM) and the journal's size. The table
+until ``--evaluations`` results are journaled, and samples every second the resident
+memory (VmRSS) of the search's processes (the controller and, with ``engine=processes``,
+its worker processes, summed), the peak (the controller's high-water mark VmHWM, or the
+largest sampled sum when there are workers) and the journal's size. The table
 gives them at every ``--every`` evaluations, and the growth of resident memory per 100
 evaluations (least-squares slope over the second half of the run, after the caches of
 the first candidates have filled). What could grow: compiled executables kept by jit
@@ -40,6 +42,37 @@ def _status(pid: int) -> dict:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0]) / 1024.0  # kB -> MiB
     return out
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (engine=processes: the worker processes)."""
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parent[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def _tree_rss(pid: int) -> tuple[float, int]:
+    """Resident MiB of ``pid``'s descendants, and how many there are."""
+    total, n = 0.0, 0
+    for child in _children(pid):
+        try:
+            total += _status(child).get("VmRSS", 0.0)
+            n += 1
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total, n
 
 
 def _results(journal: str) -> int:
@@ -80,7 +113,10 @@ def main():
     cmd += [f"--config.compile_cache_dir={cache}"] + [f"--config.{o}" for o in args.override]
     log_path = os.path.join(workdir + "_search.log")
     t0 = time.time()
-    samples: list[tuple[float, int, float, float, float]] = []  # time, results, rss, hwm, journal MiB
+    # time, results, rss (all processes), peak (running max of that sum, or the controller's VmHWM
+    # when it is alone), journal MiB, controller rss, worker processes
+    samples: list[tuple[float, int, float, float, float, float, int]] = []
+    peak = 0.0
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None:
@@ -89,22 +125,29 @@ def main():
             except (FileNotFoundError, ProcessLookupError):
                 break
             size = os.path.getsize(journal) / 2**20 if os.path.exists(journal) else 0.0
-            samples.append((time.time() - t0, _results(journal), st.get("VmRSS", 0.0), st.get("VmHWM", 0.0), size))
+            workers, n = _tree_rss(proc.pid)
+            rss = st.get("VmRSS", 0.0) + workers
+            peak = max(peak, rss, st.get("VmHWM", 0.0))
+            samples.append((time.time() - t0, _results(journal), rss, peak, size, st.get("VmRSS", 0.0), n))
             time.sleep(1.0)
     if proc.returncode:
         raise SystemExit(f"the search failed (exit {proc.returncode}); see {log_path}")
     final = _results(journal)
     print(f"search: {final} evaluations in {(time.time() - t0) / 60:.1f} min; command: {' '.join(cmd[1:])}\n")
-    print("| evaluations | minutes | resident MiB | peak (high-water) MiB | journal MiB |")
-    print("|---|---|---|---|---|")
+    print("| evaluations | minutes | resident MiB | peak MiB | journal MiB | controller MiB | workers |")
+    print("|---|---|---|---|---|---|---|")
     marks = list(range(args.every, final + 1, args.every))
     for m in marks:
         s = next((x for x in samples if x[1] >= m), samples[-1])
-        print(f"| {m} | {s[0] / 60:.1f} | {s[2]:.0f} | {s[3]:.0f} | {s[4]:.2f} |")
+        print(f"| {m} | {s[0] / 60:.1f} | {s[2]:.0f} | {s[3]:.0f} | {s[4]:.2f} | {s[5]:.0f} | {s[6]} |")
     half = [(x[1], x[2]) for x in samples if x[1] >= final // 2]
     print(f"\nresident memory growth over the second half: {_slope(half):+.1f} MiB per 100 evaluations")
     first = next((x for x in samples if x[1] >= args.every), samples[-1])
     print(f"peak resident: {max(x[3] for x in samples):.0f} MiB (at {args.every} evaluations: {first[3]:.0f} MiB)")
+    print(
+        "resident and peak count every process of the search (engine=processes: the controller and its "
+        "workers, summed at each 1 s sample; alone, the peak is the controller's high-water mark)"
+    )
 
 
 if __name__ == "__main__":

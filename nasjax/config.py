@@ -55,7 +55,14 @@ search.in_flight          evaluations at once (N): candidate j is asked once j -
                           any engine (1 = sequential; part of the algorithm, fixed for a search)
 engine                    inline (this process; default) | threads (search.in_flight jobs at once in this
                           process: CPU hosts where compiling dominates; primer with step budgets)
-                          | ray (long-lived actors, one job each)
+                          | processes (search.in_flight worker processes on this host, replaced every
+                          process_recycle_every candidates: host memory bounded for any length of search,
+                          a crashing candidate costs one worker, not the search) | ray (long-lived actors)
+process_recycle_every     (engine=processes) a worker is replaced by a fresh process once it has worked on
+                          this many candidates (0 = never); each replacement costs one cold warm-up
+process_max_restarts      (engine=processes) times one job is re-issued after its worker died before it
+                          counts as failed (stage internal)
+process_start_timeout_s   (engine=processes) how long a new worker may take to build its data and mesh
 ray_address               '' = start a local Ray for this search; 'auto' or 'ray://HOST:10001' = a cluster
 ray_actors                actors to start (0 = search.in_flight)
 ray_cpus_per_actor, ray_gpus_per_actor   resources each actor reserves (1 GPU each on a GPU cluster)
@@ -231,6 +238,9 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     c.ray_gpus_per_actor = 0.0
     c.ray_max_restarts = 3
     c.ray_object_store_mb = 256
+    c.process_recycle_every = 100  # memory ceiling vs one cold warm-up per replacement (nasjax.search.workers)
+    c.process_max_restarts = 3
+    c.process_start_timeout_s = 600.0
     c.collective_timeout_s = 3600.0
     c.search = ml_collections.ConfigDict()
     s = c.search

@@ -72,7 +72,7 @@ def test_unknown_engine_is_a_clear_error(primer_config, tmp_path):
     from nasjax.search.engine import EngineError
     from nasjax.search.run import run_search
 
-    with pytest.raises(EngineError, match="engine must be one of inline, threads, ray"):
+    with pytest.raises(EngineError, match="engine must be one of inline, threads, processes, ray"):
         run_search(primer_config(engine="spark"), str(tmp_path / "s"), log=lambda *a: None)
     with pytest.raises(EngineError, match="search.in_flight must be at least 1"):
         run_search(primer_config(**{"search.in_flight": 0}), str(tmp_path / "s"), log=lambda *a: None)
@@ -91,6 +91,70 @@ def test_threads_engine_refuses_lts(tmp_path):
         check_engine_settings(cfg)
 
 
+def search_killing_a_worker(run, workdir, kill):
+    """Runs ``run()`` (a search in ``workdir``) while a thread calls ``kill(engine)`` from the first
+    started candidate on until it returns True (it killed a busy worker); returns (run's result, engine)."""
+    import nasjax.search.engine as engine_mod
+
+    engines, make, killed = [], engine_mod.make_engine, []
+    journal = workdir / "journal.jsonl"
+
+    def capture(*args, **kw):
+        engines.append(make(*args, **kw))
+        return engines[-1]
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if engines and journal.exists() and '"event":"started"' in journal.read_text() and kill(engines[0]):
+                killed.append(True)
+                return
+            time.sleep(0.05)
+
+    engine_mod.make_engine = capture
+    try:
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        out = run()
+        thread.join(timeout=5)
+    finally:
+        engine_mod.make_engine = make
+    assert killed, "no busy worker was seen to kill"
+    return out, engines[0]
+
+
+def lts_config(text_dir, tmp_path, **kw):
+    """A 4-architecture LTS search (population only) over the synthetic corpus."""
+    from nasjax.config import apply_overrides, load_config_file
+
+    base = {
+        "data.path": str(text_dir),
+        "data.val_files": "doc_5.txt",
+        "data.seq_len": 16,
+        "data.cache_dir": str(tmp_path / "cache"),
+        "search.population_size": 4,
+        "search.iterations": 0,
+        "lts.seq_len": 16,
+        "lts.latency_repeats": 2,
+        "lts.space.n_layer": (1, 2),
+        "lts.space.d_model": (32, 64),
+        "lts.space.d_inner": (64, 96, 128),
+        "lts.space.n_head": (2, 4),
+        "lts.space.min_params": 0,
+        "lts.space.max_params": 0,
+    }
+    base.update(kw)
+    return apply_overrides(load_config_file(os.path.join(ROOT, "configs/search/lts.py:cpu")), base)
+
+
+def lts_keys(workdir) -> list:
+    """(architecture key, event) of every LTS measurement in the journal."""
+    from nasjax.search.journal import read_journal
+
+    recs = read_journal(os.path.join(workdir, "journal.jsonl"))
+    return sorted((r["key"], r["event"]) for r in recs if r["event"] in ("measured", "failed"))
+
+
 # ---------------------------------------------------------------------- Ray
 
 
@@ -106,7 +170,6 @@ def ray_cluster():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_search_matches_inline_survives_a_killed_actor_and_resumes(ray_cluster, primer_config, tmp_path):
-    import nasjax.search.engine as engine_mod
     from nasjax.search.run import run_search
 
     ray = ray_cluster
@@ -116,38 +179,18 @@ def test_ray_search_matches_inline_survives_a_killed_actor_and_resumes(ray_clust
     want = _evaluated(tmp_path / "inline")
 
     # a Ray search with 2 actors; one actor is killed while it evaluates the first candidate
-    engines = []
-    make = engine_mod.make_engine
-
-    def capture(*args, **kw):
-        engines.append(make(*args, **kw))
-        return engines[-1]
+    def kill(eng) -> bool:
+        busy = [slot for slot, _ in eng.running.values()]
+        if busy:
+            ray.kill(eng.actors[busy[0]], no_restart=True)
+        return bool(busy)
 
     workdir = tmp_path / "ray"
-    journal = workdir / "journal.jsonl"
-
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if engines and journal.exists() and '"event":"started"' in journal.read_text():
-                eng = engines[0]
-                busy = [slot for slot, _ in eng.running.values()]
-                if busy:
-                    ray.kill(eng.actors[busy[0]], no_restart=True)
-                    return
-            time.sleep(0.05)
-
     logs = []
-    engine_mod.make_engine = capture
-    try:
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
-        out = run_search(primer_config(engine="ray", **{"search.max_evaluations": 4}), str(workdir), log=logs.append)
-        thread.join(timeout=5)
-    finally:
-        engine_mod.make_engine = make
+    cfg = primer_config(engine="ray", **{"search.max_evaluations": 4})
+    out, eng = search_killing_a_worker(lambda: run_search(cfg, str(workdir), log=logs.append), workdir, kill)
     assert out.status == "finished" and out.evaluations == 4 and out.extra["engine"] == "ray"
-    assert engines[0].restarts >= 1, logs
+    assert eng.restarts >= 1, logs
     assert any("re-issuing" in line for line in logs), logs
     got = _evaluated(workdir)
     assert all(event == "finished" for _, event, _ in got.values()), got  # the killed job was re-run
@@ -162,38 +205,14 @@ def test_ray_search_matches_inline_survives_a_killed_actor_and_resumes(ray_clust
 @pytest.mark.ray
 def test_ray_lts_measures_a_population_on_two_actors(ray_cluster, text_dir, tmp_path):
     """LTS (training-free) hands its measurements to the actors; the first population is the same."""
-    from nasjax.config import apply_overrides, load_config_file
-    from nasjax.search.journal import read_journal
     from nasjax.search.run import run_search
 
-    def cfg(**kw):
-        base = {
-            "data.path": str(text_dir),
-            "data.val_files": "doc_5.txt",
-            "data.seq_len": 16,
-            "data.cache_dir": str(tmp_path / "cache"),
-            "search.population_size": 4,
-            "search.iterations": 0,
-            "lts.seq_len": 16,
-            "lts.latency_repeats": 2,
-            "lts.space.n_layer": (1, 2),
-            "lts.space.d_model": (32, 64),
-            "lts.space.d_inner": (64, 96, 128),
-            "lts.space.n_head": (2, 4),
-            "lts.space.min_params": 0,
-            "lts.space.max_params": 0,
-        }
-        base.update(kw)
-        return apply_overrides(load_config_file(os.path.join(ROOT, "configs/search/lts.py:cpu")), base)
-
-    def keys(workdir):
-        recs = read_journal(os.path.join(workdir, "journal.jsonl"))
-        return sorted((r["key"], r["event"]) for r in recs if r["event"] in ("measured", "failed"))
+    cfg = lambda **kw: lts_config(text_dir, tmp_path, **kw)  # noqa: E731
 
     run_search(cfg(), str(tmp_path / "inline"), log=lambda *a: None)
     out = run_search(cfg(engine="ray", ray_actors=2), str(tmp_path / "ray"), log=lambda *a: None)
     assert out.status == "finished"
-    assert keys(tmp_path / "ray") == keys(tmp_path / "inline") and len(keys(tmp_path / "inline")) == 4
+    assert lts_keys(tmp_path / "ray") == lts_keys(tmp_path / "inline") and len(lts_keys(tmp_path / "inline")) == 4
 
 
 @pytest.mark.ray

@@ -1,4 +1,4 @@
-"""Where candidate evaluations run: in this process (``engine=inline``) or on Ray actors (``engine=ray``).
+"""Where candidate evaluations run: this process (inline, threads), worker processes (processes) or Ray actors.
 
 The controller (proposals, journal, evolution state) always runs in the launching
 process and is the only writer of the journal. An engine runs *jobs*: one stage of one
@@ -15,6 +15,10 @@ plain dict, ``{"ok": True, ...}`` or ``{"ok": False, "stage": ..., "reason": ...
   cores. Primer only (LTS's latency measurements would be disturbed, AutoBERT's
   supernet is shared state), and not with time budgets (``train.budget_seconds``:
   concurrent candidates would share the time).
+* :class:`~nasjax.search.workers.ProcessEngine` (``engine=processes``) runs
+  ``search.in_flight`` jobs at once in worker processes of this host, each replaced by a
+  fresh one after ``process_recycle_every`` candidates (host memory bounded for any length
+  of search) or when it dies (a crash of one candidate is not a crash of the search).
 * :class:`RayEngine` keeps ``ray_actors`` long-lived :class:`Worker` actors (one per
   accelerator by default). Each builds its data pipeline and mesh once and keeps its
   compiled programs (and the persistent compile cache) warm across candidates. A job
@@ -42,7 +46,7 @@ import time
 import traceback
 from typing import Any
 
-ENGINES = ("inline", "threads", "ray")
+ENGINES = ("inline", "threads", "processes", "ray")
 
 __all__ = [
     "ENGINES",
@@ -366,6 +370,11 @@ def check_engine_settings(cfg) -> None:
         raise EngineError(f"search.in_flight must be at least 1, got {cfg.search.in_flight}")
     if int(cfg.get("ray_actors", 0) or 0) < 0:
         raise EngineError(f"ray_actors must be >= 0 (0 = search.in_flight), got {cfg.ray_actors}")
+    for key in ("process_recycle_every", "process_max_restarts"):
+        if int(cfg.get(key, 0) or 0) < 0:
+            raise EngineError(f"{key} must be >= 0, got {cfg.get(key)}")
+    if float(cfg.get("process_start_timeout_s", 600.0)) <= 0:
+        raise EngineError(f"process_start_timeout_s must be positive, got {cfg.get('process_start_timeout_s')}")
     if "search" in cfg and int(cfg.search.get("clear_caches_every", 1)) < 1:
         raise EngineError(f"search.clear_caches_every must be at least 1, got {cfg.search.clear_caches_every}")
     if "search" in cfg and int(cfg.search.get("op_by_op_clear_every", 0)) < 0:
@@ -386,6 +395,13 @@ def check_engine_settings(cfg) -> None:
             op_by_op_enabled(cfg.search)
         except ValueError as e:
             raise EngineError(str(e)) from None
+    # LTS has no search.in_flight: one worker, so its latency and memory measurements are undisturbed
+    if name == "processes" and "search" in cfg and int(cfg.search.get("in_flight", 1)) > 1:
+        if float(cfg.train.get("budget_seconds", 0.0) or 0.0) > 0:
+            raise EngineError(
+                "engine=processes with search.in_flight > 1 and train.budget_seconds > 0: concurrent candidates "
+                "would share the hardware their time budgets measure; use step budgets (train.steps) or in_flight=1"
+            )
     if name == "threads" and "search" in cfg:
         method = str(cfg.search.get("method", ""))
         if method != "primer":
@@ -402,7 +418,7 @@ def check_engine_settings(cfg) -> None:
 
 
 def make_engine(cfg, tokenizer, adapter, should_stop=None, log=print):
-    """The engine named by ``cfg.engine`` (inline unless ``engine=ray``)."""
+    """The engine named by ``cfg.engine`` (inline, threads, processes or ray)."""
     name = str(cfg.get("engine", "inline") or "inline")
     if name not in ENGINES:
         raise EngineError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
@@ -418,5 +434,9 @@ def make_engine(cfg, tokenizer, adapter, should_stop=None, log=print):
         return InlineEngine(adapter, should_stop)
     if name == "threads":
         return ThreadEngine(adapter, int(cfg.search.get("in_flight", 1)), should_stop)
+    if name == "processes":
+        from nasjax.search.workers import ProcessEngine
+
+        return ProcessEngine(cfg, tokenizer, int(cfg.search.get("in_flight", 1)), log)
     n = int(cfg.get("ray_actors", 0) or 0) or int(cfg.search.get("in_flight", 1))  # LTS: ray_actors
     return RayEngine(cfg, tokenizer, n, log)

@@ -85,6 +85,9 @@ RESUMABLE_KEYS = (
     "ray_gpus_per_actor",
     "ray_max_restarts",
     "ray_object_store_mb",
+    "process_recycle_every",
+    "process_max_restarts",
+    "process_start_timeout_s",
     "collective_timeout_s",
 )
 

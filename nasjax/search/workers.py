@@ -1,0 +1,290 @@
+"""``engine=processes``: candidates evaluated in worker processes of this host, replaced periodically.
+
+Each worker is a fresh Python interpreter (``python -m nasjax.search.workers``, not a
+fork: JAX's runtime is multi-threaded) that builds a :class:`~nasjax.search.engine.Worker`
+(data pipeline, mesh, evaluator) once and then runs jobs sent by the controller over a
+socket pair. The controller (proposals, evolution state, the journal) stays in the
+launching process, exactly as with the other engines, so the same seed and
+``search.in_flight`` evaluate the same architectures.
+
+What it gives over ``engine=inline`` / ``threads``:
+
+* **Memory bounded for any length of search.** XLA keeps every compiled program, and
+  JAX, LLVM and the C heap keep state per program, in ways a process cannot fully hand
+  back (docs/benchmarks.md: +95 MiB per 100 evaluations on the compiled path, a 1.8-3.9
+  GiB sawtooth with per-op programs). A worker that has evaluated
+  ``process_recycle_every`` candidates is replaced by a fresh process when it is next
+  free, which returns all of it to the OS. The cost is one warm-up per replacement (a
+  fresh process compiles its first candidate cold: ~8 s of extra time for a tiny Primer
+  candidate on a 2-core CPU; the persistent compilation cache keeps the larger programs).
+* **A crash of one candidate is not a crash of the search.** A worker killed by a
+  segfault in a backend, the kernel's OOM killer or a signal is replaced and its job
+  re-issued; a job that kills ``process_max_restarts`` + 1 workers is recorded as a
+  failed candidate (stage ``internal``), and the search goes on.
+
+Not a cluster engine (``engine=ray`` is); POSIX hosts (the socket pair is inherited by
+file descriptor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+from multiprocessing.connection import Connection, wait
+
+__all__ = ["ProcessEngine", "worker_main"]
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (killed: out of memory?)" if -code == signal.SIGKILL else ""
+        return f"{name}{hint}"
+    return f"exit code {code}"
+
+
+class _Slot:
+    """One worker process and what the controller knows about it."""
+
+    def __init__(self, proc: subprocess.Popen, conn: Connection):
+        self.proc, self.conn = proc, conn
+        self.ready = False  # its "ready" message has arrived
+        self.job = None  # the job it is running
+        self.candidates: set[int] = set()  # candidate ids it has worked on (recycling)
+        self.routes: set[str] = set()
+
+
+class ProcessEngine:
+    """``n`` worker processes evaluating jobs concurrently (see the module docstring).
+
+    Args:
+      cfg: the search config (``process_recycle_every``, ``process_max_restarts``,
+        ``process_start_timeout_s``).
+      tokenizer: the search's tokenizer (sent to the workers).
+      n: worker processes (``search.in_flight``).
+      log: message sink.
+    """
+
+    name = "processes"
+
+    def __init__(self, cfg, tokenizer, n: int, log=print):
+        self.log = log
+        self.init = (cfg.to_json(), tokenizer.to_config(embed=True), str(cfg.search.method))
+        self.recycle_every = int(cfg.get("process_recycle_every", 100) or 0)
+        self.max_restarts = int(cfg.get("process_max_restarts", 3))
+        self.start_timeout = float(cfg.get("process_start_timeout_s", 600.0))
+        self.restarts = 0  # workers replaced after dying
+        self.recycled = 0  # workers replaced after process_recycle_every candidates
+        self.slots: list[_Slot | None] = [None] * max(1, int(n))
+        try:
+            for i in range(len(self.slots)):
+                self.slots[i] = self._start()
+            for slot in self.slots:
+                self._await_ready(slot)
+        except BaseException:
+            self.close()
+            raise
+        pids = ", ".join(str(s.proc.pid) for s in self.slots)
+        every = f"replaced every {self.recycle_every} candidates" if self.recycle_every else "never replaced"
+        log(f"process engine: {len(self.slots)} workers ({pids}), {every}")
+
+    # ------------------------------------------------------------------ workers
+    def _start(self) -> _Slot:
+        parent, child = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nasjax.search.workers", "--fd", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches the controller only; it stops the workers
+            )
+        except OSError as e:
+            parent.close()
+            from nasjax.search.engine import EngineError
+
+            raise EngineError(f"cannot start a worker process ({sys.executable}): {e}") from None
+        finally:
+            child.close()
+        conn = Connection(parent.detach())
+        conn.send_bytes(pickle.dumps(self.init, protocol=pickle.HIGHEST_PROTOCOL))
+        return _Slot(proc, conn)
+
+    def _await_ready(self, slot: _Slot) -> None:
+        """Waits for a new worker's ``ready`` (or its startup error) before any job is given."""
+        from nasjax.search.engine import EngineError
+
+        if not slot.conn.poll(self.start_timeout):
+            raise EngineError(f"a worker process did not start within process_start_timeout_s={self.start_timeout:g}")
+        self._on_message(slot, self._recv(slot))
+        if not slot.ready:
+            raise EngineError("a worker process sent a result before it was ready")
+
+    def _recv(self, slot: _Slot):
+        """The next message of ``slot``; ``("died", None)`` when its process is gone."""
+        try:
+            return pickle.loads(slot.conn.recv_bytes())
+        except (EOFError, OSError):
+            return ("died", None)
+
+    def _on_message(self, slot: _Slot, msg) -> dict | None:
+        """Handles a control message; returns a job's result dict, or None."""
+        from nasjax.search.engine import EngineError
+
+        kind, body = msg
+        if kind == "ready":
+            slot.ready = True
+            return None
+        if kind == "error":  # the worker could not build its data, mesh or evaluator
+            raise EngineError(f"a worker process failed to start: {body}")
+        if kind == "result":
+            return body
+        if kind == "died":
+            return None
+        raise EngineError(f"unexpected message from a worker process: {kind!r}")
+
+    def _stop(self, slot: _Slot, grace: float = 5.0) -> None:
+        try:
+            slot.conn.send_bytes(pickle.dumps(None))  # an idle worker exits at once
+        except OSError:
+            pass
+        try:
+            slot.proc.wait(timeout=grace if slot.job is None else 0.0)
+        except subprocess.TimeoutExpired:
+            slot.proc.kill()
+            slot.proc.wait()
+        slot.conn.close()
+
+    # ------------------------------------------------------------------ engine interface
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    def busy(self) -> int:
+        return sum(1 for s in self.slots if s is not None and s.job is not None)
+
+    def submit(self, job) -> None:
+        from nasjax.search.engine import EngineError
+
+        free = [i for i, s in enumerate(self.slots) if s is not None and s.job is None]
+        if not free:
+            raise EngineError("no free worker process (the controller submitted more jobs than workers)")
+        i = next((i for i in free if job.route and job.route in self.slots[i].routes), free[0])
+        slot = self.slots[i]
+        slot.job = job
+        try:
+            slot.conn.send_bytes(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            pass  # it died: wait() sees the closed socket and re-issues the job
+
+    def wait(self, timeout: float | None = None) -> list:
+        running = {s.conn: i for i, s in enumerate(self.slots) if s is not None and s.job is not None}
+        if not running:
+            return []
+        out = []
+        for conn in sorted(wait(list(running), timeout), key=lambda c: self.slots[running[c]].job.key):
+            i = running[conn]
+            slot = self.slots[i]
+            msg = self._recv(slot)
+            if msg[0] == "ready":  # a replacement announced itself; its job is queued behind
+                self._on_message(slot, msg)
+                continue
+            job, slot.job = slot.job, None
+            if msg[0] == "died":
+                out.extend(self._died(i, job))
+                continue
+            result = self._on_message(slot, msg)
+            slot.candidates.add(job.key)
+            if job.route:
+                slot.routes.add(job.route)
+            out.append((job, result))
+            if self.recycle_every and len(slot.candidates) >= self.recycle_every and job.stage != "check":
+                self._replace(i)
+                self.recycled += 1
+        return out
+
+    def _replace(self, i: int) -> None:
+        old = self.slots[i]
+        self._stop(old)
+        self.slots[i] = self._start()  # announces itself later; a job sent meanwhile waits in the socket
+
+    def _died(self, i: int, job) -> list:
+        code = self.slots[i].proc.wait()
+        how = _describe_exit(code)
+        self.restarts += 1
+        self._replace(i)
+        job.attempts += 1
+        if job.attempts > self.max_restarts:
+            self.log(f"candidate {job.key} ({job.stage}) killed {job.attempts} worker processes ({how}); failed")
+            reason = f"worker process died {job.attempts}x ({how})"
+            return [(job, {"ok": False, "stage": "internal", "reason": reason})]
+        self.log(f"worker process {i} died ({how}) during candidate {job.key} ({job.stage}); re-issuing it")
+        self.submit(job)
+        return []
+
+    def close(self) -> None:
+        for slot in self.slots:
+            if slot is not None:
+                self._stop(slot)
+        self.slots = [None] * len(self.slots)
+
+
+# ---------------------------------------------------------------------- the worker side
+
+
+def worker_main(fd: int) -> int:
+    """A worker process: build the evaluator, then run jobs until told to stop (``None``) or orphaned."""
+    conn = Connection(fd)
+
+    def send(kind, body) -> bool:
+        try:
+            conn.send_bytes(pickle.dumps((kind, body), protocol=pickle.HIGHEST_PROTOCOL))
+            return True
+        except OSError:  # the controller is gone
+            return False
+
+    try:
+        cfg_json, tokenizer_config, method = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return 0
+    try:
+        from nasjax.search.engine import Worker, run_job
+
+        worker = Worker(cfg_json, tokenizer_config, method)
+    except BaseException as e:  # noqa: BLE001 - reported to the controller, which stops the search
+        send("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)[-1200:]}")
+        return 1
+    if not send("ready", os.getpid()):
+        return 0
+    while True:
+        try:
+            job = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):  # the controller is gone
+            return 0
+        if job is None:
+            return 0
+        worker.jobs += 1
+        if not send("result", run_job(worker.adapter, job)):
+            return 0
+
+
+def _main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="a nasjax worker process (started by engine=processes)")
+    p.add_argument("--fd", type=int, required=True, help="the socket inherited from the controller")
+    args = p.parse_args(argv)
+    return worker_main(args.fd)
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
