@@ -103,6 +103,7 @@ def main():
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--workdir", default="")
     p.add_argument("--override", action="append", default=[], help="KEY=VALUE (repeatable)")
+    p.add_argument("--trace", default="", help="also write every 1 s sample to this CSV file")
     args = p.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="nasjax_memory_")
@@ -130,6 +131,11 @@ def main():
             peak = max(peak, rss, st.get("VmHWM", 0.0))
             samples.append((time.time() - t0, _results(journal), rss, peak, size, st.get("VmRSS", 0.0), n))
             time.sleep(1.0)
+    if args.trace:
+        with open(args.trace, "w") as f:
+            f.write("seconds,evaluations,resident_mib,peak_mib,journal_mib,controller_mib,workers\n")
+            for x in samples:
+                f.write(",".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in x) + "\n")
     if proc.returncode:
         raise SystemExit(f"the search failed (exit {proc.returncode}); see {log_path}")
     final = _results(journal)

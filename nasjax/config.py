@@ -35,6 +35,9 @@ train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices
 mesh.rules                logical -> mesh axis rules; empty = nasjax.sharding.DEFAULT_RULES
 compile_cache_dir         persistent XLA compilation cache ('' = default, 'none' = off)
+compile_cache_min_seconds programs that compiled faster are not written to it (0 = every program: a new
+                          process starts warm; JAX's default of 1 s kept none of a tiny search's programs)
+compile_cache_max_mb      bound on that directory; least recently used programs are evicted (0 = none)
 init_from                 (finetune) a training workdir whose weights and spec to start from
 init_weights              (finetune) false: take init_from's spec and tokenizer but random weights
 compare_with              (finetune) comma list of baselines fine-tuned with the same settings after the
@@ -189,6 +192,8 @@ def base_config(finetune: bool = False) -> ml_collections.ConfigDict:
     c.mesh.rules = ()
 
     c.compile_cache_dir = ""
+    c.compile_cache_min_seconds = 0.0
+    c.compile_cache_max_mb = 4096
     if finetune:
         c.init_from = ""
         c.init_weights = True

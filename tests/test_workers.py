@@ -154,3 +154,15 @@ def test_lts_measures_in_one_worker_process(text_dir, tmp_path):
         return sorted((r["key"], r["decoder_params"]) for r in recs if r["event"] == "measured")
 
     assert counts(tmp_path / "proc") == counts(tmp_path / "inline")
+
+
+def test_a_worker_that_exits_while_starting_is_a_clear_error(search_config, monkeypatch):
+    import sys
+
+    from nasjax.data.tokenizers import ByteTokenizer
+    from nasjax.search.engine import EngineError
+    from nasjax.search.workers import ProcessEngine
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # an interpreter that dies at once
+    with pytest.raises(EngineError, match=r"a worker process exited while starting \(exit code 1\)"):
+        ProcessEngine(search_config(engine="processes"), ByteTokenizer(), 1, log=lambda *a: None)

@@ -77,6 +77,8 @@ RESUMABLE_KEYS = (
     "search.op_by_op",
     "search.op_by_op_clear_every",
     "compile_cache_dir",
+    "compile_cache_min_seconds",
+    "compile_cache_max_mb",
     "data.cache_dir",
     "engine",
     "ray_address",

@@ -40,6 +40,8 @@ from multiprocessing.connection import Connection, wait
 
 __all__ = ["ProcessEngine", "worker_main"]
 
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def _describe_exit(code: int | None) -> str:
     if code is None:
@@ -102,12 +104,15 @@ class ProcessEngine:
     # ------------------------------------------------------------------ workers
     def _start(self) -> _Slot:
         parent, child = socket.socketpair()
+        env = dict(os.environ)  # the worker imports this nasjax, installed or not (a notebook's sys.path)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "nasjax.search.workers", "--fd", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,  # Ctrl-C reaches the controller only; it stops the workers
             )
         except OSError as e:
@@ -118,7 +123,10 @@ class ProcessEngine:
         finally:
             child.close()
         conn = Connection(parent.detach())
-        conn.send_bytes(pickle.dumps(self.init, protocol=pickle.HIGHEST_PROTOCOL))
+        try:
+            conn.send_bytes(pickle.dumps(self.init, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            pass  # it died at once: its closed socket tells the engine, with its exit code
         return _Slot(proc, conn)
 
     def _await_ready(self, slot: _Slot) -> None:
@@ -127,9 +135,13 @@ class ProcessEngine:
 
         if not slot.conn.poll(self.start_timeout):
             raise EngineError(f"a worker process did not start within process_start_timeout_s={self.start_timeout:g}")
-        self._on_message(slot, self._recv(slot))
+        msg = self._recv(slot)
+        if msg[0] == "died":
+            how = _describe_exit(slot.proc.wait())
+            raise EngineError(f"a worker process exited while starting ({how}); its error output is above")
+        self._on_message(slot, msg)
         if not slot.ready:
-            raise EngineError("a worker process sent a result before it was ready")
+            raise EngineError(f"a worker process sent {msg[0]!r} before it was ready")
 
     def _recv(self, slot: _Slot):
         """The next message of ``slot``; ``("died", None)`` when its process is gone."""

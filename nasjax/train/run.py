@@ -53,15 +53,70 @@ class RunError(RuntimeError):
 
 
 def setup_compile_cache(cfg) -> None:
-    """Turns on JAX's persistent compilation cache (every candidate is a new program)."""
+    """Turns on JAX's persistent compilation cache (``compile_cache_dir``).
+
+    ``compile_cache_min_seconds`` (default 0: every program): programs that compiled
+    faster are not written. JAX's own default (1 s) kept none of a tiny search's programs
+    on a CPU: the per-op programs of ``search.op_by_op`` and the shared pieces of
+    ``train.segmented`` each compile in well under a second, yet a new process (a search
+    resumed, an ``engine=processes`` worker replaced) compiles ~200 of them before its
+    first candidate. With them on disk, that warm-up fell from ~10 s to ~4 s per process
+    on the 2-core CPU (docs/benchmarks.md), at ~6 KiB of disk per program.
+
+    ``compile_cache_max_mb`` (default 4096; 0 = unbounded) bounds the directory: when a
+    process sets the cache up and finds it larger, the least recently used entries are
+    deleted down to 3/4 of the bound (:func:`prune_compile_cache`). JAX's own bound
+    (``jax_compilation_cache_max_size``) is not used: it rescans the whole directory on
+    every write, and fails on entries written without it.
+    """
     path = cfg.get("compile_cache_dir", "")
     if path == "none":
         return
     if not path:
         path = os.path.join(os.environ.get("NASJAX_CACHE", os.path.expanduser("~/.cache/nasjax")), "jax_cache")
+    min_seconds = float(cfg.get("compile_cache_min_seconds", 0.0))
+    max_mb = float(cfg.get("compile_cache_max_mb", 4096))
+    if min_seconds < 0 or max_mb < 0:
+        raise RunError(
+            f"compile_cache_min_seconds and compile_cache_max_mb must be >= 0, got {min_seconds:g} and {max_mb:g}"
+        )
     os.makedirs(path, exist_ok=True)
+    if max_mb > 0:
+        prune_compile_cache(path, int(max_mb * 2**20))
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+
+
+def prune_compile_cache(path: str, max_bytes: int) -> int:
+    """Deletes the least recently used files of a compilation cache directory larger than
+    ``max_bytes`` until it holds at most 3/4 of it; returns the bytes freed.
+
+    Recency is a file's last access or modification time, whichever is later. Another
+    process may delete or read the same files meanwhile: a file gone is skipped, and a
+    program whose entry vanished under a reader is compiled again.
+    """
+    entries, total = [], 0
+    with os.scandir(path) as it:
+        for e in it:
+            try:
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    entries.append((max(st.st_atime, st.st_mtime), st.st_size, e.path))
+                    total += st.st_size
+            except OSError:
+                continue
+    if total <= max_bytes:
+        return 0
+    freed, target = 0, total - max_bytes * 3 // 4
+    for _, size, file in sorted(entries):
+        if freed >= target:
+            break
+        try:
+            os.unlink(file)
+            freed += size
+        except OSError:
+            continue
+    return freed
 
 
 def make_mesh(cfg):
