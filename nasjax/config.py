@@ -62,7 +62,9 @@ engine                    inline (this process; default) | threads (search.in_fl
                           process_recycle_every candidates: host memory bounded for any length of search,
                           a crashing candidate costs one worker, not the search) | ray (long-lived actors)
 process_recycle_every     (engine=processes) a worker is replaced by a fresh process once it has worked on
-                          this many candidates (0 = never); each replacement costs one cold warm-up
+                          this many candidates (0 = never); each replacement costs one warm-up
+process_max_mb            (engine=processes) ... or once its resident memory after a job exceeds this many
+                          MiB (0 = no bound): a host-memory ceiling for long searches
 process_max_restarts      (engine=processes) times one job is re-issued after its worker died before it
                           counts as failed (stage internal)
 process_start_timeout_s   (engine=processes) how long a new worker may take to build its data and mesh
@@ -243,7 +245,8 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     c.ray_gpus_per_actor = 0.0
     c.ray_max_restarts = 3
     c.ray_object_store_mb = 256
-    c.process_recycle_every = 100  # memory ceiling vs one cold warm-up per replacement (nasjax.search.workers)
+    c.process_recycle_every = 50  # memory ceiling vs one warm-up per replacement (nasjax.search.workers)
+    c.process_max_mb = 0
     c.process_max_restarts = 3
     c.process_start_timeout_s = 600.0
     c.collective_timeout_s = 3600.0

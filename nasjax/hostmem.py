@@ -44,7 +44,15 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["ENV", "MODES", "keep_freed_pages", "release_free_memory", "configure_from_env", "for_training"]
+__all__ = [
+    "ENV",
+    "MODES",
+    "keep_freed_pages",
+    "release_free_memory",
+    "resident_mib",
+    "configure_from_env",
+    "for_training",
+]
 
 ENV = "NASJAX_HOST_HEAP"
 MODES = ("auto", "reuse", "one_arena", "system")
@@ -98,6 +106,16 @@ def release_free_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def resident_mib() -> float:
+    """This process's resident memory (VmRSS) in MiB; 0.0 where /proc is not available."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _mode() -> str:

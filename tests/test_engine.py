@@ -220,14 +220,20 @@ def test_ray_lts_measures_a_population_on_two_actors(ray_cluster, text_dir, tmp_
 def test_ray_autobert_ships_supernet_snapshots_and_matches_inline(ray_cluster, autobert_config, tmp_path):
     """AutoBERT-Zero on 2 actors: children inherit the supernet as it was when they were asked,
     trained weights come back to the controller, and the evaluated set equals the inline one."""
+    autobert_matches_inline(autobert_config, tmp_path, "ray")
+
+
+def autobert_matches_inline(autobert_config, tmp_path, engine: str) -> None:
+    """An AutoBERT-Zero search with 2 in flight on ``engine`` evaluates what inline does, and its
+    workers' trained weights reach the controller's supernet."""
     from nasjax.search.journal import read_journal
     from nasjax.search.run import run_search
 
     kw = {"search.in_flight": 2, "search.max_evaluations": 4}
     run_search(autobert_config(**kw), str(tmp_path / "inline"), log=lambda *a: None)
-    out = run_search(autobert_config(engine="ray", **kw), str(tmp_path / "ray"), log=lambda *a: None)
+    out = run_search(autobert_config(engine=engine, **kw), str(tmp_path / engine), log=lambda *a: None)
     assert out.status == "finished" and out.evaluations == 4
-    assert _evaluated(tmp_path / "ray") == _evaluated(tmp_path / "inline")
-    recs = read_journal(os.path.join(tmp_path / "ray", "journal.jsonl"))
+    assert _evaluated(tmp_path / engine) == _evaluated(tmp_path / "inline")
+    recs = read_journal(os.path.join(tmp_path / engine, "journal.jsonl"))
     assert [r["version"] for r in recs if r["event"] == "supernet"]  # trained weights reached the supernet
     assert all(r.get("inherited", 1) > 0 for r in recs if r["event"] == "finished" and not r.get("cached_from"))

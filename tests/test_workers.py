@@ -5,7 +5,14 @@ import signal
 
 import pytest
 
-from tests.test_engine import _evaluated, _order_rules_hold, lts_config, lts_keys, search_killing_a_worker
+from tests.test_engine import (
+    _evaluated,
+    _order_rules_hold,
+    autobert_matches_inline,
+    lts_config,
+    lts_keys,
+    search_killing_a_worker,
+)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -166,3 +173,24 @@ def test_a_worker_that_exits_while_starting_is_a_clear_error(search_config, monk
     monkeypatch.setattr(sys, "executable", "/bin/false")  # an interpreter that dies at once
     with pytest.raises(EngineError, match=r"a worker process exited while starting \(exit code 1\)"):
         ProcessEngine(search_config(engine="processes"), ByteTokenizer(), 1, log=lambda *a: None)
+
+
+@pytest.mark.slow
+def test_autobert_ships_supernet_snapshots_to_worker_processes(autobert_config, tmp_path):
+    """AutoBERT-Zero's supernet travels in the jobs, so worker processes evaluate what inline does."""
+    autobert_matches_inline(autobert_config, tmp_path, "processes")
+
+
+def test_a_worker_above_process_max_mb_is_replaced_and_results_do_not_change(search_config, tmp_path):
+    """A memory bound below any worker's footprint replaces the worker after every job: same results."""
+    from nasjax.search.run import run_search
+
+    kw = {"search.max_evaluations": 3, "search.hurdles": 0}
+    run_search(search_config(**kw), str(tmp_path / "inline"), log=lambda *a: None)
+    logs = []
+    out = run_search(search_config(engine="processes", process_max_mb=1, **kw), str(tmp_path / "p"), log=logs.append)
+    assert out.status == "finished" and out.evaluations == 3
+    assert _evaluated(tmp_path / "p") == _evaluated(tmp_path / "inline")
+    line = next(x for x in logs if "workers replaced" in x)
+    assert "0x after process_recycle_every candidates" in line and "0x above process_max_mb" not in line, line
+    assert not _worker_pids()

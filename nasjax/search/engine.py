@@ -370,7 +370,7 @@ def check_engine_settings(cfg) -> None:
         raise EngineError(f"search.in_flight must be at least 1, got {cfg.search.in_flight}")
     if int(cfg.get("ray_actors", 0) or 0) < 0:
         raise EngineError(f"ray_actors must be >= 0 (0 = search.in_flight), got {cfg.ray_actors}")
-    for key in ("process_recycle_every", "process_max_restarts"):
+    for key in ("process_recycle_every", "process_max_mb", "process_max_restarts"):
         if int(cfg.get(key, 0) or 0) < 0:
             raise EngineError(f"{key} must be >= 0, got {cfg.get(key)}")
     if float(cfg.get("process_start_timeout_s", 600.0)) <= 0:

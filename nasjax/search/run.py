@@ -88,6 +88,7 @@ RESUMABLE_KEYS = (
     "ray_max_restarts",
     "ray_object_store_mb",
     "process_recycle_every",
+    "process_max_mb",
     "process_max_restarts",
     "process_start_timeout_s",
     "collective_timeout_s",

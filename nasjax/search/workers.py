@@ -12,11 +12,13 @@ What it gives over ``engine=inline`` / ``threads``:
 * **Memory bounded for any length of search.** XLA keeps every compiled program, and
   JAX, LLVM and the C heap keep state per program, in ways a process cannot fully hand
   back (docs/benchmarks.md: +95 MiB per 100 evaluations on the compiled path, a 1.8-3.9
-  GiB sawtooth with per-op programs). A worker that has evaluated
-  ``process_recycle_every`` candidates is replaced by a fresh process when it is next
-  free, which returns all of it to the OS. The cost is one warm-up per replacement (a
-  fresh process compiles its first candidate cold: ~8 s of extra time for a tiny Primer
-  candidate on a 2-core CPU; the persistent compilation cache keeps the larger programs).
+  GiB sawtooth with per-op programs, ~200 MiB per candidate while the search is on large
+  programs). A worker is replaced by a fresh process, which returns all of it to the OS,
+  once it has worked on ``process_recycle_every`` candidates, or when its resident memory
+  after a job exceeds ``process_max_mb`` (0 = no bound). The cost is one warm-up per
+  replacement: a fresh process's first tiny Primer candidate took ~3.7 s against ~2.4 s
+  on a 2-core CPU, with the persistent compilation cache keeping every program
+  (``compile_cache_min_seconds=0``; ~10 s without it).
 * **A crash of one candidate is not a crash of the search.** A worker killed by a
   segfault in a backend, the kernel's OOM killer or a signal is replaced and its job
   re-issued; a job that kills ``process_max_restarts`` + 1 workers is recorded as a
@@ -65,14 +67,15 @@ class _Slot:
         self.job = None  # the job it is running
         self.candidates: set[int] = set()  # candidate ids it has worked on (recycling)
         self.routes: set[str] = set()
+        self.rss_mib = 0.0  # its resident memory after its last job
 
 
 class ProcessEngine:
     """``n`` worker processes evaluating jobs concurrently (see the module docstring).
 
     Args:
-      cfg: the search config (``process_recycle_every``, ``process_max_restarts``,
-        ``process_start_timeout_s``).
+      cfg: the search config (``process_recycle_every``, ``process_max_mb``,
+        ``process_max_restarts``, ``process_start_timeout_s``).
       tokenizer: the search's tokenizer (sent to the workers).
       n: worker processes (``search.in_flight``).
       log: message sink.
@@ -83,11 +86,13 @@ class ProcessEngine:
     def __init__(self, cfg, tokenizer, n: int, log=print):
         self.log = log
         self.init = (cfg.to_json(), tokenizer.to_config(embed=True), str(cfg.search.method))
-        self.recycle_every = int(cfg.get("process_recycle_every", 100) or 0)
+        self.recycle_every = int(cfg.get("process_recycle_every", 50) or 0)
+        self.max_mb = float(cfg.get("process_max_mb", 0) or 0)
         self.max_restarts = int(cfg.get("process_max_restarts", 3))
         self.start_timeout = float(cfg.get("process_start_timeout_s", 600.0))
         self.restarts = 0  # workers replaced after dying
         self.recycled = 0  # workers replaced after process_recycle_every candidates
+        self.over_memory = 0  # workers replaced because they held more than process_max_mb
         self.slots: list[_Slot | None] = [None] * max(1, int(n))
         try:
             for i in range(len(self.slots)):
@@ -98,8 +103,9 @@ class ProcessEngine:
             self.close()
             raise
         pids = ", ".join(str(s.proc.pid) for s in self.slots)
-        every = f"replaced every {self.recycle_every} candidates" if self.recycle_every else "never replaced"
-        log(f"process engine: {len(self.slots)} workers ({pids}), {every}")
+        every = f"replaced every {self.recycle_every} candidates" if self.recycle_every else "not replaced by count"
+        bound = f" or above {self.max_mb:g} MiB resident" if self.max_mb else ""
+        log(f"process engine: {len(self.slots)} workers ({pids}), {every}{bound}")
 
     # ------------------------------------------------------------------ workers
     def _start(self) -> _Slot:
@@ -161,7 +167,8 @@ class ProcessEngine:
         if kind == "error":  # the worker could not build its data, mesh or evaluator
             raise EngineError(f"a worker process failed to start: {body}")
         if kind == "result":
-            return body
+            result, slot.rss_mib = body
+            return result
         if kind == "died":
             return None
         raise EngineError(f"unexpected message from a worker process: {kind!r}")
@@ -221,7 +228,10 @@ class ProcessEngine:
             if job.route:
                 slot.routes.add(job.route)
             out.append((job, result))
-            if self.recycle_every and len(slot.candidates) >= self.recycle_every and job.stage != "check":
+            if self.max_mb and slot.rss_mib > self.max_mb:
+                self._replace(i)
+                self.over_memory += 1
+            elif self.recycle_every and len(slot.candidates) >= self.recycle_every and job.stage != "check":
                 self._replace(i)
                 self.recycled += 1
         return out
@@ -250,6 +260,11 @@ class ProcessEngine:
             if slot is not None:
                 self._stop(slot)
         self.slots = [None] * len(self.slots)
+        if self.recycled or self.over_memory or self.restarts:
+            self.log(
+                f"process engine: workers replaced {self.recycled}x after process_recycle_every candidates, "
+                f"{self.over_memory}x above process_max_mb, {self.restarts}x after dying"
+            )
 
 
 # ---------------------------------------------------------------------- the worker side
@@ -271,6 +286,7 @@ def worker_main(fd: int) -> int:
     except (EOFError, OSError):
         return 0
     try:
+        from nasjax.hostmem import resident_mib
         from nasjax.search.engine import Worker, run_job
 
         worker = Worker(cfg_json, tokenizer_config, method)
@@ -287,7 +303,8 @@ def worker_main(fd: int) -> int:
         if job is None:
             return 0
         worker.jobs += 1
-        if not send("result", run_job(worker.adapter, job)):
+        result = run_job(worker.adapter, job)
+        if not send("result", (result, resident_mib())):
             return 0
 
 
