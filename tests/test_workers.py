@@ -194,3 +194,16 @@ def test_a_worker_above_process_max_mb_is_replaced_and_results_do_not_change(sea
     line = next(x for x in logs if "workers replaced" in x)
     assert "0x after process_recycle_every candidates" in line and "0x above process_max_mb" not in line, line
     assert not _worker_pids()
+
+
+def test_processes_on_an_accelerator_need_preallocation_off(search_config, monkeypatch):
+    import jax
+
+    from nasjax.data.tokenizers import ByteTokenizer
+    from nasjax.search.engine import EngineError
+    from nasjax.search.workers import ProcessEngine
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    with pytest.raises(EngineError, match="engine=processes on a gpu host: .*XLA_PYTHON_CLIENT_PREALLOCATE=false"):
+        ProcessEngine(search_config(engine="processes"), ByteTokenizer(), 2, log=lambda *a: None)

@@ -25,7 +25,8 @@ What it gives over ``engine=inline`` / ``threads``:
   failed candidate (stage ``internal``), and the search goes on.
 
 Not a cluster engine (``engine=ray`` is); POSIX hosts (the socket pair is inherited by
-file descriptor).
+file descriptor). On a GPU host, run with ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so the
+processes share the accelerator's memory (checked before any worker starts).
 """
 
 from __future__ import annotations
@@ -58,6 +59,22 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def check_accelerator_memory() -> None:
+    """On a GPU or TPU host every process (the controller too) would preallocate 75% of the
+    accelerator's memory (JAX's default): raises EngineError unless preallocation is off."""
+    import jax
+
+    from nasjax.search.engine import EngineError
+
+    backend = jax.default_backend()
+    if backend != "cpu" and os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() not in ("false", "0"):
+        raise EngineError(
+            f"engine=processes on a {backend} host: the controller and every worker would each preallocate 75% "
+            "of accelerator memory; run with XLA_PYTHON_CLIENT_PREALLOCATE=false (and "
+            "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9/search.in_flight), as launch/gpu_local.sh does for Ray actors"
+        )
+
+
 class _Slot:
     """One worker process and what the controller knows about it."""
 
@@ -84,6 +101,7 @@ class ProcessEngine:
     name = "processes"
 
     def __init__(self, cfg, tokenizer, n: int, log=print):
+        check_accelerator_memory()
         self.log = log
         self.init = (cfg.to_json(), tokenizer.to_config(embed=True), str(cfg.search.method))
         self.recycle_every = int(cfg.get("process_recycle_every", 50) or 0)
