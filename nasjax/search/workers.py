@@ -38,7 +38,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import traceback
 from multiprocessing.connection import Connection, wait
 
@@ -112,7 +111,6 @@ class ProcessEngine:
         self.restarts = 0  # workers replaced after dying
         self.recycled = 0  # workers replaced after process_recycle_every candidates
         self.over_memory = 0  # workers replaced because they held more than process_max_mb
-        self._exiting: list[tuple[float, subprocess.Popen]] = []  # retired workers still tearing down
         self.slots: list[_Slot | None] = [None] * max(1, int(n))
         try:
             for i in range(len(self.slots)):
@@ -193,39 +191,16 @@ class ProcessEngine:
             return None
         raise EngineError(f"unexpected message from a worker process: {kind!r}")
 
-    def _retire(self, slot: _Slot) -> None:
-        """Tells an idle worker to exit without waiting for it (its teardown took ~0.6 s)."""
+    def _stop(self, slot: _Slot, grace: float = 5.0) -> None:
         try:
-            slot.conn.send_bytes(pickle.dumps(None))
+            slot.conn.send_bytes(pickle.dumps(None))  # an idle worker exits at once
         except OSError:
             pass
-        slot.conn.close()
-        self._exiting.append((time.monotonic(), slot.proc))
-        self._reap()
-
-    def _reap(self, grace: float | None = None) -> None:
-        """Collects retired workers that have exited; kills those past ``grace`` seconds (default 30)."""
-        keep = []
-        for since, proc in self._exiting:
-            if proc.poll() is None:
-                left = (30.0 if grace is None else grace) - (time.monotonic() - since)
-                try:
-                    proc.wait(timeout=max(0.0, left) if grace is not None else 0.0)
-                except subprocess.TimeoutExpired:
-                    if left > 0:
-                        keep.append((since, proc))
-                        continue
-                    proc.kill()
-                    proc.wait()
-        self._exiting = keep
-
-    def _stop(self, slot: _Slot) -> None:
-        """Stops a worker now: an idle one is told to exit, a busy one is killed."""
-        if slot.job is None:
-            self._retire(slot)
-            return
-        slot.proc.kill()
-        slot.proc.wait()
+        try:
+            slot.proc.wait(timeout=grace if slot.job is None else 0.0)
+        except subprocess.TimeoutExpired:
+            slot.proc.kill()
+            slot.proc.wait()
         slot.conn.close()
 
     # ------------------------------------------------------------------ engine interface
@@ -281,7 +256,7 @@ class ProcessEngine:
 
     def _replace(self, i: int) -> None:
         old = self.slots[i]
-        self._stop(old)  # idle: retired without waiting; dead: collected
+        self._stop(old)
         self.slots[i] = self._start()  # announces itself later; a job sent meanwhile waits in the socket
 
     def _died(self, i: int, job) -> list:
@@ -303,7 +278,6 @@ class ProcessEngine:
             if slot is not None:
                 self._stop(slot)
         self.slots = [None] * len(self.slots)
-        self._reap(grace=5.0)
         if self.recycled or self.over_memory or self.restarts:
             self.log(
                 f"process engine: workers replaced {self.recycled}x after process_recycle_every candidates, "
