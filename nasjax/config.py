@@ -37,7 +37,8 @@ mesh.rules                logical -> mesh axis rules; empty = nasjax.sharding.DE
 compile_cache_dir         persistent XLA compilation cache ('' = default, 'none' = off)
 compile_cache_min_seconds programs that compiled faster are not written to it (0 = every program: a new
                           process starts warm; JAX's default of 1 s kept none of a tiny search's programs)
-compile_cache_max_mb      bound on that directory; least recently used programs are evicted (0 = none)
+compile_cache_max_mb      bound on that directory, enforced when a process sets the cache up: least recently
+                          used programs are deleted first (0 = no bound)
 init_from                 (finetune) a training workdir whose weights and spec to start from
 init_weights              (finetune) false: take init_from's spec and tokenizer but random weights
 compare_with              (finetune) comma list of baselines fine-tuned with the same settings after the

@@ -12,8 +12,8 @@ What it gives over ``engine=inline`` / ``threads``:
 * **Memory bounded for any length of search.** XLA keeps every compiled program, and
   JAX, LLVM and the C heap keep state per program, in ways a process cannot fully hand
   back (docs/benchmarks.md: +95 MiB per 100 evaluations on the compiled path, a 1.8-3.9
-  GiB sawtooth with per-op programs, ~200 MiB per candidate while the search is on large
-  programs). A worker is replaced by a fresh process, which returns all of it to the OS,
+  GiB sawtooth with per-op programs, ~90-300 MiB kept per trained candidate while the search
+  is on its largest programs). A worker is replaced by a fresh process, which returns all of it to the OS,
   once it has worked on ``process_recycle_every`` candidates, or when its resident memory
   after a job exceeds ``process_max_mb`` (0 = no bound). The cost is one warm-up per
   replacement: a fresh process's first tiny Primer candidate took ~3.7 s against ~2.4 s
@@ -46,9 +46,7 @@ __all__ = ["ProcessEngine", "worker_main"]
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
+def _describe_exit(code: int) -> str:
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -175,7 +173,7 @@ class ProcessEngine:
             return ("died", None)
 
     def _on_message(self, slot: _Slot, msg) -> dict | None:
-        """Handles a control message; returns a job's result dict, or None."""
+        """Handles a message other than ``died``; returns a job's result dict, or None."""
         from nasjax.search.engine import EngineError
 
         kind, body = msg
@@ -187,8 +185,6 @@ class ProcessEngine:
         if kind == "result":
             result, slot.rss_mib = body
             return result
-        if kind == "died":
-            return None
         raise EngineError(f"unexpected message from a worker process: {kind!r}")
 
     def _stop(self, slot: _Slot, grace: float = 5.0) -> None:
@@ -305,7 +301,7 @@ def worker_main(fd: int) -> int:
         return 0
     try:
         from nasjax.hostmem import resident_mib
-        from nasjax.search.engine import Worker, run_job
+        from nasjax.search.engine import Worker
 
         worker = Worker(cfg_json, tokenizer_config, method)
     except BaseException as e:  # noqa: BLE001 - reported to the controller, which stops the search
@@ -320,9 +316,7 @@ def worker_main(fd: int) -> int:
             return 0
         if job is None:
             return 0
-        worker.jobs += 1
-        result = run_job(worker.adapter, job)
-        if not send("result", (result, resident_mib())):
+        if not send("result", (worker.run(job), resident_mib())):
             return 0
 
 

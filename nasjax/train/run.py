@@ -61,7 +61,7 @@ def setup_compile_cache(cfg) -> None:
     ``train.segmented`` each compile in well under a second, yet a new process (a search
     resumed, an ``engine=processes`` worker replaced) compiles ~200 of them before its
     first candidate. With them on disk, that warm-up fell from ~10 s to ~4 s per process
-    on the 2-core CPU (docs/benchmarks.md), at ~6 KiB of disk per program.
+    on the 2-core CPU (docs/benchmarks.md), at ~6-12 KiB of disk per program.
 
     ``compile_cache_max_mb`` (default 4096; 0 = unbounded) bounds the directory: when a
     process sets the cache up and finds it larger, the least recently used entries are
