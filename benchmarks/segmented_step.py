@@ -1,7 +1,7 @@
 """One program per model vs shared pieces (``train.segmented``): compile and step time per candidate.
 
     python benchmarks/segmented_step.py
-    python benchmarks/segmented_step.py --candidates=8 --steps=60
+    python benchmarks/segmented_step.py --candidates=16 --steps=60 --versions=layer,subprogram,instruction
 
 The tiny Primer preset's shapes (2 layers x d_model 64, batch 16 x sequence 64, byte
 vocabulary): the vanilla seed, then a chain of mutations (seed 0), each built as a
@@ -9,8 +9,10 @@ search's trainer twice, in one process with the persistent cache off:
 
 * ``one program``: ``train.segmented=false`` with the flat AdamW (what the preset ran
   before), its train and eval steps compiled per model;
-* ``segmented``: ``train.segmented=true``; pieces found in the registry (the embedding,
-  head, norm and update pieces after the first model) cost nothing.
+* ``layer``, ``subprogram``, ``instruction``: ``train.segmented=true`` with that
+  ``train.segmented_pieces``; pieces found in the registry (the embedding, head, norm and
+  update pieces after the first model; with ``subprogram`` / ``instruction`` also the
+  program pieces a child shares with earlier programs) cost nothing.
 
 Per candidate: compile seconds (train and eval steps, as ``Trainer.compile_seconds``
 counts them), the median step time over ``--steps`` steps, and the first step's loss of
@@ -33,6 +35,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--candidates", type=int, default=8)
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--versions", default="one,layer,subprogram,instruction", help="comma-separated, in timing order")
     args = p.parse_args()
 
     import jax
@@ -52,10 +55,14 @@ def main():
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, size=(batch_size, seq_len + 1)).astype(np.int32)
     host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((batch_size, seq_len), np.float32)}
-    versions = {
-        "one program": {"train.segmented": False, "train.flat_optimizer": True},
-        "segmented": {"train.segmented": True, "train.flat_optimizer": False},
-    }
+    known = {"one": {"train.segmented": False, "train.flat_optimizer": True}}
+    for pieces in ("layer", "subprogram", "instruction"):
+        known[pieces] = {"train.segmented": True, "train.flat_optimizer": False, "train.segmented_pieces": pieces}
+    names = [v.strip() for v in args.versions.split(",") if v.strip()]
+    unknown = [v for v in names if v not in known]
+    if unknown:
+        raise SystemExit(f"unknown versions {unknown}; known: {', '.join(known)}")
+    versions = {v: known[v] for v in names}
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs; {args.steps} steps per model\n")
     print("| candidate | version | compile s (train + eval) | step ms (median) | first loss |")
     print("|---|---|---|---|---|")

@@ -30,6 +30,11 @@ train.segmented           compile the train / eval steps as pieces (embedding, e
                           per-leaf optimizer updates) shared by all models of a process, instead of one
                           program per model; equal up to float rounding; LM head, no dropout, per-leaf
                           optimizer, replicated parameters (nasjax/train/segmented.py)
+train.segmented_pieces    what a segmented layer piece is: 'layer' (one program per distinct layer),
+                          'subprogram' (a Primer program layer cut at its subprogram invocations: pieces
+                          keyed by what they compute, shared across layers and candidates, so a child
+                          compiles only what its mutation touched) or 'instruction' (one piece per
+                          instruction: even fewer compiles, more dispatches per step)
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices
@@ -182,6 +187,7 @@ def base_config(finetune: bool = False) -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0
     c.train.flat_optimizer = False
     c.train.segmented = False
+    c.train.segmented_pieces = "layer"
     c.train.grad_accum_steps = 1
     c.train.log_every = 10
     c.train.eval_every = 500

@@ -35,6 +35,7 @@ def _primer_specs(n: int, d_model: int = 32):
 def _train_cfg(**overrides):
     cfg = load_config_file(PRIMER_TINY)
     base = {"train.flat_optimizer": False, "train.segmented": False, "train.batch_size": BATCH, "train.warmup_steps": 2}
+    base["train.segmented_pieces"] = "layer"  # the preset's subprogram pieces: the tests below that name them
     # Clipping active (the global norm is well above 0.05) and decay on matrices: every
     # branch of the per-leaf update runs.
     base.update({"train.grad_clip": 0.05, "train.weight_decay": 1.0})
@@ -210,3 +211,193 @@ def test_segmented_trainer_steps_from_an_inherited_state(n_devices):
     for b in batches:
         state, m = child.step(state, b)
     assert int(state.step) == 2 and np.isfinite(float(m["loss"]))
+
+
+# ------------------------------------------------------------------ train.segmented_pieces=subprogram|instruction
+
+
+def _every_structure_program():
+    """A program with each structure the instruction tape handles: nested branched CALLs
+    (parameters with two and three leading branch axes), a two-argument callee, branched
+    learned and parameter-free ops, position-by-position states, an input read twice,
+    constants, and dead code holding parameters."""
+    from nasjax.genome.primer import _Writer
+    from nasjax.genome.program import Program, Subprogram
+
+    DK, DM = 0, 1  # dims: 8, 32 (base 8)
+    HALF, EPS = 0, 1  # constants
+    w = _Writer()
+    n = w("CALL", 0, call=1)
+    att = w("CALL", n, n, call=2, branches=2)
+    y = w("ADD", 0, att)
+    c = w("CONV_7X1", y, dim=DK, branches=2)
+    d = w("DCONV_3X1", c)
+    sq = w("MULTIPLY", d, d)
+    w("CONV_1X1", w("SIGMOID", sq), dim=DM)  # dead: its parameters get zero gradients
+    t = w("TANH", w("C_MUL", w("CUM_SUM", sq), const=HALF), branches=2)
+    w("ADD", y, w("CONV_1X1", t, dim=DM))
+    main = Subprogram(tuple(w.instructions), 1, "main")
+
+    w = _Writer()  # 1: a norm
+    mean = w("RED_MEAN", 0)
+    centred = w("DIFFERENCE", 0, mean)
+    inv = w("RECIP", w("ABS_ROOT", w("C_ADD", w("RED_MEAN", w("SQUARE", centred)), const=EPS)))
+    w("SHIFT", w("SCALE", w("MULTIPLY", centred, inv)))
+    norm = Subprogram(tuple(w.instructions), 1, "norm")
+
+    w = _Writer(2)  # 2: two arguments, branched by the caller; calls 3 branched again
+    q = w("CONV_1X1", 0, dim=DK)
+    k = w("DCONV_3X1", w("CONV_1X1", 1, dim=DK))
+    v = w("CONV_1X1", 1, dim=DK)
+    s = w("MASK", w("T_MAT_MUL", q, k))
+    p = w("CALL", s, call=3, branches=2)
+    w("MAT_MUL", p, v)
+    head = Subprogram(tuple(w.instructions), 2, "head")
+
+    w = _Writer()  # 3: softmax with a branched learned scale on a position-by-position state
+    m = w("DIFFERENCE", 0, w("RED_MAX", 0))
+    e = w("EXP", m)
+    w("SCALE", w("DIVIDE", e, w("RED_SUM", e)), branches=2)
+    softmax = Subprogram(tuple(w.instructions), 1, "softmax")
+    program = Program((main, norm, head, softmax), constants=(0.5, 1e-6), dims=(1, 4))
+    program.validate()
+    return program
+
+
+def _layer_case(program, d_model: int = 32, base_dim: int = 8):
+    from nasjax.genome.primer import program_model_spec
+
+    return program_model_spec(program, base_dim=base_dim, d_model=d_model, n_layers=1, vocab_size=VOCAB, max_len=LEN)
+
+
+@pytest.mark.parametrize("pieces", ["subprogram", "instruction"])
+def test_program_pieces_compute_the_layer_and_its_gradients(pieces):
+    """In float64, the chain of instruction pieces gives the layer's output, the input's
+    gradient and every parameter's gradient of ``jax.vjp`` of the one-program layer, to
+    1e-12 of their scale: the vanilla and Primer-EZ seeds and a program with every
+    structure the tape handles. Parameters read only by dead code get exact zeros."""
+    from nasjax.genome.primer import primer_ez_program, vanilla_program
+
+    programs = {
+        "vanilla": vanilla_program(2, 32, 64),
+        "primer_ez": primer_ez_program(2, 32, 64),
+        "every_structure": _every_structure_program(),
+    }
+    with jax.enable_x64(True):
+        for name, program in programs.items():
+            layer = _check_program_layer(name, program, 8 if name == "every_structure" else 16, pieces)
+    assert {s.depth for s in layer.tape} == {0, 1, 2}  # every_structure's nested branches
+
+
+def _abstract64(tree, sharding):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def _check_program_layer(name, program, base_dim, pieces):
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    cfg = _train_cfg(**{"train.segmented": True, "train.segmented_pieces": pieces})
+    rep = shd.replicated(mesh)
+    spec = _layer_case(program, base_dim=base_dim)
+    trainer = Trainer(spec, cfg, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
+    steps = trainer._segments
+    steps.seg, steps.dtype = transformer.Segments(spec, dtype=jnp.float64), jnp.dtype(jnp.float64)
+    seg = steps.seg
+    params = jax.tree.map(
+        lambda a: jax.device_put(np.asarray(a, np.float64) * 8, rep),  # larger weights: every op matters
+        seg.layer_params(trainer.init_state().params, 0),
+    )
+    x = jax.device_put(np.random.default_rng(1).normal(size=(BATCH, LEN, 32)), rep)
+    g = jax.device_put(np.random.default_rng(2).normal(size=(BATCH, LEN, 32)), rep)
+    y_ref, vjp = jax.vjp(jax.jit(lambda p, h: seg.layer(0, p, h)), params, x)
+    gp_ref, gx_ref = vjp(g)
+    layer = segmented.ProgramLayer(
+        steps, spec.layers[0].mixer, _abstract64(seg.program_params(params), rep), _abstract64(x, rep)
+    )
+    y, residuals = layer.forward(params, x)
+    gp, gx, sumsq = layer.backward(residuals, g, None)
+    scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(gp_ref))
+    np.testing.assert_allclose(y, y_ref, atol=1e-12 * float(np.max(np.abs(y_ref))), err_msg=name)
+    np.testing.assert_allclose(gx, gx_ref, atol=1e-12 * float(np.max(np.abs(gx_ref))), err_msg=name)
+    assert jax.tree.structure(gp) == jax.tree.structure(gp_ref), name
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(gp)[0], jax.tree.leaves(gp_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-12 * scale, err_msg=f"{name} {jax.tree_util.keystr(path)}")
+    expected = sum(float(np.sum(np.square(a))) for a in jax.tree.leaves(gp_ref))
+    np.testing.assert_allclose(float(sumsq), expected, rtol=1e-6)
+    if name == "every_structure":
+        dead = [p for p, a in jax.tree_util.tree_flatten_with_path(gp)[0] if not np.any(a)]
+        # the dead CONV_1X1 (other zeros: a causal depthwise conv's taps past the first row)
+        assert sum("conv_1x1" in jax.tree_util.keystr(p) for p in dead) == 1, dead
+    return layer
+
+
+@pytest.mark.parametrize("pieces", ["subprogram", "instruction"])
+def test_program_pieces_train_like_layer_pieces(n_devices, pieces):
+    """Three steps of the vanilla seed on a data-parallel mesh of all devices, clipping and
+    decay active: the same losses, norms, parameters and validation as layer pieces."""
+    spec = _primer_specs(1)[0]
+    mesh = shd.make_mesh((-1, 1, 1))
+    batches = _batches(5)
+    whole = _run(spec, _train_cfg(**{"train.segmented": True}), mesh, batches)
+    ops = _run(spec, _train_cfg(**{"train.segmented": True, "train.segmented_pieces": pieces}), mesh, batches)
+    for a, b in zip(whole[2], ops[2]):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=2e-5, err_msg=k)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(whole[1])[0], jax.tree.leaves(ops[1])):
+        scale = max(float(np.max(np.abs(a))), 0.05)
+        np.testing.assert_allclose(
+            np.asarray(b) / scale, np.asarray(a) / scale, atol=2e-4, err_msg=jax.tree_util.keystr(path)
+        )
+    for k in ("val_loss", "val_tokens"):
+        np.testing.assert_allclose(ops[3][k], whole[3][k], rtol=1e-5, err_msg=k)
+    assert ops[0].memory_bytes()["peak"] > 0
+
+
+@pytest.mark.parametrize("pieces", ["subprogram", "instruction"])
+def test_program_pieces_are_shared_across_programs(pieces):
+    """After the seed, mutated programs compile few pieces (none for most), never a layer
+    program; a program that differs only in a constant compiles nothing at all."""
+    import dataclasses as dc
+
+    from nasjax.genome.program import ProgramSpec
+
+    segmented.clear_programs()
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    cfg = _train_cfg(**{"train.segmented": True, "train.segmented_pieces": pieces})
+    batch = shd.shard_batch(_batches(1)[0], mesh)
+
+    def compile_new(spec):
+        before = set(segmented._PROGRAMS)
+        trainer = Trainer(spec, cfg, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
+        trainer.compile(trainer.restore_target(), batch)
+        return [k[0] for k in set(segmented._PROGRAMS) - before]
+
+    specs = _primer_specs(8)
+    kinds = compile_new(specs[0])
+    assert "layer" not in kinds and kinds.count("instruction") >= 10
+    new = [compile_new(s).count("instruction") for s in specs[1:]]
+    first = kinds.count("instruction")
+    # a child compiles the pieces its mutation touched, on average under half of a program's
+    assert sum(new) < len(new) * first / 2, (first, new)
+    assert new.count(0) >= 1, (first, new)  # and some children none at all
+    block = specs[0].layers[0]
+    program = block.mixer.program
+    changed = dc.replace(program, constants=tuple(c * 1.5 for c in program.constants))
+    spec = dc.replace(
+        specs[0], layers=(dc.replace(block, mixer=ProgramSpec(changed, block.mixer.base_dim)),) * len(specs[0].layers)
+    )
+    assert [k for k in compile_new(spec) if k != "update"] == []
+
+
+def test_segmented_pieces_is_checked():
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    with pytest.raises(
+        TrainConfigError, match="train.segmented_pieces='ops': expected one of 'layer', 'subprogram', 'instruction'"
+    ):
+        Trainer(
+            _primer_specs(1)[0],
+            _train_cfg(**{"train.segmented_pieces": "ops"}),
+            mesh,
+            shd.DEFAULT_RULES,
+            seed=0,
+            seq_len=LEN,
+        )

@@ -31,6 +31,8 @@ expression an instruction computes), e.g. ``main/conv_1x1_3fa2b1c0/kernel``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -41,7 +43,18 @@ from nasjax.genome.program import OPS, Program, ProgramSpec, instruction_names, 
 from nasjax.layers.dconv import CausalDepthwiseConv
 from nasjax.layers.mlp import make_dense
 
-__all__ = ["PROGRAM_MASK_VALUE", "match_width", "apply_pure_op", "ProgramBlock", "SubprogramModule"]
+__all__ = [
+    "PROGRAM_MASK_VALUE",
+    "match_width",
+    "apply_pure_op",
+    "program_output",
+    "ProgramBlock",
+    "SubprogramModule",
+    "TapeStep",
+    "program_tape",
+    "tape_groups",
+    "tape_step_function",
+]
 
 PROGRAM_MASK_VALUE = -1e9
 
@@ -248,4 +261,199 @@ class ProgramBlock(nn.Module):
         main = SubprogramModule(
             self.spec.program, 0, self.spec.base_dim, init_std=self.init_std, dtype=self.dtype, name="main"
         )
-        return match_width(main(x_BxLxD), x_BxLxD.shape[-1]).astype(x_BxLxD.dtype)
+        return program_output(main(x_BxLxD), x_BxLxD)
+
+
+def program_output(y_BxLxW: jnp.ndarray, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
+    """MAIN's last state as the block's output: resized to D, in the input's dtype."""
+    return match_width(y_BxLxW, x_BxLxD.shape[-1]).astype(x_BxLxD.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The same program as a flat tape of instructions (``train.segmented_pieces=instruction``)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TapeStep:
+    """One step of :func:`program_tape`: what :class:`SubprogramModule` does at one instruction.
+
+    Attributes:
+      kind: ``op`` (one instruction), ``exit`` (a branched callee's result, its branch
+        axis concatenated into the features, copy-major) or ``output`` (MAIN's result as
+        the block's output, :func:`program_output`). A callee reads its caller's states
+        as its arguments directly.
+      inputs: state ids read (``op``: a, then b for two-input ops; ``output``: MAIN's
+        result, then the block input x).
+      output: the state id written.
+      op: the instruction's op (``op`` steps).
+      path: the learned op's module path under the block (``("main", name, ...)``);
+        () for parameter-free steps.
+      features: output width of CONV ops.
+      constant: the constant bank value (constant ops), else None.
+      branches: parallel copies (``op``: of this instruction; ``exit``: of the callee).
+      depth: branched CALLs enclosing this step. A state in such a scope carries a
+        leading axis for each of them that it varies over (see
+        :func:`tape_step_function`), as inside ``nn.vmap`` with unbatched arguments.
+      scope: the module path of the subprogram invocation the step belongs to
+        (``exit``: the caller's); :func:`tape_groups` cuts the tape there.
+    """
+
+    kind: str
+    inputs: tuple[int, ...]
+    output: int
+    op: str = ""
+    path: tuple[str, ...] = ()
+    features: int = 0
+    constant: float | None = None
+    branches: int = 1
+    depth: int = 0
+    scope: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=256)
+def program_tape(program: Program, base_dim: int) -> tuple[TapeStep, ...]:
+    """The program's instructions in execution order, CALLs inlined (state 0 is the block input).
+
+    Only the steps that the output depends on are kept (dead code changes neither the
+    output nor any gradient: its parameters get zero gradients). Walks the program with
+    the same rules as :class:`SubprogramModule` (references, callee arguments, names).
+    """
+    steps: list[TapeStep] = []
+    n_states = [1]
+
+    def new_state() -> int:
+        n_states[0] += 1
+        return n_states[0] - 1
+
+    def run(index: int, arg_ids: tuple[int, ...], path: tuple[str, ...], depth: int) -> int:
+        sub = program.subprograms[index]
+        states = list(arg_ids)
+        for ins, name in zip(sub.instructions, instruction_names(program, index)):
+            a = states[resolve_reference(len(states), ins.in1)]
+            b = states[resolve_reference(len(states), ins.in2)]
+            if ins.op == "CALL":
+                callee = program.subprograms[ins.call]
+                inputs = (a,) if callee.n_args == 1 else (a, b)
+                if ins.branches == 1:
+                    out = run(ins.call, inputs, path + (name,), depth)
+                else:
+                    result = run(ins.call, inputs, path + (name,), depth + 1)
+                    out = new_state()
+                    steps.append(TapeStep("exit", (result,), out, branches=ins.branches, depth=depth, scope=path))
+            else:
+                info = OPS[ins.op]
+                out = new_state()
+                steps.append(
+                    TapeStep(
+                        "op",
+                        (a, b) if info.n_inputs == 2 else (a,),
+                        out,
+                        op=ins.op,
+                        path=path + (name,) if info.learned else (),
+                        features=program.dims[ins.dim] * base_dim if info.dim else 0,
+                        constant=float(program.constants[ins.const]) if info.const else None,
+                        branches=ins.branches,
+                        depth=depth,
+                        scope=path,
+                    )
+                )
+            states.append(out)
+        return states[-1]
+
+    result = run(0, (0,), ("main",), 0)
+    steps.append(TapeStep("output", (result, 0), new_state(), scope=("main",)))
+    needed, live = {steps[-1].output}, []
+    for step in reversed(steps):
+        if step.output in needed:
+            live.append(step)
+            needed.update(step.inputs)
+    return tuple(reversed(live))
+
+
+def tape_groups(tape: tuple[TapeStep, ...], pieces: str) -> tuple[tuple[int, ...], ...]:
+    """The tape cut into pieces: ``instruction``, one step each; ``subprogram``, maximal
+    runs of consecutive steps of one subprogram invocation (a body up to its next CALL)."""
+    if pieces == "instruction":
+        return tuple((i,) for i in range(len(tape)))
+    if pieces != "subprogram":
+        raise ValueError(f"unknown tape grouping {pieces!r}")
+    groups: list[list[int]] = []
+    for i, step in enumerate(tape):
+        if groups and tape[groups[-1][-1]].scope == step.scope:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return tuple(tuple(g) for g in groups)
+
+
+def tape_step_function(step: TapeStep, in_flags: tuple[tuple[bool, ...], ...], init_std: float = 0.02, dtype=None):
+    """The pure function of one tape step, and which branch axes its output carries.
+
+    Branch axes: a state in a scope of depth d carries, in level order, an axis for each
+    enclosing branched CALL whose branches it differs across (``flags[l]``); a callee's
+    arguments carry none of the callee's own (``nn.vmap`` with ``in_axes=None``), a
+    learned op's output carries all of them (its parameters have them), a parameter-free
+    op's output those of its inputs. ``in_flags`` gives the inputs' flags (shorter
+    tuples: not batched at the deeper levels).
+
+    Returns ``(fn, out_flags)``; ``fn(params, inputs, constant)`` takes the learned op's
+    parameter subtree (None otherwise), the tuple of input states and a float32 scalar
+    (constant ops) or None.
+    """
+    learned = step.kind == "op" and OPS[step.op].learned
+    levels = step.depth + (1 if step.kind == "exit" else 0)  # exit: its input is the callee's
+    flags = [tuple(f) + (False,) * (levels - len(f)) for f in in_flags]
+    if learned:
+        module = LearnedOp(step.op, features=step.features, init_std=init_std, dtype=dtype)
+
+        def one(p, a):
+            return module.apply({"params": p}, a)
+
+        if step.branches > 1:  # nn.vmap(in_axes=None, out_axes=-2) of _branched, then the concatenation
+            copies = jax.vmap(one, in_axes=(0, None), out_axes=-2)
+
+            def apply(p, a):
+                out_BxLxkxW = copies(p, a)
+                return out_BxLxkxW.reshape(out_BxLxkxW.shape[:-2] + (-1,))
+        else:
+            apply = one
+
+        def fn(p, inputs, constant):
+            return apply(p, inputs[0])
+
+    elif step.kind == "op":
+
+        def fn(p, inputs, constant):
+            a, b = inputs if len(inputs) == 2 else (inputs[0], inputs[0])
+            out = apply_pure_op(step.op, a, b, constant)
+            if step.branches > 1:  # identical parameter-free copies, concatenated
+                out = jnp.tile(out, (1,) * (out.ndim - 1) + (step.branches,))
+            return out
+
+    elif step.kind == "exit":
+        branched = flags[0][step.depth]  # the result differs across the callee's branches
+        flags = [f[: step.depth] for f in flags]
+
+        def fn(p, inputs, constant):
+            if not branched:  # nn.vmap broadcasts an unbatched result: k equal copies
+                return jnp.tile(inputs[0], (1,) * (inputs[0].ndim - 1) + (step.branches,))
+            out_BxLxkxW = jnp.moveaxis(inputs[0], 0, -2)
+            return out_BxLxkxW.reshape(out_BxLxkxW.shape[:-2] + (-1,))
+
+    elif step.kind == "output":
+
+        def fn(p, inputs, constant):
+            return program_output(inputs[0], inputs[1])
+
+    else:
+        raise ValueError(f"unknown tape step kind {step.kind!r}")
+    out_flags = []
+    for level in reversed(range(step.depth)):  # innermost first, so the outermost vmap is applied last
+        axes = tuple(0 if f[level] else None for f in flags)
+        if learned or any(a == 0 for a in axes):
+            fn = jax.vmap(fn, in_axes=(0 if learned else None, axes, None))
+            out_flags.append(True)
+        else:
+            out_flags.append(False)
+    return fn, tuple(reversed(out_flags))

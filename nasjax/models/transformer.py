@@ -324,6 +324,29 @@ class Segments:
         x_BxLxD = self._embed.apply({"params": embed_params}, tokens_BxL, None).astype(self.dtype)
         return nn.with_logical_constraint(x_BxLxD, _X_AXES)
 
+    def program_block(self, i: int) -> ProgramSpec | None:
+        """Layer ``i``'s program when the whole layer is one Primer program block (its
+        parameters under ``mixer``, no FFN, no norm), else None."""
+        block = self.spec.layers[i]
+        if isinstance(block.mixer, ProgramSpec) and block.ffn is None and block.mixer_norm == "none":
+            return block.mixer
+        return None
+
+    @staticmethod
+    def program_params(layer_params):
+        """The program block's parameters within its layer's (see :meth:`program_block`)."""
+        return layer_params["mixer"]
+
+    @staticmethod
+    def program_layer_grads(program_grads) -> dict:
+        """Gradients of a program block as its layer's gradient tree."""
+        return {"mixer": program_grads}
+
+    @staticmethod
+    def constrain(x_BxLxD):
+        """The sharding constraint :class:`Block` puts on a layer's output."""
+        return nn.with_logical_constraint(x_BxLxD, _X_AXES)
+
     def layer(self, i: int, layer_params, x_BxLxD):
         return self._blocks[i].apply(
             {"params": layer_params}, x_BxLxD, padding_mask=None, key_bias=None, position_bias=None, deterministic=True

@@ -151,6 +151,10 @@ class Trainer:
                 f"set train.flat_optimizer=false"
             )
         self._segments = None
+        try:
+            segmented.check_pieces(train_cfg)
+        except ValueError as e:
+            raise TrainConfigError(str(e)) from None
         if train_cfg.get("segmented", False):
             problem = segmented.unsupported(spec, train_cfg, accum, params_replicated(self.state_shardings.params))
             if problem:

@@ -11,6 +11,12 @@ bounded registry:
 * ``embed``: the embedding forward, returning its vjp (the residuals as outputs);
 * ``layer``: one per distinct block (equal layers of a model share it), forward with
   residuals, and its backward;
+* ``instruction`` (``train.segmented_pieces=instruction``, Primer program layers only):
+  instead of one ``layer`` pair per program, one pair per instruction of it
+  (:func:`nasjax.layers.program.program_tape`), keyed by the op, its widths and branch
+  structure, not by the program. Candidates of a search share nearly all of them, so a
+  new program compiles little or nothing, at the cost of one dispatch per instruction
+  and no fusion between instructions (:class:`InstructionLayer`);
 * ``head``: final norm, output projection and summed cross entropy, with its gradients;
   a forward-only twin for evaluation;
 * ``norm``: the loss, global gradient norm, clip factor and learning rate of the step;
@@ -53,13 +59,17 @@ from nasjax.train import losses
 from nasjax.train.optim import segment_optimizer
 from nasjax.train.state import TrainState
 
-__all__ = ["SegmentedSteps", "unsupported", "clear_programs", "MAX_PROGRAMS"]
+__all__ = ["SegmentedSteps", "ProgramLayer", "unsupported", "clear_programs", "MAX_PROGRAMS", "PIECES"]
 
 # Compiled pieces kept per process, least recently used dropped first, per kind: layer
 # pieces are rarely shared beyond one model (a Primer child's layers are all new), and
 # each holds ~1-3 MiB of host memory; the shared kinds (embedding, head, norm, one update
 # per parameter shape) are few and used by every model.
-MAX_PROGRAMS = {"layer": 16, "shared": 256}
+# Instruction pieces are small (one op's forward and backward) and shared across
+# programs; a search's whole vocabulary of (op, widths, branch structure) fits.
+MAX_PROGRAMS = {"layer": 16, "shared": 256, "instruction": 1024}
+# train.segmented_pieces: what one piece of a layer is (see the module docstring)
+PIECES = ("layer", "subprogram", "instruction")
 _PROGRAMS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 _LOCK = threading.Lock()
 # Shared pieces on a mesh of several devices hold collectives (the gradient all-reduce).
@@ -69,6 +79,8 @@ _LOCK = threading.Lock()
 # completion (a one-device mesh has no collectives and runs freely).
 _EXECUTION = threading.Lock()
 LM_BATCH_KEYS = ("inputs", "targets", "weights")
+
+
 UPDATE_CHUNKS = (16, 8, 4, 2, 1)  # leaves of one shape updated by one program (largest first)
 
 
@@ -76,6 +88,14 @@ def clear_programs() -> None:
     """Drops every compiled piece (``search.clear_caches`` does, with jax's own caches)."""
     with _LOCK:
         _PROGRAMS.clear()
+
+
+def check_pieces(train_cfg) -> str:
+    """``train.segmented_pieces``, checked (ValueError naming the choices)."""
+    value = train_cfg.get("segmented_pieces", "layer")
+    if value not in PIECES:
+        raise ValueError(f"train.segmented_pieces={value!r}: expected one of {', '.join(map(repr, PIECES))}")
+    return value
 
 
 def unsupported(spec, train_cfg, accum_steps: int, params_replicated: bool) -> str:
@@ -143,7 +163,7 @@ def _program(key: tuple, build) -> tuple[Any, float]:
 
 
 def _group(key: tuple) -> str:
-    return "layer" if key[0] == "layer" else "shared"
+    return key[0] if key[0] in ("layer", "instruction") else "shared"
 
 
 def _sumsq(tree):
@@ -207,6 +227,7 @@ class SegmentedSteps:
         self.mesh, self.rules, self.context = mesh, rules, context
         self.dtype = jnp.dtype(dtype)
         self.clip, self.inner, self.n_clip_states, self.opt_key, self._schedule = segment_optimizer(train_cfg)
+        self.pieces = check_pieces(train_cfg)
         self.state_shardings = state_shardings
         self.compile_seconds = 0.0
         self.memory: dict = {}
@@ -267,7 +288,7 @@ class SegmentedSteps:
                 # must be compiled for exactly these.
                 y_info, vjp_info = _compiled_outputs(forward_program)
                 extra = _abstract(abstract_params) if extra_grads else None
-                out_sh = (p_sh, abstract_x.sharding if wrt_x else None, rep)
+                out_sh = (p_sh, jax.tree.map(lambda a: a.sharding, abstract_x) if wrt_x else None, rep)
                 backward = jax.jit(bwd, out_shardings=out_sh).lower(vjp_info, y_info, extra).compile()
                 return forward_program, backward, y_info
 
@@ -292,13 +313,18 @@ class SegmentedSteps:
         embed_key = ("embed", seg.template_key(), _layout(p_embed), _layout(tokens), tied)
         embed = self._pair(embed_key, seg.embed, p_embed, tokens, wrt_x=False, extra_grads=tied)
         x = embed[2]
-        layers = []
+        layers = []  # per layer: (forward, backward, output info, its ProgramLayer or (forward, backward) programs)
         for i in range(seg.n_layers):
             p_layer = seg.layer_params(abstract_params, i)
-            forward = lambda p, h, i=i: seg.layer(i, p, h)  # noqa: E731
-            pair = self._pair(("layer", seg.layer_key(i), _layout(p_layer), _layout(x)), forward, p_layer, x)
-            layers.append(pair)
-            x = pair[2]
+            program = seg.program_block(i) if self.pieces != "layer" else None
+            if program is not None:
+                layer = ProgramLayer(self, program, seg.program_params(p_layer), x, train=train)
+                layers.append((layer.forward, layer.backward, layer.y_info, layer))
+            else:
+                forward = lambda p, h, i=i: seg.layer(i, p, h)  # noqa: E731
+                pair = self._pair(("layer", seg.layer_key(i), _layout(p_layer), _layout(x)), forward, p_layer, x)
+                layers.append((*pair, pair[:2]))
+            x = layers[-1][2]
         head_key = (seg.template_key(), _layout(head_p), _layout(x), _layout((targets, weights)))
         if not train:
             head = self._get(("eval_head", *head_key), self._loss, head_p, x, targets, weights)
@@ -416,8 +442,8 @@ class SegmentedSteps:
         fwd, embed_bwd, _ = plan["embed"]
         x, embed_vjp = run(fwd, params["embed"], batch["inputs"])
         vjps = []
-        for i, (layer_fwd, _, _) in enumerate(plan["layers"]):
-            x, vjp = run(layer_fwd, seg.layer_params(params, i), x)
+        for i, layer in enumerate(plan["layers"]):
+            x, vjp = run(layer[0], seg.layer_params(params, i), x)
             vjps.append(vjp)
         loss_sum, weight_sum, g_head, g_x, sum_head = run(plan["head"], head_p, x, batch["targets"], batch["weights"])
         sums, g_layers = [sum_head], [None] * len(vjps)
@@ -477,8 +503,8 @@ class SegmentedSteps:
     def _evaluate(self, plan, params, batch: dict) -> dict:
         seg, run = self.seg, self._run
         x, _ = run(plan["embed"][0], params["embed"], batch["inputs"])
-        for i, (layer_fwd, _, _) in enumerate(plan["layers"]):
-            x, _ = run(layer_fwd, seg.layer_params(params, i), x)
+        for i, layer in enumerate(plan["layers"]):
+            x, _ = run(layer[0], seg.layer_params(params, i), x)
         loss_sum, weight_sum = run(plan["head"], seg.head_params(params), x, batch["targets"], batch["weights"])
         return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": jnp.zeros((), jnp.float32)}
 
@@ -490,8 +516,10 @@ class SegmentedSteps:
         from nasjax.measure.hardware import compiled_memory_bytes
 
         nbytes = lambda tree: sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))  # noqa: E731
-        forwards = [plan["embed"][0]] + [layer[0] for layer in plan["layers"]]
-        pieces = forwards + [plan["embed"][1], plan["head"], plan["norm"]] + [layer[1] for layer in plan["layers"]]
+        programs = [layer[3].pairs if isinstance(layer[3], ProgramLayer) else [layer[3]] for layer in plan["layers"]]
+        forwards = [plan["embed"][0]] + [fwd for pairs in programs for fwd, _ in pairs]
+        backwards = [bwd for pairs in programs for _, bwd in pairs]
+        pieces = forwards + [plan["embed"][1], plan["head"], plan["norm"]] + backwards
         analyses = [compiled_memory_bytes(p) for p in pieces]
         if not all(analyses):
             return {}
@@ -506,3 +534,216 @@ class SegmentedSteps:
             "aliased": 0,
             "peak": 2 * state + grads + live + temps,
         }
+
+
+class ProgramLayer:
+    """A Primer program layer run as a chain of pieces cut from its instruction tape
+    (``train.segmented_pieces=subprogram`` or ``instruction``).
+
+    The program is flattened by :func:`nasjax.layers.program.program_tape` (CALLs
+    inlined, dead code dropped) and cut by :func:`~nasjax.layers.program.tape_groups`:
+    one piece per instruction, or per run of one subprogram invocation's instructions.
+    Each piece is a forward program (its outputs that later pieces read, and its
+    residuals) and a backward program, keyed by what the piece computes (ops, widths,
+    branch structure, wiring, input layouts), never by the program it came from: every
+    layer of a model and the unchanged subprograms of a mutated child share them. A
+    constant is an input of its piece, so constant-bank mutations compile nothing.
+
+    A backward program also adds the cotangents its inputs already received from later
+    pieces, and the squared norm of its parameters' gradients to a running sum, so the
+    chain needs no eager arithmetic between pieces. Gradients of parameters that only
+    dead code reads are zeros, as in the one-program step.
+
+    Args:
+      owner: the model's :class:`SegmentedSteps` (registry, mesh context, dispatch);
+      program: the layer's ProgramSpec; abstract_params: the program block's parameter
+      subtree (ShapeDtypeStructs with shardings); abstract_x: the layer input's.
+    """
+
+    def __init__(self, owner: SegmentedSteps, program, abstract_params, abstract_x, train: bool = True):
+        from flax import traverse_util
+
+        from nasjax.layers.program import program_tape, tape_groups
+
+        self.owner = owner
+        self.tape = program_tape(program.program, program.base_dim)
+        self.groups = tape_groups(self.tape, owner.pieces)
+        self._rep = shd.replicated(owner.mesh)
+        self._scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=self._rep)
+        consumers: dict[int, set[int]] = {}  # state -> groups that read it
+        for g, members in enumerate(self.groups):
+            for i in members:
+                for s in self.tape[i].inputs:
+                    consumers.setdefault(s, set()).add(g)
+        final = self.tape[-1].output
+        wiring = []  # per piece: its steps, the states it reads from before it, the states it passes on
+        for g, members in enumerate(self.groups):
+            steps = [self.tape[i] for i in members]
+            produced = [st.output for st in steps]
+            external = tuple(dict.fromkeys(s for st in steps for s in st.inputs if s not in produced))
+            exports = tuple(o for o in produced if o == final or consumers.get(o, set()) - {g})
+            wiring.append((steps, external, exports))
+        # Which of a piece's inputs already hold cotangents when its backward runs (later
+        # pieces read them too) is fixed by the tape: each piece needs one backward program.
+        patterns, seen = [], set()
+        for _, external, _ in reversed(wiring):
+            patterns.append(tuple(s in seen for s in external))
+            seen.update(external)
+        patterns.reverse()
+        self._pieces = []
+        states, self.flags = {0: abstract_x}, {0: ()}  # state -> abstract value, branch axes
+        for (steps, external, exports), pattern in zip(wiring, patterns):
+            piece = _Piece(self, steps, external, exports, abstract_params, tuple(states[s] for s in external))
+            states.update(zip(exports, piece.out_info))
+            self._pieces.append(piece)
+            if train:
+                piece.backward_program(pattern)
+        self.y_info = states[final]
+        self._final = final
+        learned = {st.path for st in self.tape if st.path}
+        flat = traverse_util.flatten_dict(abstract_params) if abstract_params else {}
+        # parameters of instructions the output does not depend on: zero gradients
+        self._dead = {k: v for k, v in flat.items() if not any(k[: len(p)] == p for p in learned)}
+        self._zero = jax.device_put(np.float32(0.0), self._rep)
+
+    @property
+    def pairs(self) -> list[tuple[Any, Any]]:
+        """(forward, backward) programs of every piece (backwards: those built so far)."""
+        return [(p.forward, b) for p in self._pieces for b in (list(p.backwards.values()) or [None])]
+
+    def forward(self, layer_params, x_BxLxD):
+        """(layer output, residuals of every piece)."""
+        params = self.owner.seg.program_params(layer_params)
+        run, states, residuals = self.owner._run, {0: x_BxLxD}, []
+        for piece in self._pieces:
+            outs, vjp = run(
+                piece.forward, piece.params(params), piece.constants, tuple(states[s] for s in piece.external)
+            )
+            states.update(zip(piece.exports, outs))
+            residuals.append(vjp)
+        return states[self._final], residuals
+
+    def backward(self, residuals, g_BxLxD, extra):
+        """(the layer's parameter gradients, the input's gradient, their summed squares)."""
+        from flax import traverse_util
+
+        run, cotangents = self.owner._run, {self._final: g_BxLxD}
+        flat, total = {}, self._zero
+        for piece, vjp in zip(reversed(self._pieces), reversed(residuals)):
+            priors = tuple(cotangents.pop(s, None) for s in piece.external)
+            program = piece.backward_program(tuple(p is not None for p in priors))
+            g_out = tuple(cotangents.pop(s) for s in piece.exports)
+            g_params, outs, new_total = run(program, vjp, g_out, total if piece.paths else None, priors)
+            cotangents.update(zip(piece.external, outs))
+            if piece.paths:
+                total = new_total
+                for path, g_sub in zip(piece.paths, g_params):
+                    for suffix, g in traverse_util.flatten_dict(g_sub).items():
+                        flat[path + suffix] = g
+        for k, a in self._dead.items():
+            flat[k] = jnp.zeros(a.shape, a.dtype, device=a.sharding)
+        grads = traverse_util.unflatten_dict(flat) if flat else {}
+        return self.owner.seg.program_layer_grads(grads), cotangents.pop(0), total
+
+
+class _Piece:
+    """One piece of a :class:`ProgramLayer`: some tape steps as a forward and a backward program.
+
+    ``external``: the states it reads from earlier pieces (or the layer input);
+    ``exports``: the states it writes that later pieces read (or the layer output).
+    """
+
+    def __init__(self, layer: ProgramLayer, steps, external, exports, abstract_params, abstract_inputs):
+        from nasjax.layers.program import tape_step_function
+
+        owner = self.owner = layer.owner
+        self.layer, self.external, self.exports = layer, external, exports
+        self.paths = tuple(st.path for st in steps if st.path)
+        rep = layer._rep
+        self.constants = tuple(jax.device_put(np.float32(st.constant), rep) for st in steps if st.constant is not None)
+        local = {s: ("in", k) for k, s in enumerate(external)}
+        wiring = []
+        for j, st in enumerate(steps):
+            wiring.append(tuple(local[s] for s in st.inputs))
+            local[st.output] = ("step", j)
+        out_refs = tuple(local[s] for s in exports)
+        fns, flags = [], layer.flags
+        for st in steps:
+            fn, flags[st.output] = tape_step_function(st, tuple(flags[s] for s in st.inputs), dtype=owner.dtype)
+            if st.kind == "output":
+                fn = lambda p, xs, c, fn=fn: owner.seg.constrain(fn(p, xs, c))  # noqa: E731
+            fns.append(fn)
+        has_c = [st.constant is not None for st in steps]
+
+        def apply(params, constants, inputs):
+            values, p_it, c_it = {}, iter(params), iter(constants)
+            for j, (st, fn, refs) in enumerate(zip(steps, fns, wiring)):
+                xs = tuple(inputs[r[1]] if r[0] == "in" else values[r[1]] for r in refs)
+                p = next(p_it) if st.path else None
+                c = jax.lax.stop_gradient(next(c_it)) if has_c[j] else None  # a value, not a parameter
+                values[j] = fn(p, xs, c)
+            return tuple(inputs[r[1]] if r[0] == "in" else values[r[1]] for r in out_refs)
+
+        def forward(params, constants, inputs):
+            return jax.vjp(lambda p, xs: apply(p, constants, xs), params, inputs)
+
+        def backward(vjp, g_out, total, priors):
+            g_params, g_inputs = vjp(g_out)
+            g_inputs = tuple(g if p is None else p + g for g, p in zip(g_inputs, priors))
+            return g_params, g_inputs, None if total is None else total + _sumsq(g_params)
+
+        self._backward_fn = backward
+        structure = tuple(
+            (st.kind, st.op, st.features, st.branches, st.depth, st.constant is not None, refs, flags[st.output])
+            for st, refs in zip(steps, wiring)
+        ) + tuple(flags[s] for s in external)
+        self._abstract_params = tuple(_subtree(abstract_params, p) for p in self.paths)
+        self._abstract_inputs = abstract_inputs
+        self.key = ("instruction", structure, out_refs, _layout(self._abstract_params), _layout(abstract_inputs))
+        abstract_c = tuple(layer._scalar for _ in self.constants)
+
+        def build():
+            with owner.context():
+                program = jax.jit(forward).lower(self._abstract_params, abstract_c, abstract_inputs).compile()
+            (out_info, vjp_info) = _compiled_outputs(program)
+            return program, out_info, vjp_info
+
+        (self.forward, self.out_info, self._vjp_info), seconds = _program(owner._key(*self.key, "forward"), build)
+        owner.compile_seconds += seconds
+        self.backwards: dict[tuple, Any] = {}
+
+    def params(self, program_params) -> tuple:
+        return tuple(_subtree(program_params, p) for p in self.paths)
+
+    def backward_program(self, pattern: tuple[bool, ...]):
+        """The backward program for this pattern of inputs already holding cotangents."""
+        hit = self.backwards.get(pattern)
+        if hit is not None:
+            return hit
+        owner, rep = self.owner, self.layer._rep
+        priors = tuple(x if has else None for x, has in zip(self._abstract_inputs, pattern))
+        total = self.layer._scalar if self.paths else None
+        out_sh = (
+            jax.tree.map(lambda a: a.sharding, self._abstract_params),
+            tuple(x.sharding for x in self._abstract_inputs),
+            rep if self.paths else None,
+        )
+
+        def build():
+            with owner.context():
+                jitted = jax.jit(self._backward_fn, out_shardings=out_sh)
+                return jitted.lower(self._vjp_info, self.out_info, total, priors).compile()
+
+        program, seconds = _program(owner._key(*self.key, "backward", pattern), build)
+        owner.compile_seconds += seconds
+        self.backwards[pattern] = program
+        return program
+
+
+def _subtree(tree, path: tuple[str, ...]):
+    """The subtree at ``path`` (None for the empty path: a parameter-free step)."""
+    if not path:
+        return None
+    for name in path:
+        tree = tree[name]
+    return tree
