@@ -401,3 +401,23 @@ def test_segmented_pieces_is_checked():
             seed=0,
             seq_len=LEN,
         )
+
+
+def test_layers_without_parameters_train_in_every_mode():
+    """A program of parameter-free ops has no parameter subtree for its layers: every
+    segmented mode steps it, with the one-program step's losses."""
+    from nasjax.genome.primer import _Writer
+    from nasjax.genome.program import Program, Subprogram
+
+    w = _Writer()
+    w("ADD", 0, w("TANH", 0))
+    spec = _layer_case(Program((Subprogram(tuple(w.instructions), 1, "main"),), (1.0,), (1,)))
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    batches = _batches(4)
+    losses = {}
+    for mode in ("one", "layer", "subprogram", "instruction"):
+        overrides = {"train.segmented": mode != "one", "train.segmented_pieces": "layer" if mode == "one" else mode}
+        losses[mode] = _run(spec, _train_cfg(**overrides), mesh, batches, steps=2)[2]
+    for mode in ("layer", "subprogram", "instruction"):
+        for a, b in zip(losses["one"], losses[mode]):
+            np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, err_msg=mode)

@@ -312,7 +312,8 @@ class Segments:
         return (self.spec.layers[i], self.template_key())
 
     def layer_params(self, params, i: int):
-        return params[self.spec.kind][f"layer_{i}"]
+        # a layer without parameters (a Primer program of parameter-free ops) has no subtree
+        return params.get(self.spec.kind, {}).get(f"layer_{i}", {})
 
     def head_params(self, params) -> dict:
         """The subtree the head reads (the embedding too when the output is tied to it)."""
@@ -335,12 +336,12 @@ class Segments:
     @staticmethod
     def program_params(layer_params):
         """The program block's parameters within its layer's (see :meth:`program_block`)."""
-        return layer_params["mixer"]
+        return layer_params.get("mixer", {})
 
     @staticmethod
     def program_layer_grads(program_grads) -> dict:
         """Gradients of a program block as its layer's gradient tree."""
-        return {"mixer": program_grads}
+        return {"mixer": program_grads} if program_grads else {}
 
     @staticmethod
     def constrain(x_BxLxD):

@@ -486,7 +486,8 @@ class SegmentedSteps:
         seg = self.seg
         grads = {k: v for k, v in g_head.items() if k != "embed"}
         grads["embed"] = g_embed
-        grads[seg.spec.kind] = {f"layer_{i}": g for i, g in enumerate(g_layers)}
+        stack = params.get(seg.spec.kind, {})  # layers without parameters have no subtree
+        grads[seg.spec.kind] = {f"layer_{i}": g for i, g in enumerate(g_layers) if f"layer_{i}" in stack}
         missing = set(params) - set(grads)
         if missing:  # a parameter no piece reads would silently never train
             raise ValueError(f"train.segmented: no piece computes gradients of {sorted(missing)}")
