@@ -87,7 +87,11 @@ def main():
             g, vocab_size=tokenizer.vocab_size, max_len=max(int(cfg.data.seq_len), int(cfg.lts.seq_len))
         )
         hw = measure_hardware(
-            spec, int(cfg.lts.seq_len), batch=int(cfg.lts.batch), repeats=int(cfg.lts.latency_repeats)
+            spec,
+            int(cfg.lts.seq_len),
+            batch=int(cfg.lts.batch),
+            repeats=int(cfg.lts.latency_repeats),
+            programs=str(cfg.lts.programs),
         )
         loss, train_s = _train(spec, cfg, data, mesh, rules)
         rows.append((label, space.decoder_params(g), hw.latency_s, hw.peak_memory_bytes, loss, train_s))

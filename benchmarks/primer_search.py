@@ -64,6 +64,7 @@ def search_stats(workdir: str) -> dict:
     compile_s = sum(float(r.get("compile_seconds") or 0) for r in results)
     probe_s = sum(float(r.get("probe_seconds") or 0) for r in results)
     train_s = sum(float(r.get("train_seconds") or 0) for r in results)
+    xla_s = sum(float(r.get("xla_compile_seconds") or 0) for r in results)
     best, curve = math.inf, []
     for r in results:
         if r["event"] == "finished" and r.get("fitness") is not None and r["fitness"] < best:
@@ -82,6 +83,7 @@ def search_stats(workdir: str) -> dict:
         "compile_seconds": compile_s,
         "probe_seconds": probe_s,
         "train_seconds": train_s,
+        "xla_compile_seconds": xla_s,
         "compile_share": (compile_s + probe_s) / max(compile_s + probe_s + train_s, 1e-9),
         "best_curve": curve,
         "best_fitness": best,

@@ -25,7 +25,14 @@ hour (trained or failed, i.e. evaluations that cost compute), evaluations per ho
 share of wall time outside training steps (1 - the journal's summed train seconds / wall
 time: probes, inits, compiles, validation, the search's own work), the compile share
 (the journal's summed ``compile_seconds``, i.e. inits and compiles, over wall time x
-candidates in flight: issue 8's <= 10% target), and the best fitness
+candidates in flight), the XLA compile share (the journal's summed ``xla_compile_seconds``:
+every program XLA compiled for the candidates, the per-op programs of probes and inits
+included, as JAX's monitoring events report it (``nasjax.compile_meter``), over wall time
+x candidates in flight: issue 8's <= 10% target; "-" for versions that do not record it),
+the same measure taken by every process of the search, whatever the tree (a
+``sitecustomize`` on the searches' PYTHONPATH adds up JAX's compile events and writes each
+process's total at exit: it includes what the search compiles outside candidates, e.g.
+its data pipeline), and the best fitness
 found (same-quality check: in_flight=1 versions follow the same trajectory up to float
 round-off).
 """
@@ -46,12 +53,44 @@ sys.path.insert(0, ROOT)
 from benchmarks.candidate_overhead import checkout  # noqa: E402
 from benchmarks.primer_search import search_stats  # noqa: E402
 
+# Put on the PYTHONPATH of every process of a measured search (workers included), it
+# adds up what JAX reports of its compiles (lowering and XLA's compile, as
+# nasjax.compile_meter counts them) and writes the process's total when it exits: the
+# same measure for any tree, older ones included.
+METER_SITE = """
+import atexit, json, os, threading
+import jax.monitoring
+
+_total, _lock = [0.0], threading.Lock()
+_events = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
+
+
+def _listen(event, duration, **kwargs):
+    if event in _events:
+        with _lock:
+            _total[0] += duration
+
+
+def _write():
+    with open(os.path.join(os.environ["NASJAX_XLA_METER_DIR"], f"{os.getpid()}.json"), "w") as f:
+        json.dump({"xla_compile_seconds": _total[0]}, f)
+
+
+jax.monitoring.register_event_duration_secs_listener(_listen)
+atexit.register(_write)
+"""
+
 
 def run_version(root: str, workdir: str, overrides: list[str], cache_dir: str = "") -> None:
     cache = cache_dir or tempfile.mkdtemp(prefix="nasjax_xla_")
     cmd = [sys.executable, "-m", "nasjax.cli", "search", f"--config={root}/configs/search/primer.py:tiny"]
     cmd += [f"--workdir={workdir}", f"--config.compile_cache_dir={cache}"] + [f"--config.{o}" for o in overrides]
-    env = dict(os.environ, PYTHONPATH=root)
+    meter = os.path.join(workdir + ".meter")
+    shutil.rmtree(meter, ignore_errors=True)
+    os.makedirs(os.path.join(meter, "site"))
+    with open(os.path.join(meter, "site", "sitecustomize.py"), "w") as f:
+        f.write(METER_SITE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(meter, "site"), root]), NASJAX_XLA_METER_DIR=meter)
     out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=False)
     if not cache_dir:
         shutil.rmtree(cache, ignore_errors=True)
@@ -123,20 +162,28 @@ def main():
 
     print(
         "| version | wall min | evaluations | trained / failed / reused | candidates/hour | evaluations/hour"
-        " | wall outside training steps | compile share | best fitness |"
+        " | wall outside training steps | compile share | XLA compile share | XLA compile s (processes) "
+        "| its share | best fitness |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = {}
     for name, wd, in_flight in runs:
         st = search_stats(wd)
+        meter = wd + ".meter"
+        totals = [json.load(open(os.path.join(meter, f))) for f in os.listdir(meter) if f.endswith(".json")]
+        st["process_xla_compile_seconds"] = sum(t["xla_compile_seconds"] for t in totals)
         out[name] = st
         # the journal's compile seconds (inits and compiles, summed over candidates) over
         # the evaluation time: wall x candidates in flight
         share = st["compile_seconds"] / max(st["wall_seconds"] * in_flight, 1e-9)
+        xla = st["xla_compile_seconds"] / max(st["wall_seconds"] * in_flight, 1e-9)
         print(
             f"| {name} | {st['wall_seconds'] / 60:.1f} | {st['evaluations']} | {st['trained']} / {st['failed']} / "
             f"{st['reused']} | {st['candidates_per_hour']:.0f} | {st['evaluations_per_hour']:.0f} | "
-            f"{1 - st['train_seconds'] / max(st['wall_seconds'], 1e-9):.0%} | {share:.0%} | {st['best_fitness']:.4f} |"
+            f"{1 - st['train_seconds'] / max(st['wall_seconds'], 1e-9):.0%} | {share:.0%} | "
+            f"{f'{xla:.0%}' if st['xla_compile_seconds'] else '-'} | {st['process_xla_compile_seconds']:.1f} "
+            f"| {st['process_xla_compile_seconds'] / max(st['wall_seconds'] * in_flight, 1e-9):.0%} "
+            f"| {st['best_fitness']:.4f} |"
         )
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -95,7 +95,12 @@ search.base_dim           unit of the relative dimension sizes (0 = chosen from 
 search.positions          learned | sinusoidal | none (program blocks have no relative bias)
 search.max_params         reject candidates with more parameters (0 = no bound)
 search.max_memory_bytes   reject candidates whose compiled train step needs more per device (0 = none)
-search.probe_batch        sequences in the causality / finiteness / equivalence probe
+search.probe_batch        sequences in the causality / finiteness / equivalence probe (search.probe=model)
+search.probe              (primer) auto | steps | model: where the probe runs. steps: on the candidate's
+                          own train-step pieces (train.segmented), one forward and backward on a fixed
+                          batch of the training layout, so it compiles nothing that training does not
+                          compile anyway; model: the whole model op by op (search.op_by_op) or as one
+                          program; auto = steps with train.segmented in a one-process search, else model
 search.val_batches        validation batches that define the fitness (0 = whole split)
 search.fec                reuse results of functionally equivalent candidates
 search.clear_caches       drop compiled programs after each candidate and return freed heap to the OS (long searches)
@@ -136,6 +141,10 @@ LTS (configs/search/lts.py) adds ``lts.*``: parent_size / mutation_size / crosso
 (20 / 40 / 40), mutation_prob (0.3), crossover_prob (0.5), seq_len and batch of the
 latency measurement (192, 1), latency_repeats (10), selection (pareto | convex_hull),
 memory (activations: allocated on top of the weights, as the paper's profiler | total),
+programs (what a measurement compiles and times: sublayers, the default: the forward as a
+chain of attention / FFN sub-layer programs compiled once per process and shared by every
+architecture | layers: the same with whole layers | model: one program per architecture,
+compiled for each; ``nasjax.measure.hardware``), max_pieces (compiled pieces kept, 256),
 proxies (comma-separated zero-cost proxies to record, '' = none), max_latency_s and
 max_memory_bytes (constraints, 0 = none), vocab_size (0 = the tokenizer's),
 validate_architectures (``nasjax lts-validate``), and ``lts.space.*`` (n_layer, d_model,
@@ -278,6 +287,7 @@ def search_config(method: str = "primer") -> ml_collections.ConfigDict:
     if method == "primer":
         s.compile_ahead = "auto"
         s.op_by_op = "auto"
+        s.probe = "auto"
         s.op_by_op_clear_every = 50
     c.train.log_every = 10**9
     c.train.eval_every = 0
@@ -354,6 +364,12 @@ def lts_config() -> ml_collections.ConfigDict:
     c.latency_repeats = 10
     c.selection = "pareto"
     c.memory = "activations"
+    # UNCONFIRMED in the paper (it timed PyTorch eager, one kernel per op): how the JAX
+    # forward is compiled for timing. sublayers = a chain of sub-layer programs shared
+    # across architectures, so a search compiles each attention / FFN shape once instead
+    # of one program per architecture (docs/benchmarks.md: ranks agree with model).
+    c.programs = "sublayers"
+    c.max_pieces = 256
     c.proxies = ""
     c.max_latency_s = 0.0
     c.max_memory_bytes = 0

@@ -83,3 +83,128 @@ def test_invalid_arguments(kwargs, message):
     args = {"seq_len": 16, **kwargs}
     with pytest.raises(ValueError, match=message):
         measure_hardware(tiny_gpt2(), **args)
+
+
+# ---------------------------------------------------------------- programs="sublayers" / "layers"
+def _lts_spec(d_inners, n_heads, d_model=64):
+    return get_spec(
+        "gpt2",
+        "tiny",
+        vocab_size=64,
+        max_len=64,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_inners=d_inners,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+    )
+
+
+def test_sublayer_chain_computes_the_model():
+    """embedding -> each layer's mixer and FFN sub-layer -> head equals Transformer.apply."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nasjax.models.transformer import Segments, build
+
+    spec = _lts_spec([128, 192, 256], [2, 4, 8])
+    model, seg = build(spec), Segments(spec)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+    params = model.init({"params": jax.random.key(1)}, tokens)["params"]
+    want = model.apply({"params": params}, tokens)
+    x = seg.embed(params["embed"], tokens)
+    for i in range(seg.n_layers):
+        layer_params = seg.layer_params(params, i)
+        assert seg.sublayer_parts(i) == ("mixer", "ffn")
+        by_layer = seg.layer(i, layer_params, x)
+        for part in seg.sublayer_parts(i):
+            x = seg.sublayer(i, part, seg.sublayer_params(layer_params, part), x)
+        np.testing.assert_allclose(x, by_layer, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(seg.logits(seg.head_params(params), x), want, rtol=1e-5, atol=1e-5)
+    # keys: what a sub-layer computes, not where it sits (layers 0 and 1 differ in both parts)
+    assert seg.sublayer_key(0, "mixer") != seg.sublayer_key(1, "mixer")
+    assert seg.sublayer_key(0, "ffn") != seg.sublayer_key(1, "ffn")
+    other = Segments(_lts_spec([256, 128], [8, 2]))
+    assert other.sublayer_key(0, "ffn") == seg.sublayer_key(2, "ffn")
+    assert other.sublayer_key(1, "mixer") == seg.sublayer_key(0, "mixer")
+
+
+def test_pieces_are_shared_across_architectures():
+    from nasjax.measure import hardware
+
+    hardware.clear_pieces()
+    first = measure_hardware(_lts_spec([128, 192], [2, 4]), seq_len=16, repeats=2, warmup=1, programs="sublayers")
+    # embedding, 2 x (mixer, FFN), head: all new
+    assert first.programs == "sublayers" and first.pieces == 6 and first.compiled_pieces == 6
+    assert first.compile_seconds > 0
+    # the same mixers, one FFN width new (and one layer more): only that FFN compiles
+    again = measure_hardware(
+        _lts_spec([192, 128, 320], [4, 2, 2]), seq_len=16, repeats=2, warmup=1, programs="sublayers"
+    )
+    assert again.pieces == 8 and again.compiled_pieces == 1
+    same = measure_hardware(_lts_spec([128, 192], [2, 4]), seq_len=16, repeats=2, warmup=1, programs="sublayers")
+    assert same.compiled_pieces == 0 and same.compile_seconds == 0.0
+    by_layer = measure_hardware(_lts_spec([128, 192], [2, 4]), seq_len=16, repeats=2, warmup=1, programs="layers")
+    # whole-layer pieces are keyed apart from sub-layers; the embedding and head are shared
+    assert by_layer.pieces == 4 and by_layer.compiled_pieces == 2
+
+
+@pytest.mark.parametrize("programs, dropout", [("sublayers", False), ("layers", False), ("sublayers", True)])
+def test_piece_measurement_agrees_with_the_model_program(programs, dropout):
+    """Same FLOPs (the same operations run), memory of the same order, a latency of the
+    same order (never a timing threshold tighter than 10x). Dropout is off in inference."""
+    spec = tiny_gpt2() if dropout else _lts_spec([128, 256], [2, 8])
+    whole = measure_hardware(spec, seq_len=32, repeats=3, warmup=1)
+    pieces = measure_hardware(spec, seq_len=32, repeats=3, warmup=1, programs=programs)
+    assert whole.programs == "model" and whole.pieces == 1
+    if jax.default_backend() == "cpu":
+        assert pieces.flops == pytest.approx(whole.flops, rel=1e-6)
+    assert 0 < pieces.activation_memory_bytes < pieces.peak_memory_bytes
+    # weights and the token ids are held whole either way
+    weights_and_input = whole.peak_memory_bytes - whole.activation_memory_bytes
+    assert pieces.peak_memory_bytes - pieces.activation_memory_bytes == weights_and_input
+    assert 0.25 < pieces.activation_memory_bytes / whole.activation_memory_bytes < 4
+    assert 0.1 < pieces.latency_s / whole.latency_s < 10
+
+
+def test_piece_registry_is_bounded():
+    from nasjax.measure import hardware
+
+    hardware.clear_pieces()
+    try:
+        hardware.set_max_pieces(3)
+        m = measure_hardware(_lts_spec([128, 192], [2, 4]), seq_len=16, repeats=1, warmup=0, programs="sublayers")
+        assert m.compiled_pieces == 6 and len(hardware._PIECES) == 3
+        with pytest.raises(ValueError, match="max_pieces must be >= 1"):
+            hardware.set_max_pieces(0)
+    finally:
+        hardware.set_max_pieces(hardware.DEFAULT_MAX_PIECES)
+        hardware.clear_pieces()
+
+
+def test_pieces_refuse_models_they_cannot_cut():
+    spec = get_spec("bert", "tiny", vocab_size=64, max_len=64)  # an MLM head
+    with pytest.raises(ValueError, match="cuts the forward into pieces.*head 'mlm'"):
+        measure_hardware(spec, seq_len=16, repeats=1, programs="sublayers")
+    with pytest.raises(ValueError, match="programs must be one of"):
+        measure_hardware(tiny_gpt2(), seq_len=16, programs="kernels")
+
+
+def test_compile_meter_counts_this_threads_compiles():
+    import threading
+
+    import jax.numpy as jnp
+
+    from nasjax import compile_meter
+
+    compile_meter.install()
+    compile_meter.install()  # idempotent
+    t0, p0 = compile_meter.thread_seconds(), compile_meter.process_seconds()
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.25).lower(jnp.zeros((7, 3))).compile()
+    mine = compile_meter.thread_seconds() - t0
+    assert mine > 0 and compile_meter.process_seconds() - p0 >= mine
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(compile_meter.thread_seconds()))
+    worker.start()
+    worker.join()
+    assert seen == [0.0]  # another thread's compiles are its own

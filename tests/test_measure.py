@@ -145,3 +145,31 @@ def test_describe_bert_and_autobert_zero():
     primer = describe(get_spec("primer", "tiny"))
     assert "attn H=4 K=16 dconv3 sharedQK" in primer and "pre/branch" in primer
     assert "train ~3x" in primer
+
+
+def test_param_shapes_assembled_from_pieces_equal_the_model_init():
+    """Shapes of pieces (cached across specs) make exactly Transformer.init's tree."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from nasjax.measure import params as P
+    from nasjax.models.transformer import build
+
+    specs = [
+        get_spec("gpt2", "tiny", vocab_size=50, max_len=32, n_heads=[2, 4, 8], d_inners=[96, 128, 96]),
+        get_spec("gpt2", "tiny", vocab_size=50, max_len=32, tie_embeddings=False),
+        get_spec("gpt2", "tiny", vocab_size=50, max_len=32, dropout_rate=0.1),
+    ]
+    for spec in specs:
+        length = min(8, spec.max_len)
+        pieces = P._piece_shapes(spec, length)
+        assert pieces is not None
+        model, tokens = build(spec), jnp.zeros((1, length), jnp.int32)
+        whole = nn.unbox(jax.eval_shape(model.init, {"params": jax.random.key(0)}, tokens))["params"]
+        flat = traverse_util.flatten_dict(whole)
+        assert pieces == tuple(sorted((k, tuple(v.shape)) for k, v in flat.items()))
+    # models the pieces do not cover (relative position biases, an MLM head) are traced whole
+    assert P._piece_shapes(get_spec("vanilla", "tiny"), 8) is None
+    assert P._piece_shapes(get_spec("bert", "tiny"), 8) is None

@@ -319,3 +319,18 @@ def test_flat_optimizer_refuses_sharded_params_and_adafactor(tiny_config):
         pytest.skip("needs 8 devices")
     with pytest.raises(ValueError, match="flat_optimizer.*replicated"):
         _trainer(tiny_config, shd.make_mesh((4, 1, 2)), **{"train.flat_optimizer": True})
+
+
+@pytest.mark.parametrize("name", ["primer_ez", "gpt2"])
+def test_op_by_op_init_skips_the_forward_and_keeps_the_values(name):
+    """The op-by-op init (Module.lazy_init: only what the parameters depend on runs)
+    gives exactly the eager init's values, which run the whole forward pass."""
+    from nasjax.models import build
+    from nasjax.train.state import _params_fn, initial_params
+
+    model = build(get_spec(name, "tiny", vocab_size=64, max_len=32))
+    eager = _params_fn(model, 16)(jax.random.key(3))
+    lazy = initial_params(model, 3, 16, op_by_op=True)
+    assert jax.tree.structure(eager) == jax.tree.structure(lazy)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(lazy)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -5,8 +5,9 @@ parameters against *measured* cost on the device the search runs on: the latency
 one forward pass at batch 1 (seq_len 192 in the paper; configurable here) and the peak
 memory of that forward. :func:`measure_hardware` does this for a JAX model:
 
-* the parameters are filled host-side with seeded N(0, 0.02) noise (latency and memory
-  do not depend on the values, so no init program is compiled) and the input is an
+* the parameters are filled host-side with seeded noise of standard deviation 0.02
+  (uniform; latency and memory do not depend on the values, so no init program is
+  compiled) and the input is an
   int32 zeros batch ``[batch, seq_len]``, as in LTS;
 * the forward ``jit(lambda p, x: model.apply({"params": p}, x))`` is lowered and
   compiled ahead of time; the compile time is recorded apart
@@ -29,17 +30,44 @@ memory of that forward. :func:`measure_hardware` does this for a JAX model:
   is not observable and the field is None as well;
 * ``flops`` is XLA's cost analysis of the same compiled forward, when reported.
 
+What runs (``programs``):
+
+* ``model``: the forward above, one program per architecture. Every architecture
+  compiles its own, and on a CPU at batch 1 that compile (~0.4 s for the CPU space)
+  costs several times the timed runs (~0.06 s).
+* ``sublayers``: the same forward as a chain of programs, one per piece of
+  :class:`nasjax.models.transformer.Segments`: the embedding, each layer's attention
+  sub-layer and FFN sub-layer (norm and residual included) and the head. A piece is
+  compiled once per process for what it computes (its spec, the model-wide settings,
+  the shapes) and kept in a bounded registry (:func:`set_max_pieces`), so
+  architectures share them: a heterogeneous space of m attention and f FFN choices has
+  m * f distinct layers but only m + f sub-layers, and after the first few dozen
+  architectures a search compiles almost nothing. Latency is the time of the whole
+  chain, dispatched back to back and ended by one ``block_until_ready``; XLA does not
+  fuse across piece boundaries, which costs little at sub-layer granularity (the
+  boundaries are residual adds). This is also closer to what LTS measured: PyTorch
+  eager runs one kernel per op, with no fusion at all. Peak memory is what the chain
+  holds: the weights and the input, and at the worst piece its input activation, its
+  outputs and its temporaries (each piece's XLA memory analysis).
+* ``layers``: the same, with whole layers as pieces.
+
+Both ``sublayers`` and ``layers`` time real executions of the architecture's own
+operations on the target device; ``benchmarks/lts_programs.py`` measures how their
+latencies and memories rank architectures against ``model`` (docs/benchmarks.md).
+
 Latencies depend on everything else the machine does: compare only measurements taken
 on the same device under the same load (LTS uses one inference thread).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import statistics
+import threading
 import time
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +75,25 @@ import numpy as np
 from nasjax.measure.probe import check_int as _check_int
 from nasjax.spec import ModelSpec
 
-__all__ = ["HardwareMeasurement", "measure_hardware", "compiled_memory_bytes", "device_peak_delta"]
+__all__ = [
+    "HardwareMeasurement",
+    "measure_hardware",
+    "compiled_memory_bytes",
+    "device_peak_delta",
+    "PROGRAMS",
+    "clear_pieces",
+    "set_max_pieces",
+]
+
+# What one measurement compiles and runs (module docstring).
+PROGRAMS = ("model", "sublayers", "layers")
+# Compiled pieces kept per process (least recently used dropped first). A small CPU
+# program holds ~1-3 MiB of host memory; the CPU space has ~130 distinct sub-layer
+# pieces, the paper's GPT-2 space ~600.
+DEFAULT_MAX_PIECES = 256
+_PIECES: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+_PIECES_LOCK = threading.Lock()
+_MAX_PIECES = [DEFAULT_MAX_PIECES]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +117,10 @@ class HardwareMeasurement:
       activation_memory_bytes: the same analysis without the arguments (the weights and
         the input): outputs + temporaries - aliased, the memory the forward allocates
         on top of the resident weights (what LTS's PyTorch profiler counts).
+      programs: what ran (:data:`PROGRAMS`): ``model``, ``sublayers`` or ``layers``.
+      pieces: programs in the chain (1 for ``model``).
+      compiled_pieces: how many of them this measurement compiled (the others were
+        compiled by an earlier measurement of this process).
     """
 
     latency_s: float
@@ -83,6 +133,9 @@ class HardwareMeasurement:
     flops: float | None
     backend: str
     activation_memory_bytes: int = 0
+    programs: str = "model"
+    pieces: int = 1
+    compiled_pieces: int = 1
 
     def to_dict(self) -> dict:
         """Plain dict of the fields (JSON-serialisable)."""
@@ -155,23 +208,165 @@ def device_peak_delta(before: dict | None, after: dict | None) -> int | None:
     return int(peak1 - in_use)
 
 
-def _host_params(model, tokens, seed: int, device):
-    """Parameters of the model's shapes, filled host-side with N(0, 0.02) noise.
+def _host_params(spec: ModelSpec, seed: int, device):
+    """Parameters of the model's shapes, filled host-side with noise of standard deviation 0.02.
 
     Latency and memory do not depend on the values, so no init program is compiled
-    (it was ~0.3-0.6 s of every LTS measurement on CPU, more than the timed runs).
+    (it was ~0.3-0.6 s of every LTS measurement on CPU, more than the timed runs). The
+    shapes are :func:`nasjax.measure.params.param_tree_shapes`', cached per spec, so
+    an LTS measurement traces the model's init once for its parameter counts and this.
     """
-    shapes = jax.eval_shape(lambda k, t: nn.unbox(model.init({"params": k}, t)["params"]), jax.random.key(0), tokens)
+    from nasjax.measure.params import param_tree_shapes
+
     rng = np.random.default_rng(seed)
+    half_width = np.float32(0.02 * 3**0.5)  # uniform on [-w, w] has standard deviation w / sqrt(3)
 
-    def fill(leaf):
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            value = rng.standard_normal(leaf.shape, dtype=np.float32) * np.float32(0.02)
-        else:
-            value = np.zeros(leaf.shape)
-        return jax.device_put(value.astype(leaf.dtype), device)
+    def fill(shape):  # parameters are float32 (nasjax.models.transformer)
+        # uniform noise of standard deviation 0.02: 3x faster to draw than normal noise
+        value = rng.random(shape, dtype=np.float32)
+        value -= np.float32(0.5)
+        value *= np.float32(2.0) * half_width
+        return jax.device_put(value, device)
 
-    return jax.tree.map(fill, shapes)
+    return jax.tree.map(fill, param_tree_shapes(spec), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def clear_pieces() -> None:
+    """Drops every compiled piece of :func:`measure_hardware` (``programs`` other than ``model``)."""
+    with _PIECES_LOCK:
+        _PIECES.clear()
+
+
+def set_max_pieces(n: int) -> None:
+    """Bounds the compiled pieces kept per process (``lts.max_pieces``); oldest dropped first."""
+    n = _check_int(n, "max_pieces", 1)
+    with _PIECES_LOCK:
+        _MAX_PIECES[0] = n
+        while len(_PIECES) > n:
+            _PIECES.popitem(last=False)
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _layout(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+
+
+@dataclasses.dataclass
+class _Forward:
+    """A compiled forward, as one program or a chain of pieces, ready to time."""
+
+    run: Any  # () -> the logits (dispatched, not waited for)
+    compile_seconds: float
+    peak_bytes: int  # what one device holds while it runs (weights and input included)
+    activation_bytes: int  # the same without the weights and the input
+    flops: float | None
+    pieces: int
+    compiled: int
+
+
+def _whole_model(model, params, tokens) -> _Forward:
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    t0 = time.perf_counter()
+    compiled = forward.lower(params, tokens).compile()
+    seconds = time.perf_counter() - t0
+    memory = compiled_memory_bytes(compiled)
+    peak = int(memory.get("peak", 0))
+    return _Forward(
+        run=lambda: compiled(params, tokens),
+        compile_seconds=seconds,
+        peak_bytes=peak,
+        activation_bytes=max(peak - memory.get("arguments", 0), 0),
+        flops=_compiled_flops(compiled),
+        pieces=1,
+        compiled=1,
+    )
+
+
+def _piece(key: tuple, fn, *args) -> tuple[Any, float]:
+    """The compiled piece under ``key`` (compiled from ``fn`` and ``args`` on a miss), and
+    the seconds this call spent compiling it (0 on a hit)."""
+    with _PIECES_LOCK:
+        hit = _PIECES.get(key)
+        if hit is not None:
+            _PIECES.move_to_end(key)
+            return hit, 0.0
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    with _PIECES_LOCK:
+        compiled = _PIECES.setdefault(key, compiled)  # another thread may have built it meanwhile
+        _PIECES.move_to_end(key)
+        while len(_PIECES) > _MAX_PIECES[0]:
+            _PIECES.popitem(last=False)
+    return compiled, seconds
+
+
+def _piece_chain(spec: ModelSpec, params, tokens, device, unit: str) -> _Forward:
+    """The forward as a chain of pieces shared across architectures (module docstring).
+
+    ``unit``: ``sublayers`` (attention and FFN sub-layers) or ``layers``.
+    """
+    from nasjax.models.transformer import Segments
+
+    spec = spec.replace(dropout_rate=0.0, attention_dropout_rate=0.0)  # inference: dropout is off anyway
+    problem = Segments.unsupported(spec)
+    if problem:
+        raise ValueError(f"programs={unit!r} cuts the forward into pieces, which this model does not allow: {problem}")
+    seg = Segments(spec)
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    where = (device.platform, device.id)
+    template = seg.template_key()
+
+    # (key, function, parameter subtree) in execution order
+    plan = [(("embed", template), seg.embed, params["embed"])]
+    for i in range(seg.n_layers):
+        layer_params = seg.layer_params(params, i)
+        if unit == "layers":
+            plan.append((("layer", seg.layer_key(i)), lambda p, x, i=i: seg.layer(i, p, x), layer_params))
+            continue
+        for part in seg.sublayer_parts(i):
+            fn = lambda p, x, i=i, part=part: seg.sublayer(i, part, p, x)  # noqa: E731
+            plan.append((("sublayer", seg.sublayer_key(i, part)), fn, seg.sublayer_params(layer_params, part)))
+    plan.append((("logits", template), seg.logits, seg.head_params(params)))
+
+    steps, seconds, compiled, analyses = [], 0.0, 0, []
+    x = tokens
+    for k, (key, fn, p) in enumerate(plan):
+        full_key = (*key, _layout(p), _layout(x), where)
+        program, dt = _piece(full_key, fn, p, x)
+        seconds += dt
+        compiled += dt > 0
+        steps.append((program, p))
+        analyses.append((compiled_memory_bytes(program), _nbytes(p), 0 if k == 0 else _nbytes(x)))
+        info = program.out_info
+        x = jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding)
+
+    def run():
+        h = tokens
+        for program, p in steps:
+            h = program(p, h)
+        return h
+
+    # While piece k runs, the device holds every weight and the token ids, and on top of
+    # them piece k's input activation (the tokens for the embedding), outputs and temporaries.
+    activation = 0
+    if all(a for a, _, _ in analyses):
+        activation = max(x_bytes + a["outputs"] + a["temporaries"] - a["aliased"] for a, _, x_bytes in analyses)
+    peak = _nbytes(params) + _nbytes(tokens) + activation if activation else 0
+    flops = [_compiled_flops(program) for program, _ in steps]
+    return _Forward(
+        run=run,
+        compile_seconds=seconds,
+        peak_bytes=int(peak),
+        activation_bytes=int(activation),
+        flops=None if any(f is None for f in flops) else float(sum(flops)),
+        pieces=len(steps),
+        compiled=int(compiled),
+    )
 
 
 def measure_hardware(
@@ -182,6 +377,7 @@ def measure_hardware(
     warmup: int = 2,
     seed: int = 0,
     device=None,
+    programs: str = "model",
 ) -> HardwareMeasurement:
     """Measures the inference latency and peak memory of ``spec`` (module docstring).
 
@@ -193,12 +389,14 @@ def measure_hardware(
       warmup: untimed runs before the timed ones (>= 0).
       seed: parameter initialisation seed (latency does not depend on the values).
       device: a ``jax.Device``; None = the default device.
+      programs: ``model`` (one compiled forward), ``sublayers`` or ``layers`` (a chain
+        of compiled pieces shared across architectures; module docstring).
 
     Returns:
       A :class:`HardwareMeasurement`.
 
     Raises:
-      ValueError: invalid arguments.
+      ValueError: invalid arguments (or a model that ``programs`` cannot cut into pieces).
     """
     from nasjax.models.transformer import build  # local, like measure.flops
 
@@ -209,6 +407,8 @@ def measure_hardware(
     repeats = _check_int(repeats, "repeats", 1)
     warmup = _check_int(warmup, "warmup", 0)
     seed = _check_int(seed, "seed", 0)
+    if programs not in PROGRAMS:
+        raise ValueError(f"programs must be one of {', '.join(map(repr, PROGRAMS))}, got {programs!r}")
     if spec.positions == "learned" and seq_len > spec.max_len:
         raise ValueError(f"seq_len {seq_len} exceeds max_len={spec.max_len} of the learned position table")
     device = jax.devices()[0] if device is None else device
@@ -219,32 +419,33 @@ def measure_hardware(
     stats_before = _memory_stats(device)
     with jax.default_device(device):
         tokens = jax.device_put(jnp.zeros((batch, seq_len), jnp.int32), device)
-        params = jax.block_until_ready(_host_params(model, tokens, seed, device))
-
-        forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
-        t0 = time.perf_counter()
-        compiled = forward.lower(params, tokens).compile()
-        compile_seconds = time.perf_counter() - t0
+        params = jax.block_until_ready(_host_params(spec, seed, device))
+        if programs == "model":
+            forward = _whole_model(model, params, tokens)
+        else:
+            forward = _piece_chain(spec, params, tokens, device, programs)
 
         for _ in range(warmup):
-            jax.block_until_ready(compiled(params, tokens))
+            jax.block_until_ready(forward.run())
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            jax.block_until_ready(compiled(params, tokens))
+            jax.block_until_ready(forward.run())
             times.append(time.perf_counter() - t0)
     stats_after = _memory_stats(device)
-    memory = compiled_memory_bytes(compiled)
 
     return HardwareMeasurement(
         latency_s=float(statistics.median(times)),
         latency_mean_s=float(statistics.fmean(times)),
         latency_std_s=float(statistics.pstdev(times)),
         repeats=repeats,
-        compile_seconds=float(compile_seconds),
-        peak_memory_bytes=int(memory.get("peak", 0)),
-        activation_memory_bytes=int(max(memory.get("peak", 0) - memory.get("arguments", 0), 0)),
+        compile_seconds=float(forward.compile_seconds),
+        peak_memory_bytes=forward.peak_bytes,
+        activation_memory_bytes=forward.activation_bytes,
         device_peak_bytes=device_peak_delta(stats_before, stats_after),
-        flops=_compiled_flops(compiled),
+        flops=forward.flops,
         backend=f"{device.platform} ({device.device_kind})",
+        programs=programs,
+        pieces=forward.pieces,
+        compiled_pieces=forward.compiled,
     )

@@ -31,7 +31,16 @@ import numpy as np
 from nasjax.models import build
 from nasjax.spec import ModelSpec
 
-__all__ = ["ProbeResult", "probe_tokens", "probe_model", "LEAK_TOLERANCE", "FAST_COMPILE", "compile_for_one_run"]
+__all__ = [
+    "ProbeResult",
+    "probe_tokens",
+    "probe_model",
+    "step_probe_batch",
+    "probe_from_steps",
+    "LEAK_TOLERANCE",
+    "FAST_COMPILE",
+    "compile_for_one_run",
+]
 
 # XLA options for programs that run once (probes, zero-cost proxies): skip backend (LLVM)
 # optimisation, which on CPU is about half the compile time and buys nothing for one run.
@@ -184,6 +193,58 @@ def probe_model(
             leak = leak_abs / max(scale, 1e-30) if leak_abs > 0 else 0.0
     hashes = _output_hashes(logits, digits, seed) if finite else (None, None)
     return ProbeResult(finite, leak, hashes[0], time.perf_counter() - t0, hashes[1])
+
+
+def step_probe_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0, weights_dtype=np.float32) -> dict:
+    """A fixed language-model batch for :func:`probe_from_steps` (same for every candidate).
+
+    Row r's loss weights cover the positions <= t_r, with t_r cycling over the probed
+    positions (``row_positions``): a causal model's loss then does not depend on the
+    inputs after t_r, so the loss gradient w.r.t. row r's input embeddings is exactly
+    zero there. Returns ``{"inputs", "targets", "weights"}`` and ``row_positions`` apart.
+    """
+    rows = _row_positions(batch, seq_len)
+    weights = (np.arange(seq_len)[None, :] <= rows[:, None]).astype(weights_dtype)
+    return {
+        "inputs": probe_tokens(vocab_size, batch, seq_len, seed),
+        "targets": probe_tokens(vocab_size, batch, seq_len, seed + 1),
+        "weights": weights,
+    }
+
+
+def _row_positions(batch: int, seq_len: int) -> np.ndarray:
+    """The probed position of each row of a step probe batch (middle first, so that a batch
+    of one checks the middle position)."""
+    order = sorted(_positions(seq_len), key=lambda t: (t != seq_len // 2, t))
+    return np.asarray([order[r % len(order)] for r in range(batch)], np.int64)
+
+
+def probe_from_steps(out: dict, seq_len: int, digits: int = 3, seed: int = 0, seconds: float = 0.0) -> ProbeResult:
+    """The verdicts of :func:`probe_model` from a probe run on the train-step pieces.
+
+    ``out``: :meth:`nasjax.train.segmented.SegmentedSteps.probe`'s host arrays for a
+    :func:`step_probe_batch` batch. Finiteness: all logits of the batch. Causality in
+    reverse mode: for row r, the gradient w.r.t. the input embeddings at the positions
+    after t_r (a causal model's is exactly zero: the loss reads positions <= t_r only),
+    relative to the largest at positions <= t_r; the same Jacobian block that the
+    forward-mode check of :func:`probe_model` probes, contracted with the loss's
+    cotangent instead of random tangents. The FEC hashes: the last position's logits of
+    every row, as in :func:`probe_model`.
+    """
+    last = np.asarray(out["last_logits"], np.float64)
+    finite = bool(out["finite"]) and bool(np.isfinite(last).all())
+    grads = np.abs(np.asarray(out["input_grads"], np.float64))
+    rows = _row_positions(grads.shape[0], seq_len)
+    future = np.arange(seq_len)[None, :] > rows[:, None]  # [B, L]
+    per_position = grads.max(axis=2)  # [B, L]
+    leak_abs = float(np.max(np.where(future, per_position, 0.0)))
+    scale = float(np.max(np.where(future, 0.0, per_position)))
+    if not np.isfinite(leak_abs) or not np.isfinite(scale):
+        leak = float("inf") if not np.isfinite(leak_abs) else 0.0
+    else:
+        leak = leak_abs / max(scale, 1e-30) if leak_abs > 0 else 0.0
+    hashes = _output_hashes(last[:, None, :], digits, seed) if finite else (None, None)
+    return ProbeResult(finite, leak, hashes[0], seconds, hashes[1])
 
 
 def _output_hashes(logits_BxLxV: np.ndarray, digits: int, seed: int) -> tuple[str, str]:

@@ -50,6 +50,7 @@ from nasjax.spec import AttentionSpec, BlockSpec, ConvSpec, ModelSpec
 __all__ = ["Transformer", "Block", "Stack", "Segments", "build", "max_attention_heads"]
 
 _X_AXES = ("activation_batch", "activation_length", "activation_embed")
+BLOCK_PARTS = ("all", "mixer", "ffn")
 
 
 def max_attention_heads(spec: ModelSpec) -> int:
@@ -68,9 +69,23 @@ class Block(nn.Module):
     block: BlockSpec
     model: ModelSpec
     dtype: Any = jnp.float32
+    # which sub-layers to run: "all" (the layer), or one of them alone, "mixer" (with
+    # mixer_norm) or "ffn" (with ffn_norm), on the same parameter names (Segments.sublayer)
+    part: str = "all"
 
     @nn.compact
     def __call__(self, x_BxLxD, *, padding_mask, key_bias, position_bias, deterministic):
+        if self.part not in BLOCK_PARTS:
+            raise ValueError(f"Block.part={self.part!r}: expected one of {', '.join(BLOCK_PARTS)}")
+        if self.part != "ffn":
+            x_BxLxD = self._mixer_sublayer(x_BxLxD, padding_mask, key_bias, position_bias, deterministic)
+        if self.part != "mixer" and self.block.ffn is not None:
+            f = self.block.ffn
+            ffn = FFN(f.d_ff, f.activation, f.use_bias, init_std=self.model.init_std, dtype=self.dtype, name="ffn")
+            x_BxLxD = self._sublayer(x_BxLxD, ffn, self.block.ffn_norm, "ffn_norm", deterministic)
+        return x_BxLxD
+
+    def _mixer_sublayer(self, x_BxLxD, padding_mask, key_bias, position_bias, deterministic):
         model, mixer_spec = self.model, self.block.mixer
         if isinstance(mixer_spec, AttentionSpec):
             attn = MultiHeadAttention(
@@ -104,12 +119,7 @@ class Block(nn.Module):
         else:  # a registered mixer kind that this version cannot build
             raise NotImplementedError(f"no module for mixer kind {getattr(mixer_spec, 'kind', mixer_spec)!r}")
 
-        x_BxLxD = self._sublayer(x_BxLxD, mixer, self.block.mixer_norm, "mixer_norm", deterministic)
-        if self.block.ffn is not None:
-            f = self.block.ffn
-            ffn = FFN(f.d_ff, f.activation, f.use_bias, init_std=model.init_std, dtype=self.dtype, name="ffn")
-            x_BxLxD = self._sublayer(x_BxLxD, ffn, self.block.ffn_norm, "ffn_norm", deterministic)
-        return x_BxLxD
+        return self._sublayer(x_BxLxD, mixer, self.block.mixer_norm, "mixer_norm", deterministic)
 
     def _sublayer(self, x_BxLxD, fn, placement, norm_name, deterministic):
         norm = make_norm(self.model.norm, self.model.norm_eps, name=norm_name, dtype=self.dtype)
@@ -321,6 +331,29 @@ class Segments:
         names.append("embed" if self._lm_head is None else "lm_head")
         return {n: params[n] for n in names}
 
+    def param_pieces(self, length: int) -> list[tuple[tuple, tuple[str, ...], Any]]:
+        """The model's parameters piece by piece: ``(key, path, init)`` per piece that holds
+        parameters, where ``init(rng)`` returns the piece's parameter dict (boxed, as
+        ``Module.init`` returns it), to be merged into the tree at ``path``. Together they
+        make exactly the tree of ``Transformer.init`` at this ``length``; equal keys make
+        equal trees (``nasjax.measure.params`` caches their shapes by key)."""
+        tokens = jnp.zeros((1, length), jnp.int32)
+        x = jnp.zeros((1, length, self.spec.d_model), self.dtype)
+        template = self.template_key()
+        pieces = [(("embed", template, length), ("embed",), lambda r: self._embed.init({"params": r}, tokens, None))]
+        for i in range(self.n_layers):
+            for part in self.sublayer_parts(i):
+                block = Block(self.spec.layers[i], self.spec, dtype=self.dtype, part=part)
+                init = lambda r, block=block: block.init(  # noqa: E731
+                    {"params": r}, x, padding_mask=None, key_bias=None, position_bias=None, deterministic=True
+                )
+                pieces.append(((*self.sublayer_key(i, part), length), (self.spec.kind, f"layer_{i}"), init))
+        if self._final_norm is not None:
+            pieces.append((("final_norm", template), ("final_norm",), lambda r: self._final_norm.init(r, x)))
+        if self._lm_head is not None:
+            pieces.append((("lm_head", template), ("lm_head",), lambda r: self._lm_head.init(r, x)))
+        return [(key, path, lambda r, init=init: init(r).get("params", {})) for key, path, init in pieces]
+
     def embed(self, embed_params, tokens_BxL):
         x_BxLxD = self._embed.apply({"params": embed_params}, tokens_BxL, None).astype(self.dtype)
         return nn.with_logical_constraint(x_BxLxD, _X_AXES)
@@ -352,6 +385,40 @@ class Segments:
         return self._blocks[i].apply(
             {"params": layer_params}, x_BxLxD, padding_mask=None, key_bias=None, position_bias=None, deterministic=True
         )
+
+    # Sub-layer pieces: a layer cut once more, into its mixer and its FFN sub-layer (each
+    # with its norm and residual). Heterogeneous stacks (LTS) repeat sub-layers far more
+    # often than whole layers: a layer is (mixer, FFN) and a space of m mixers and f
+    # FFN widths has m * f layers but only m + f sub-layers (nasjax.measure.hardware).
+    _SUBLAYER_PARAMS = {"mixer": ("mixer", "mixer_norm"), "ffn": ("ffn", "ffn_norm")}
+
+    def sublayer_parts(self, i: int) -> tuple[str, ...]:
+        """Layer ``i``'s sub-layers in order: ``("mixer", "ffn")``, or ``("mixer",)`` without an FFN."""
+        return ("mixer", "ffn") if self.spec.layers[i].ffn is not None else ("mixer",)
+
+    def sublayer_key(self, i: int, part: str) -> tuple:
+        """What sub-layer ``part`` of layer ``i`` depends on: its own spec and placement and
+        the model-wide settings (equal keys compute the same function of equal parameters)."""
+        block = self.spec.layers[i]
+        own = (block.mixer, block.mixer_norm) if part == "mixer" else (block.ffn, block.ffn_norm)
+        return (part, *own, self.template_key())
+
+    def sublayer_params(self, layer_params, part: str) -> dict:
+        """The parameters sub-layer ``part`` reads, out of its layer's."""
+        return {k: layer_params[k] for k in self._SUBLAYER_PARAMS[part] if k in layer_params}
+
+    def sublayer(self, i: int, part: str, sublayer_params, x_BxLxD):
+        """Sub-layer ``part`` of layer ``i`` (chaining a layer's parts computes :meth:`layer`)."""
+        block = Block(self.spec.layers[i], self.spec, dtype=self.dtype, part=part)
+        out = block.apply(
+            {"params": sublayer_params},
+            x_BxLxD,
+            padding_mask=None,
+            key_bias=None,
+            position_bias=None,
+            deterministic=True,
+        )
+        return out
 
     def logits(self, head_params, x_BxLxD):
         if self._final_norm is not None:

@@ -68,7 +68,7 @@ from nasjax.search.evaluate import (
 from nasjax.search.evolution import Proposal, RegularizedEvolution
 from nasjax.search.opnas import REWARDS, OpPriority, rank_reward
 from nasjax.search.primer import split_names
-from nasjax.search.run import EvolutionController
+from nasjax.search.run import EvolutionController, add_job_compile
 from nasjax.spec import ModelSpec, SpecError
 from nasjax.train.loop import Trainer
 
@@ -474,6 +474,7 @@ class _AutoBertController(EvolutionController):
 
         cid = job.key
         base = self.base[cid]
+        add_job_compile(base, result)
         if result.get("weights") is not None:  # pre-trained weights: told to the supernet in order
             self.trained[cid] = result.pop("weights")
             if self.supernet is not None:  # written before the result is journaled, so a crash loses nothing

@@ -78,7 +78,23 @@ class Job:
 
 
 def run_job(adapter, job: Job, should_stop=None) -> dict:
-    """Runs ``job`` with a method's evaluation adapter; failures become result dicts."""
+    """Runs ``job`` with a method's evaluation adapter; failures become result dicts.
+
+    Every result carries ``xla_compile_seconds``: what XLA spent compiling for this job
+    on its thread (:mod:`nasjax.compile_meter`; every program, per-op ones included),
+    plus what a compile-ahead thread compiled for it (``compile_ahead_xla_seconds``).
+    """
+    from nasjax import compile_meter
+
+    compile_meter.install()
+    t0 = compile_meter.thread_seconds()
+    out = _run_job(adapter, job, should_stop)
+    ahead = float(out.pop("compile_ahead_xla_seconds", 0.0) or 0.0)
+    out["xla_compile_seconds"] = compile_meter.thread_seconds() - t0 + ahead
+    return out
+
+
+def _run_job(adapter, job: Job, should_stop=None) -> dict:
     from nasjax.search.evaluate import CandidateFailed, Interrupted
     from nasjax.spec import ModelSpec
 

@@ -35,10 +35,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 
+from nasjax import compile_meter
 from nasjax import sharding as shd
 from nasjax.hostmem import release_free_memory
 from nasjax.measure.params import count_params
-from nasjax.measure.probe import LEAK_TOLERANCE, probe_model
+from nasjax.measure.probe import LEAK_TOLERANCE, probe_from_steps, probe_model, step_probe_batch
 from nasjax.search.evolution import hurdle_budgets, hurdle_steps
 from nasjax.spec import ModelSpec
 from nasjax.train import segmented
@@ -84,6 +85,47 @@ def _short(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def check_param_bound(spec: ModelSpec, cfg) -> int:
+    """The parameter count (eval_shape, nothing compiled), checked against ``search.max_params``;
+    raises :class:`CandidateFailed` at stage ``decode`` or ``params``."""
+    s = cfg.search
+    try:
+        params = int(count_params(spec)["total"])
+    except Exception as e:  # shape errors of a malformed genome surface when tracing
+        raise CandidateFailed("decode", f"the model does not trace: {_short(e)}") from None
+    if s.max_params and params > s.max_params:
+        raise CandidateFailed("params", f"{params:,} parameters > search.max_params={int(s.max_params):,}")
+    return params
+
+
+PROBES = ("auto", "steps", "model")
+
+
+def probe_on_steps(cfg) -> bool:
+    """Reads ``search.probe`` (auto | steps | model); raises ValueError naming it otherwise.
+
+    ``steps``: a candidate's probe runs on its own train-step pieces (``train.segmented``,
+    :meth:`nasjax.train.segmented.SegmentedSteps.probe`): one forward and backward on a
+    fixed batch of the training layout. Its checks then compile nothing that training
+    does not compile anyway, where the op-by-op probe compiled ~7 per-op programs per
+    new candidate (~0.25 s on this CPU, a quarter of a tiny search's compiling:
+    docs/benchmarks.md). The verdicts are those of the model probe; the equivalence
+    hashes come from another batch, so the two kinds never match each other.
+    ``auto``: steps with ``train.segmented`` in a one-process search, else model.
+    """
+    text = str(cfg.search.get("probe", "auto")).strip().lower()
+    if text not in PROBES:
+        raise ValueError(f"search.probe must be auto, steps or model, got {cfg.search.get('probe')!r}")
+    segmented_on = bool(cfg.train.get("segmented", False))
+    if text == "steps":
+        if not segmented_on:
+            raise ValueError("search.probe=steps runs the segmented train step: set train.segmented=true")
+        if jax.process_count() > 1:
+            raise ValueError("search.probe=steps runs in one-process searches only; use search.probe=model")
+        return True
+    return text == "auto" and segmented_on and jax.process_count() == 1
+
+
 def check_params_and_probe(
     spec: ModelSpec, cfg, seq_len: int, before_probe: Callable[[], None] | None = None, op_by_op: bool = False
 ):
@@ -98,12 +140,7 @@ def check_params_and_probe(
       :class:`CandidateFailed` at stage ``decode``, ``params`` or ``probe``.
     """
     s = cfg.search
-    try:
-        params = int(count_params(spec)["total"])
-    except Exception as e:  # shape errors of a malformed genome surface when tracing
-        raise CandidateFailed("decode", f"the model does not trace: {_short(e)}") from None
-    if s.max_params and params > s.max_params:
-        raise CandidateFailed("params", f"{params:,} parameters > search.max_params={int(s.max_params):,}")
+    params = check_param_bound(spec, cfg)
     if before_probe is not None:
         before_probe()
     try:
@@ -278,6 +315,11 @@ class TrainingEvaluator:
         self._layouts: tuple[dict, dict | None] | None = None
         self._trained = 0  # candidates trained by this evaluator (search.clear_caches_every)
         self._checked = 0  # candidates checked op by op (search.op_by_op_clear_every)
+        # search.probe=steps: the probe builds the candidate's trainer and initial state;
+        # train() takes them (the newest few, like compile-ahead's entries)
+        self.probe_steps = probe_on_steps(cfg)
+        self._probed: collections.OrderedDict[ModelSpec, tuple] = collections.OrderedDict()
+        self._probe_batch: dict | None = None
 
     def budget_text(self) -> str:
         unit = "s" if self.by_time else " steps"
@@ -334,8 +376,11 @@ class TrainingEvaluator:
         )
 
     def _compiled_trainer(self, spec: ModelSpec) -> Trainer:
+        t0 = compile_meter.thread_seconds()
         trainer = self._new_trainer(spec)
         trainer.precompile(*self._batch_layouts())
+        # XLA's compile seconds on this (compile-ahead) thread: the train job adds them to its own
+        trainer.ahead_xla_seconds = compile_meter.thread_seconds() - t0
         return trainer
 
     def start_compile(self, spec: ModelSpec) -> None:
@@ -369,8 +414,11 @@ class TrainingEvaluator:
         """Parameter bound and the probe; raises :class:`CandidateFailed`.
 
         With ``search.compile_ahead``, the train and eval steps start compiling once the
-        parameter bound has passed, while the probe runs.
+        parameter bound has passed, while the probe runs. With ``search.probe=steps`` the
+        probe runs on the candidate's train-step pieces (:meth:`_check_on_steps`).
         """
+        if self.probe_steps:
+            return self._check_on_steps(spec)
         try:
             params, probe = check_params_and_probe(
                 spec, self.cfg, self.seq_len, lambda: self.start_compile(spec), op_by_op=self.op_by_op
@@ -390,6 +438,69 @@ class TrainingEvaluator:
                 f"{LEAK_TOLERANCE:g})",
             )
         return CheckResult(params, probe.output_hash, probe.seconds, probe.output_hash_alt)
+
+    def _step_probe_batch(self, vocab_size: int) -> dict:
+        """The fixed probe batch, in the training batches' layout (built once: a search's
+        candidates share their vocabulary)."""
+        with self._val_lock:
+            batch = self._probe_batch
+        if batch is None:
+            layout = self._batch_layouts()[0]
+            size, length = layout["inputs"].shape
+            batch = step_probe_batch(vocab_size, size, length, int(self.cfg.seed), layout["weights"].dtype)
+            with self._val_lock:
+                self._probe_batch = batch
+        return batch
+
+    def _check_on_steps(self, spec: ModelSpec) -> CheckResult:
+        """The parameter bound, then the probe on the candidate's own train-step pieces.
+
+        The trainer, its initial state (op by op, as for training) and its compiled train
+        pieces are kept for :meth:`train`. A compile error fails the candidate at stage
+        ``compile``, as it would have in training.
+        """
+        params = check_param_bound(spec, self.cfg)
+        t0 = time.perf_counter()
+        try:
+            try:
+                trainer = self._new_trainer(spec)
+                state = trainer.init_state()
+            except Exception as e:  # shape errors of a malformed program surface when tracing
+                raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
+            batch = self._step_probe_batch(spec.vocab_size)
+            t_compile = time.perf_counter()
+            try:
+                trainer.compile(state, shd.shard_batch(batch, self.mesh))
+            except Exception as e:
+                raise CandidateFailed("compile", _short(e)) from None
+            t_compile = time.perf_counter() - t_compile
+            try:
+                out = trainer.probe(state.params, batch)
+            except Exception as e:
+                raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
+        finally:
+            if self._count_check_for_clearing():  # bound the per-op programs' memory (the init's)
+                jax.clear_caches()
+                release_free_memory()
+        seconds = time.perf_counter() - t0 - t_compile  # the compile is the trainer's (compile_seconds)
+        probe = probe_from_steps(out, self.seq_len, seed=int(self.cfg.seed), seconds=seconds)
+        if not probe.finite:
+            raise CandidateFailed("probe", "non-finite outputs at initialisation on the probe batch")
+        if not probe.causal:
+            raise CandidateFailed(
+                "probe",
+                f"causal leak: outputs depend on later positions (relative gradient {probe.causal_leak:.3g} > "
+                f"{LEAK_TOLERANCE:g})",
+            )
+        with self._ahead_lock:
+            self._probed[spec] = (trainer, state)
+            while len(self._probed) > self._ahead_keep:
+                self._probed.popitem(last=False)
+        return CheckResult(params, probe.output_hash, probe.seconds, probe.output_hash_alt)
+
+    def _take_probed(self, spec: ModelSpec) -> tuple | None:
+        with self._ahead_lock:
+            return self._probed.pop(spec, None)
 
     # ------------------------------------------------------------------ engine jobs (plain dicts)
     def check_job(self, spec: ModelSpec) -> dict:
@@ -417,12 +528,17 @@ class TrainingEvaluator:
                 )
             )
 
+        costs: dict = {}
         try:
-            out = self.train(spec, list(payload.get("thresholds", [])), on_hurdle=on_hurdle, should_stop=should_stop)
+            out = self.train(
+                spec, list(payload.get("thresholds", [])), on_hurdle=on_hurdle, should_stop=should_stop, costs=costs
+            )
         except CandidateFailed as e:
             e.info["hurdles"] = hurdles  # observations made before the failure still count
+            e.info.update(costs)
             raise
         return {
+            **costs,
             "fitness": out.fitness,
             "stopped_at_hurdle": out.stopped_at_hurdle,
             "hurdle_fitness": out.hurdle_fitness,
@@ -447,18 +563,29 @@ class TrainingEvaluator:
         thresholds: list[float | None],
         on_hurdle: Callable[..., None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        costs: dict | None = None,
     ) -> TrainOutcome:
-        """Trains ``spec`` band by band; raises :class:`CandidateFailed` or :class:`Interrupted`."""
+        """Trains ``spec`` band by band; raises :class:`CandidateFailed` or :class:`Interrupted`.
+
+        ``costs``: a dict that receives ``compile_ahead_xla_seconds`` (what a compile-ahead
+        thread compiled for this candidate), failure or not."""
+        costs = {} if costs is None else costs
         cfg, s = self.cfg, self.cfg.search
-        ahead = self._take_compiled(spec)
+        probed = self._take_probed(spec)  # search.probe=steps: trainer and state from the check
+        ahead = self._take_compiled(spec) if probed is None else None
         try:
-            if ahead is not None:
-                trainer = ahead.result()  # a compile error surfaces here, as stage "compile"
+            init_seconds = 0.0
+            if probed is not None:
+                trainer, state = probed
             else:
-                trainer = self._new_trainer(spec)
-            t_init = time.perf_counter()
-            state = trainer.init_state()
-            init_seconds = time.perf_counter() - t_init  # counted with compiling: per-candidate overhead
+                if ahead is not None:
+                    trainer = ahead.result()  # a compile error surfaces here, as stage "compile"
+                    costs["compile_ahead_xla_seconds"] = getattr(trainer, "ahead_xla_seconds", 0.0)
+                else:
+                    trainer = self._new_trainer(spec)
+                t_init = time.perf_counter()
+                state = trainer.init_state()
+                init_seconds = time.perf_counter() - t_init  # counted with compiling: per-candidate overhead
             iterator = self.data.train_iterator()
             first = next(iterator)
             trainer.compile(state, shd.shard_batch(first, self.mesh))

@@ -6,7 +6,11 @@ Nothing is trained. Each architecture of the heterogeneous GPT-2 space
 * P: decoder (non-embedding) parameters, archai's analytic formula (higher is better:
   the perplexity proxy);
 * latency: the jit-compiled forward at batch ``lts.batch`` (1) and ``lts.seq_len`` on the
-  device the search runs on, median of ``lts.latency_repeats`` runs after warm-up;
+  device the search runs on, median of ``lts.latency_repeats`` runs after warm-up. With
+  ``lts.programs = sublayers`` (default) the forward runs as a chain of attention and FFN
+  sub-layer programs that every architecture shares, so the search compiles each
+  sub-layer shape once rather than one program per architecture
+  (:mod:`nasjax.measure.hardware`); ``model`` compiles each architecture whole;
 * memory: XLA's memory analysis of that compiled forward. ``lts.memory = activations``
   (default) is what the forward allocates on top of the resident weights, the quantity
   the paper's PyTorch profiler sums (weights exist before profiling starts); ``total``
@@ -27,7 +31,7 @@ lower convex hull of (latency, -P), the variant the seed text describes.
 
 Journal events: ``measured`` (id, key, iteration, origin, genome, decoder_params,
 total_params, latency_s, latency_std_s, peak_memory_bytes, device_peak_bytes, flops,
-compile_seconds, proxies), ``failed`` (same plus stage, reason: a latency or memory cap
+compile_seconds, compiled_pieces, proxies), ``failed`` (same plus stage, reason: a latency or memory cap
 from the config, or a measurement error), ``iteration`` (iteration, population keys,
 front ids). Random draws come from ``default_rng([seed, iteration])``; on resume every
 population is regenerated from the replayed measurements, and an architecture whose
@@ -111,8 +115,18 @@ class LTSMeasurer:
     peak memory, FLOPs (and the zero-cost proxies named in ``lts.proxies``)."""
 
     def __init__(self, cfg):
+        from nasjax.measure import hardware
+
         self.lts = cfg.lts
         self.proxies = tuple(p.strip() for p in str(self.lts.proxies).split(",") if p.strip())
+        self.programs = str(self.lts.get("programs", "model"))
+        if self.programs not in hardware.PROGRAMS:
+            choices = ", ".join(hardware.PROGRAMS)
+            raise ValueError(f"lts.programs: expected one of {choices}, got {self.programs!r}")
+        max_pieces = self.lts.get("max_pieces", hardware.DEFAULT_MAX_PIECES)
+        if isinstance(max_pieces, bool) or not isinstance(max_pieces, int) or max_pieces < 1:
+            raise ValueError(f"lts.max_pieces: expected an int >= 1, got {max_pieces!r}")
+        hardware.set_max_pieces(max_pieces)
 
     def measure_job(self, spec, payload: dict) -> dict:
         from nasjax.measure import hardware
@@ -121,7 +135,11 @@ class LTSMeasurer:
         t0 = time.perf_counter()
         counts = count_params(spec)
         hw = hardware.measure_hardware(
-            spec, int(self.lts.seq_len), batch=int(self.lts.batch), repeats=int(self.lts.latency_repeats)
+            spec,
+            int(self.lts.seq_len),
+            batch=int(self.lts.batch),
+            repeats=int(self.lts.latency_repeats),
+            programs=self.programs,
         )
         fields = dict(
             counted_decoder_params=int(counts["non_embedding"]),
@@ -133,6 +151,7 @@ class LTSMeasurer:
             device_peak_bytes=hw.device_peak_bytes,
             flops=hw.flops,
             compile_seconds=hw.compile_seconds,
+            compiled_pieces=hw.compiled_pieces,
             backend=hw.backend,
         )
         if self.proxies:

@@ -17,7 +17,9 @@ Journal events (one JSON line each; fields beyond ``event``/``seq``/``time``):
 ``started``   id, thresholds (the hurdle thresholds handed to this evaluation)
 ``hurdle``    id, hurdle, fitness, threshold, passed, step, train_seconds
 ``finished``  id, fitness, stopped_at_hurdle, hurdle_fitness, steps, params, compile_seconds,
-              train_seconds, probe_seconds, memory_bytes, hash, fec_hash, fec_hash_alt, cached_from, reason
+              train_seconds, probe_seconds, xla_compile_seconds (every XLA compile of the
+              candidate's jobs, per-op programs of its probe included: nasjax.compile_meter),
+              memory_bytes, hash, fec_hash, fec_hash_alt, cached_from, reason
 ``failed``    id, stage, reason, hash, fec_hash, params, cached_from
 
 Resume: the records are replayed into the evolution (proposals, results) and the hurdle
@@ -77,6 +79,9 @@ RESUMABLE_KEYS = (
     # differ only by float rounding (a search started before the setting existed resumes)
     "search.op_by_op",
     "search.op_by_op_clear_every",
+    # the same verdicts (finite, causal) from the train-step pieces; equivalence hashes of the
+    # two probes differ, so a resumed search only finds fewer equivalent candidates across it
+    "search.probe",
     "compile_cache_dir",
     "compile_cache_min_seconds",
     "compile_cache_max_mb",
@@ -93,7 +98,13 @@ RESUMABLE_KEYS = (
     "process_max_restarts",
     "process_start_timeout_s",
     "collective_timeout_s",
+    # how many compiled LTS pieces a process keeps: memory only, the measurements are alike
+    "lts.max_pieces",
 )
+
+# Settings added after journals were written with their old behaviour: a journal whose
+# header lacks the key ran with this value (so resuming it asks for that value).
+LEGACY_DEFAULTS = {"lts.programs": "model"}
 
 
 # Failures that may not repeat (a backend hiccup, a compile-time OOM): never reused for duplicates.
@@ -121,6 +132,7 @@ class ResultIndex:
         self.by_fec: dict[str, dict] = {}
         self.cache_hits = 0
         self.compile_seconds = self.train_seconds = self.probe_seconds = 0.0
+        self.xla_compile_seconds = 0.0  # every XLA compile of every job (nasjax.compile_meter)
 
     def add(self, rec: dict) -> None:
         transient = rec["event"] == "failed" and rec.get("stage") in TRANSIENT_STAGES
@@ -135,11 +147,20 @@ class ResultIndex:
         self.compile_seconds += float(rec.get("compile_seconds") or 0.0)
         self.train_seconds += float(rec.get("train_seconds") or 0.0)
         self.probe_seconds += float(rec.get("probe_seconds") or 0.0)
+        self.xla_compile_seconds += float(rec.get("xla_compile_seconds") or 0.0)
 
     def match(self, check: dict) -> dict | None:
         """An earlier result whose probe outputs hash like ``check``'s (either rounding grid)."""
         keys = (f"fec_hash:{check.get('fec_hash')}", f"fec_hash_alt:{check.get('fec_hash_alt')}")
         return next((self.by_fec[k] for k in keys if k in self.by_fec), None)
+
+
+def add_job_compile(base: dict, result: dict) -> None:
+    """Adds a job's XLA compile seconds (``engine.run_job``) to its candidate's record fields:
+    a candidate's ``xla_compile_seconds`` sums its jobs (check, then train)."""
+    base["xla_compile_seconds"] = float(base.get("xla_compile_seconds", 0.0)) + float(
+        result.get("xla_compile_seconds") or 0.0
+    )
 
 
 def make_space(cfg, vocab_size: int):
@@ -184,6 +205,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _check_same_search(header: dict, cfg, path: str) -> None:
     old = _flatten(header.get("config", {}))
     new = _flatten(json.loads(cfg.to_json()))
+    for key, value in LEGACY_DEFAULTS.items():
+        if key in new and key not in old:
+            old[key] = value
     if header.get("method") != cfg.search.method:
         raise SearchError(f"{path} holds a {header.get('method')!r} search, not {cfg.search.method!r}")
     diffs = [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
@@ -359,6 +383,7 @@ class _Controller(EvolutionController):
 
         cid = job.key
         base = self.base[cid]
+        add_job_compile(base, result)
         if not result["ok"]:
             self._journal_hurdles(cid, result.get("hurdles", []))
             self.base.pop(cid)
@@ -403,7 +428,8 @@ class _Controller(EvolutionController):
         share = compile_total / max(compile_total + self.train_seconds, 1e-9)
         return (
             f"[{n}/{total}] #{rec['id']} {origin}: {what} | {best_text} | failed {self.failures()} "
-            f"| compile+probe {compile_total:.0f}s ({share:.0%}) train {self.train_seconds:.0f}s | {wall:.0f}s"
+            f"| compile+probe {compile_total:.0f}s ({share:.0%}) train {self.train_seconds:.0f}s "
+            f"| XLA compiling {self.xla_compile_seconds:.0f}s | {wall:.0f}s"
         )
 
 
@@ -571,7 +597,11 @@ def _run_evolution(ctx: SearchContext) -> SearchSummary:
         train_seconds=ctl.train_seconds,
         probe_seconds=ctl.probe_seconds,
         wall_seconds=time.perf_counter() - t_start,
-        extra={"engine": str(cfg.get("engine", "inline")), "in_flight": ctl.in_flight},
+        extra={
+            "engine": str(cfg.get("engine", "inline")),
+            "in_flight": ctl.in_flight,
+            "xla_compile_seconds": ctl.xla_compile_seconds,
+        },
     )
 
 
@@ -647,6 +677,7 @@ def write_status(workdir: str, ctl, status: str, total: int) -> None:
         "compile_seconds": ctl.compile_seconds,
         "train_seconds": ctl.train_seconds,
         "probe_seconds": ctl.probe_seconds,
+        "xla_compile_seconds": ctl.xla_compile_seconds,
     }
     tmp = os.path.join(workdir, "status.json.tmp")
     with open(tmp, "w") as f:

@@ -256,6 +256,18 @@ class Trainer:
             self._eval_fn(abstract_batch(eval_batch))
         return self.compile_seconds - t0
 
+    def probe(self, params, host_batch: dict) -> dict:
+        """The pre-training checks on this model's own train-step pieces
+        (``train.segmented``; :meth:`SegmentedSteps.probe`): compiles the train step for
+        the batch's layout if needed, then runs one forward and backward without updating.
+        """
+        if self._segments is None:
+            raise TrainConfigError("Trainer.probe runs the segmented train step; set train.segmented=true")
+        batch = shd.shard_batch(host_batch, self.mesh)
+        if self._compiled_train is None or tuple(sorted(batch)) != self._batch_keys:
+            self.compile(self.restore_target(), abstract_batch(batch))
+        return self._segments.probe(params, batch)
+
     def memory_bytes(self) -> dict:
         """XLA's memory analysis of the compiled train step (bytes per device), {} if unknown.
 

@@ -340,11 +340,13 @@ class SegmentedSteps:
         rep = shd.replicated(self.mesh)
         head_sh = (rep, rep, jax.tree.map(lambda a: a.sharding, head_p), x.sharding, rep)
         head = self._get(("head", *head_key), head_grads, head_p, x, targets, weights, out_shardings=head_sh)
+        probe_key = ("probe_head", seg.template_key(), _layout(head_p), _layout(x))
+        probe_head = (probe_key, head_p, x)  # compiled on the first probe (search.probe=steps)
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(self.mesh))
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(self.mesh))
         n_sums = seg.n_layers + 2
         norm = self._get(("norm", self.opt_key, n_sums), self._norm, (scalar,) * n_sums, scalar, scalar, step)
-        return {"embed": embed, "layers": layers, "head": head, "norm": norm}
+        return {"embed": embed, "layers": layers, "head": head, "norm": norm, "probe_head": probe_head}
 
     def _loss(self, head_params, x, targets, weights):
         loss_sum, weight_sum = losses.token_cross_entropy(self.seg.logits(head_params, x), targets, weights)
@@ -435,22 +437,75 @@ class SegmentedSteps:
                 jax.block_until_ready(out)
         return out
 
-    def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        plan, seg, run = self._train[1], self.seg, self._run
-        params = state.params
-        head_p = seg.head_params(params)
-        fwd, embed_bwd, _ = plan["embed"]
+    def _forward_backward(self, plan, params, batch: dict) -> dict:
+        """The step's forward and backward through the layers (everything but the
+        embedding's backward and the update): the last layer's output ``x``, the loss and
+        weight sums, the head's and layers' gradients, their squared norms, the
+        gradient w.r.t. the first layer's input ``g_x`` and the embedding's vjp."""
+        seg, run = self.seg, self._run
+        fwd, _, _ = plan["embed"]
         x, embed_vjp = run(fwd, params["embed"], batch["inputs"])
         vjps = []
         for i, layer in enumerate(plan["layers"]):
             x, vjp = run(layer[0], seg.layer_params(params, i), x)
             vjps.append(vjp)
+        head_p = seg.head_params(params)
         loss_sum, weight_sum, g_head, g_x, sum_head = run(plan["head"], head_p, x, batch["targets"], batch["weights"])
         sums, g_layers = [sum_head], [None] * len(vjps)
         for i in reversed(range(len(vjps))):
             g_layers[i], g_x, s = run(plan["layers"][i][1], vjps[i], g_x, None)
             sums.append(s)
-        g_embed, _, s = run(embed_bwd, embed_vjp, g_x, g_head.get("embed"))
+        return {
+            "x": x,
+            "loss_sum": loss_sum,
+            "weight_sum": weight_sum,
+            "g_head": g_head,
+            "g_layers": g_layers,
+            "sums": sums,
+            "g_x": g_x,
+            "embed_vjp": embed_vjp,
+        }
+
+    def probe(self, params, batch: dict) -> dict:
+        """A candidate's pre-training checks on its own train-step pieces (``search.probe=steps``).
+
+        Runs the forward and the backward of a train step on ``batch`` (a batch of the
+        train layout, whose pieces :meth:`compile` built) without updating anything, and
+        a shared forward-only head piece. Returns host arrays: ``last_logits`` [B, V] (the
+        last position's logits of every row), ``finite`` (all logits finite) and
+        ``input_grads`` [B, L, D] (the loss gradient w.r.t. the first layer's input, i.e.
+        the summed input embeddings; :func:`nasjax.measure.probe.probe_from_steps` reads
+        causality from it). A candidate probed this way compiles nothing beyond its
+        training pieces: its checks run on programs it trains with anyway.
+        """
+        if self._train is None or self._train[0] != _layout(_abstract(batch)):
+            raise ValueError("SegmentedSteps.probe: compile the train pieces for this batch layout first")
+        plan = self._train[1]
+        key, abstract_head_params, abstract_x = plan["probe_head"]
+
+        def probe_head(p, x):
+            logits = self.seg.logits(p, x)
+            return logits[:, -1, :], jnp.all(jnp.isfinite(logits))
+
+        head = self._get(key, probe_head, abstract_head_params, abstract_x)
+        with self._serial:
+            out = self._forward_backward(plan, params, batch)
+            last, finite = self._run(head, self.seg.head_params(params), out["x"])
+            host = jax.device_get({"last_logits": last, "finite": finite, "input_grads": out["g_x"]})
+        return {k: np.asarray(v) for k, v in host.items()}
+
+    def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        plan, run = self._train[1], self._run
+        params = state.params
+        fb = self._forward_backward(plan, params, batch)
+        loss_sum, weight_sum, g_head, g_layers, sums = (
+            fb["loss_sum"],
+            fb["weight_sum"],
+            fb["g_head"],
+            fb["g_layers"],
+            fb["sums"],
+        )
+        g_embed, _, s = run(plan["embed"][1], fb["embed_vjp"], fb["g_x"], g_head.get("embed"))
         sums.append(s)
         stats = run(plan["norm"], tuple(sums), weight_sum, loss_sum, state.step)
         grads = self._grad_tree(params, g_embed, g_layers, g_head)

@@ -88,6 +88,24 @@ def _params_fn(model: nn.Module, seq_len: int):
     return init
 
 
+def _lazy_params(model: nn.Module, seq_len: int, rng) -> Any:
+    """The parameters of ``model.init`` computed op by op without its forward pass.
+
+    ``Module.lazy_init`` executes only what the parameters depend on (the key
+    derivations and the initializers) and traces the rest abstractly: the same values
+    as the eager ``init`` (same ops on the same keys, tested bit for bit), without the
+    forward's ops, each of which would otherwise compile a per-op program for every new
+    shape. A model whose parameters depend on its input values cannot be initialised
+    lazily (flax raises); it runs the eager init instead.
+    """
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    try:
+        variables = model.lazy_init({"params": rng, "dropout": rng}, tokens)
+    except Exception:  # LazyInitError or an older flax: the eager init gives the same values
+        return _params_fn(model, seq_len)(rng)
+    return nn.meta.unbox(variables["params"])
+
+
 def initial_params(model: nn.Module, seed: int, seq_len: int, shardings: Any = None, op_by_op: bool = False) -> Any:
     """The model's initial parameters for ``seed`` (unboxed).
 
@@ -100,15 +118,17 @@ def initial_params(model: nn.Module, seed: int, seq_len: int, shardings: Any = N
     program, which jax compiles once per (op, shapes) and keeps for the process. Within a
     search, candidates share most of those programs, so after the first candidate
     (~8 s of cold per-op compiles on CPU) an init costs ~0.3-0.5 s instead of ~1.2 s
-    (``search.op_by_op``). The values equal the compiled init's up to float rounding
-    (the normal sampler's transcendental functions are fused differently): callers that
-    must agree (a probe and its candidate's trainer) use the same setting.
+    (``search.op_by_op``). Only the parameters' own computation runs, not the forward
+    pass that ``init`` goes through (:func:`_lazy_params`). The values equal the
+    compiled init's up to float rounding (the normal sampler's transcendental functions
+    are fused differently): callers that must agree (a probe and its candidate's
+    trainer) use the same setting.
 
     ``shardings``: where the leaves go (None: the default device).
     """
     key = jax.random.key(seed)
     if op_by_op:
-        params = _params_fn(model, seq_len)(key)
+        params = _lazy_params(model, seq_len, key)
         return params if shardings is None else jax.device_put(params, shardings)
     fn = jax.jit(_params_fn(model, seq_len), out_shardings=shardings)
     return compile_for_one_run(fn.lower(key))(key)

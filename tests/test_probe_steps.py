@@ -1,0 +1,138 @@
+"""search.probe=steps: a candidate's checks on its own train-step pieces give the model probe's verdicts."""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from nasjax import sharding as shd
+from nasjax.config import apply_overrides, load_config_file
+from nasjax.genome.primer import primer_ez_program, program_model_spec, vanilla_program
+from nasjax.genome.program import Instruction
+from nasjax.measure.probe import probe_from_steps, probe_model, step_probe_batch
+from nasjax.models import get_spec
+from nasjax.train.loop import TrainConfigError, Trainer
+
+VOCAB, LEN, BATCH = 64, 16, 8
+PRIMER_TINY = os.path.join(os.path.dirname(__file__), "..", "configs/search/primer.py:tiny")
+
+
+def _train_cfg(**overrides):
+    cfg = load_config_file(PRIMER_TINY)
+    base = {"train.segmented": True, "train.flat_optimizer": False, "train.batch_size": BATCH}
+    base.update(overrides)
+    return apply_overrides(cfg, base).train
+
+
+def steps_probe(spec, devices=1, pieces="subprogram"):
+    mesh = shd.make_mesh((devices, 1, 1), devices=jax.devices()[:devices])
+    trainer = Trainer(
+        spec, _train_cfg(**{"train.segmented_pieces": pieces}), mesh, shd.DEFAULT_RULES, 0, LEN, op_by_op=True
+    )
+    state = trainer.init_state()
+    batch = step_probe_batch(spec.vocab_size, BATCH, LEN, seed=0)
+    out = trainer.probe(state.params, batch)
+    assert set(out) == {"last_logits", "finite", "input_grads"}
+    assert out["last_logits"].shape == (BATCH, spec.vocab_size) and out["input_grads"].shape == (
+        BATCH,
+        LEN,
+        spec.d_model,
+    )
+    return probe_from_steps(out, LEN, seed=0), trainer
+
+
+def _gpt2(**kw):
+    return get_spec("gpt2", "tiny", vocab_size=VOCAB, max_len=LEN, dropout_rate=0.0, attention_dropout_rate=0.0, **kw)
+
+
+def test_probe_batch_weights_cover_each_rows_prefix():
+    batch = step_probe_batch(VOCAB, 5, LEN, seed=0)
+    assert batch["inputs"].shape == batch["targets"].shape == batch["weights"].shape == (5, LEN)
+    assert batch["inputs"].dtype == np.int32 and batch["weights"].dtype == np.float32
+    # the middle position first, then 0, LEN // 3, LEN - 2, cycling
+    prefix = batch["weights"].sum(axis=1).astype(int) - 1
+    assert list(prefix) == [LEN // 2, 0, LEN // 3, LEN - 2, LEN // 2]
+    assert (batch["weights"] == step_probe_batch(VOCAB, 5, LEN, seed=0)["weights"]).all()
+
+
+def test_a_causal_model_passes_and_a_leaking_one_fails(monkeypatch):
+    from nasjax.layers import attention
+    from nasjax.train import segmented
+
+    causal, _ = steps_probe(_gpt2())
+    assert causal.finite and causal.causal_leak == 0.0 and causal.causal
+    # a decoder whose attention sees the future: the causal mask lets every key through
+    segmented.clear_programs()  # the pieces above were compiled with the mask
+    monkeypatch.setattr(attention, "causal_mask", lambda length: np.ones((length, length), bool))
+    try:
+        leaky, _ = steps_probe(_gpt2())
+        model = probe_model(_gpt2(), seq_len=LEN)
+    finally:
+        segmented.clear_programs()
+    assert leaky.finite and leaky.causal_leak > 1e-3 and not leaky.causal
+    assert not model.causal  # the model probe agrees
+
+
+def test_verdicts_agree_with_the_model_probe_on_primer_programs():
+    """Causal and finite alike on the seeds and on programs that look at the future
+    (a causal mask dropped) or overflow at init (exp of exp)."""
+    seeds = [vanilla_program(2, 32, 64), primer_ez_program(2, 32, 64)]
+    programs = list(seeds)
+    # non-finite at init: a layer that returns exp(exp(exp(x)))
+    base = seeds[0]
+    blowup = base.subprograms[0]
+    exps = tuple(Instruction("EXP", in1=1) for _ in range(3))
+    subs = list(base.subprograms)
+    subs[0] = dataclasses.replace(blowup, instructions=blowup.instructions + exps)
+    programs.append(dataclasses.replace(base, subprograms=tuple(subs)))
+    for program in programs:
+        spec = program_model_spec(program, base_dim=16, d_model=32, n_layers=1, vocab_size=VOCAB, max_len=LEN)
+        steps, _ = steps_probe(spec)
+        model = probe_model(spec, seq_len=LEN, op_by_op=True)
+        assert (steps.finite, steps.causal) == (model.finite, model.causal), (steps, model)
+
+
+def test_equivalent_programs_share_a_hash_on_steps():
+    """A live no-op instruction (x * 0 added back) changes the program, not the function."""
+    base = vanilla_program(2, 32, 64)
+    ffn = base.subprograms[4]
+    noop = ffn.instructions + (Instruction("C_MUL", in1=1, const=1), Instruction("ADD", in1=2, in2=1))
+    assert base.constants[1] == 0.0
+    subs = list(base.subprograms)
+    subs[4] = dataclasses.replace(ffn, instructions=noop)
+    variant = dataclasses.replace(base, subprograms=tuple(subs))
+    spec = lambda p: program_model_spec(p, base_dim=16, d_model=32, n_layers=2, vocab_size=VOCAB, max_len=LEN)  # noqa: E731
+    a, _ = steps_probe(spec(base))
+    b, _ = steps_probe(spec(variant))
+    assert a.output_hash == b.output_hash or a.output_hash_alt == b.output_hash_alt
+    c, _ = steps_probe(spec(primer_ez_program(2, 32, 64)))
+    assert c.output_hash != a.output_hash
+
+
+def test_probe_on_eight_devices_matches_one_device():
+    one, _ = steps_probe(_gpt2())
+    eight, _ = steps_probe(_gpt2(), devices=8)
+    assert eight.causal_leak == 0.0 and (
+        one.output_hash == eight.output_hash or one.output_hash_alt == eight.output_hash_alt
+    )
+
+
+def test_probe_needs_the_segmented_step():
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    trainer = Trainer(_gpt2(), _train_cfg(**{"train.segmented": False}), mesh, shd.DEFAULT_RULES, 0, LEN)
+    with pytest.raises(TrainConfigError, match="set train.segmented=true"):
+        trainer.probe(None, step_probe_batch(VOCAB, BATCH, LEN))
+
+
+def test_search_probe_setting_is_read_or_refused(search_config):
+    from nasjax.search.evaluate import probe_on_steps
+
+    assert probe_on_steps(search_config())  # the tiny preset: segmented, one process
+    assert not probe_on_steps(search_config(**{"search.probe": "model"}))
+    assert not probe_on_steps(search_config(**{"train.segmented": False}))
+    with pytest.raises(ValueError, match="search.probe=steps runs the segmented train step"):
+        probe_on_steps(search_config(**{"train.segmented": False, "search.probe": "steps"}))
+    with pytest.raises(ValueError, match="search.probe must be auto, steps or model, got 'sometimes'"):
+        probe_on_steps(search_config(**{"search.probe": "sometimes"}))
