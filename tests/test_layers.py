@@ -487,3 +487,31 @@ def test_softmax_value_and_derivatives_match_the_plain_formula():
     _, t = jax.jvp(softmax, (masked,), (dx,))
     _, t_ref = jax.jvp(lambda z: jax.nn.softmax(z, axis=-1), (masked,), (dx,))
     np.testing.assert_allclose(_np(t), _np(t_ref), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3,), (64, 128), (7, 5, 3), (262, 64), (1,), (0, 4), (2, 2, 16, 9)])
+def test_initializers_give_flax_values_op_by_op_and_traced(shape):
+    """nasjax.layers.init: Flax's values, bit for bit, eagerly (a 1-D draw of a size class,
+    cut on the host), under vmap (branched parameters) and under jit (Flax's expression)."""
+    import flax.linen as nn
+
+    from nasjax.layers import init as ours
+
+    key = jax.random.key(sum(shape) + 1)
+    pairs = [
+        (ours.normal(0.02), nn.initializers.normal(0.02)),
+        (ours.zeros, nn.initializers.zeros),
+        (ours.ones, nn.initializers.ones),
+        (ours.constant(0.3), nn.initializers.constant(0.3)),
+    ]
+    keys = jax.random.split(key, 3)
+    for mine, ref in pairs:
+        for run in (
+            lambda f: f(key, shape, jnp.float32),
+            lambda f: jax.jit(lambda k: f(k, shape, jnp.float32))(key),
+            lambda f: jax.vmap(lambda k: f(k, shape, jnp.float32))(keys),
+        ):
+            a, b = np.asarray(run(mine)), np.asarray(run(ref))
+            assert a.shape == b.shape and a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+    assert [ours.size_class(n) for n in (1, 7, 8, 9, 100, 4096, 4097)] == [1, 7, 8, 10, 112, 4096, 5120]

@@ -18,6 +18,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from nasjax.layers import init as initializers
+
 __all__ = ["shift_right", "CausalDepthwiseConv"]
 
 
@@ -59,7 +61,7 @@ class CausalDepthwiseConv(nn.Module):
             value = 0.5 if i == 0 else 0.5 / self.kernel_size
             w = self.param(
                 f"tap_{i}",
-                nn.with_logical_partitioning(nn.initializers.constant(value), names),
+                nn.with_logical_partitioning(initializers.constant(value), names),
                 trailing,
                 jnp.float32,
             )

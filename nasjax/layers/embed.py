@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from nasjax.layers import init as initializers
 from nasjax.layers.norms import make_norm
 
 __all__ = [
@@ -96,7 +97,7 @@ class RelativePositionBias(nn.Module):
     def __call__(self, q_len: int, k_len: int) -> jnp.ndarray:
         table_NxH = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), (None, "heads")),
+            nn.with_logical_partitioning(initializers.normal(self.init_std), (None, "heads")),
             (self.num_buckets, self.n_heads),
             jnp.float32,
         )
@@ -157,7 +158,7 @@ class Embeddings(nn.Module):
     dtype: Any = None
 
     def setup(self):
-        init = nn.initializers.normal(self.init_std)
+        init = initializers.normal(self.init_std)
         embed = lambda n, axes: nn.Embed(
             n,
             self.d_model,

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nasjax.layers import init as initializers
+
 __all__ = ["squared_relu", "ACTIVATIONS", "GATED_ACTIVATIONS", "Dense", "make_dense", "FFN"]
 
 
@@ -76,7 +78,7 @@ class Dense(nn.Module):
             raise ValueError(f"{len(axes)} logical names {axes} for a kernel of shape {kernel_shape}")
         kernel = self.param(
             "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), axes),
+            nn.with_logical_partitioning(initializers.normal(self.init_std), axes),
             kernel_shape,
             jnp.float32,
         )
@@ -94,7 +96,7 @@ class Dense(nn.Module):
         if self.use_bias:
             bias = self.param(
                 "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, axes[-len(features) :]),
+                nn.with_logical_partitioning(initializers.zeros, axes[-len(features) :]),
                 features,
                 jnp.float32,
             )

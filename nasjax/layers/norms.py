@@ -15,14 +15,16 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from nasjax.layers import init as initializers
+
 __all__ = ["LayerNorm", "RMSNorm", "PrimerNorm", "make_norm", "NORMS"]
 
 
 def _scale_bias(module: nn.Module, d: int, use_bias: bool):
-    scale = module.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,), jnp.float32)
+    scale = module.param("scale", nn.with_logical_partitioning(initializers.ones, ("embed",)), (d,), jnp.float32)
     bias = None
     if use_bias:
-        bias = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
+        bias = module.param("bias", nn.with_logical_partitioning(initializers.zeros, ("embed",)), (d,), jnp.float32)
     return scale, bias
 
 

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from nasjax.genome.program import OPS, Program, ProgramSpec, instruction_names, resolve_reference
+from nasjax.layers import init as initializers
 from nasjax.layers.dconv import CausalDepthwiseConv
 from nasjax.layers.mlp import make_dense
 
@@ -155,9 +156,9 @@ class LearnedOp(nn.Module):
         dtype = self.dtype or x_BxLxW.dtype
         x = x_BxLxW.astype(dtype)
         if op == "SCALE":
-            return x * self.param("scale", nn.initializers.ones, (width,), jnp.float32).astype(dtype)
+            return x * self.param("scale", initializers.ones, (width,), jnp.float32).astype(dtype)
         if op == "SHIFT":
-            return x + self.param("shift", nn.initializers.zeros, (width,), jnp.float32).astype(dtype)
+            return x + self.param("shift", initializers.zeros, (width,), jnp.float32).astype(dtype)
         if op == "CONV_1X1":
             dense = make_dense(self.features, (None, None), name="dense", use_bias=False, init_std=self.init_std)
             return dense(x).astype(dtype)
@@ -166,7 +167,7 @@ class LearnedOp(nn.Module):
             return CausalDepthwiseConv(kernel_size, dtype=dtype, name="dconv")(x)
         # Causal full conv: left-pad k-1 positions; kernel[k-1] multiplies the current position.
         kernel = self.param(
-            "kernel", nn.initializers.normal(self.init_std), (kernel_size, width, self.features), jnp.float32
+            "kernel", initializers.normal(self.init_std), (kernel_size, width, self.features), jnp.float32
         )
         return jax.lax.conv_general_dilated(
             x,

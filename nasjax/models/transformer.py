@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from nasjax.genome.attn_graph import GraphAttentionSpec
 from nasjax.genome.program import ProgramSpec
+from nasjax.layers import init as initializers
 from nasjax.layers.attention import MultiHeadAttention, padding_key_bias
 from nasjax.layers.conv import GLUConvBlock
 from nasjax.layers.dropout import Dropout
@@ -168,7 +169,7 @@ class MLMHead(nn.Module):
         h = make_dense(m.d_model, ("embed", None), name="transform", init_std=m.init_std, dtype=self.dtype)(x_BxLxD)
         h = make_norm(m.norm, m.norm_eps, name="norm", dtype=self.dtype)(jax.nn.gelu(h, approximate=False))
         bias_V = self.param(
-            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (m.vocab_size,), jnp.float32
+            "bias", nn.with_logical_partitioning(initializers.zeros, ("vocab",)), (m.vocab_size,), jnp.float32
         )
         return decode(h).astype(jnp.float32) + bias_V
 
