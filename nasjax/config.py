@@ -106,8 +106,9 @@ search.fec                reuse results of functionally equivalent candidates
 search.clear_caches       drop compiled programs after each candidate and return freed heap to the OS (long searches)
 search.clear_caches_every with search.clear_caches: only after every N-th trained candidate (1 = each one)
 search.compile_ahead      (primer) auto | true | false: compile a candidate's train and eval steps on a
-                          background thread while its probe runs; identical results either way; auto = on
-                          with >= 4 CPU cores (no gain measured on 2); never with several processes
+                          background thread while its probe runs (search.probe=model; the steps probe
+                          compiles them itself); identical results either way; auto = on with >= 4 CPU
+                          cores (no gain measured on 2); never with several processes
 search.op_by_op           (primer) auto | true | false: run each candidate's init, probe and optimizer-state
                           init op by op (per-op programs compiled once per process, shared by all candidates)
                           instead of compiling them per candidate; values equal up to float rounding;

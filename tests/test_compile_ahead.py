@@ -69,8 +69,9 @@ def test_precompiled_trainer_trains_exactly_like_a_lazily_compiled_one(search_co
 def test_evaluator_compiles_ahead_drops_unused_entries_and_matches_without(search_config, tmp_path):
     from nasjax.search.evaluate import CandidateFailed
 
-    cfg_on = search_config(**{"search.compile_ahead": "true"})
-    cfg_off = search_config(**{"search.compile_ahead": "false"})
+    # compile-ahead overlaps the model probe (search.probe=steps compiles in the check itself)
+    cfg_on = search_config(**{"search.compile_ahead": "true", "search.probe": "model"})
+    cfg_off = search_config(**{"search.compile_ahead": "false", "search.probe": "model"})
     tokenizer, on = _evaluator(cfg_on, tmp_path / "on")
     _, off = _evaluator(cfg_off, tmp_path / "off")
     assert on.compile_ahead and not off.compile_ahead
@@ -101,7 +102,7 @@ def test_evaluator_compiles_ahead_drops_unused_entries_and_matches_without(searc
     assert list(on._ahead) == passed[-2:]
 
     # a candidate that fails its checks leaves nothing behind
-    small = search_config(**{"search.max_params": 10, "search.compile_ahead": "true"})
+    small = search_config(**{"search.max_params": 10, "search.compile_ahead": "true", "search.probe": "model"})
     _, bounded = _evaluator(small, tmp_path / "bounded")
     with pytest.raises(CandidateFailed, match="max_params"):
         bounded.check(specs[0])
@@ -109,6 +110,38 @@ def test_evaluator_compiles_ahead_drops_unused_entries_and_matches_without(searc
     on.close()
     on.close()  # idempotent
     assert not on._ahead
+
+
+def test_probe_on_steps_hands_its_trainer_to_training_and_matches_the_model_probe(search_config, tmp_path):
+    """search.probe=steps: the same verdicts and training outcomes as the model probe (the
+    same initial parameters, the same programs); the probed trainer is taken by train()
+    and only the newest few stay when candidates are checked but never trained."""
+    from nasjax.search.evaluate import CandidateFailed
+
+    tokenizer, steps = _evaluator(search_config(**{"search.probe": "steps"}), tmp_path / "steps")
+    _, model = _evaluator(search_config(**{"search.probe": "model"}), tmp_path / "model")
+    assert steps.probe_steps and not model.probe_steps
+    specs = _specs(search_config(), tokenizer.vocab_size, 4)
+
+    def outcome(evaluator, spec):
+        try:
+            check = evaluator.check(spec)
+            out = evaluator.train(spec, [None] * evaluator.n_hurdles)
+        except CandidateFailed as e:
+            return ("failed", e.stage, e.reason)
+        return (check.params, out.fitness, out.hurdle_fitness, out.steps, out.memory_bytes)
+
+    for spec in specs[:2]:
+        assert outcome(steps, spec) == outcome(model, spec)
+        assert spec not in steps._probed  # taken by train()
+    passed = []
+    for spec in specs:
+        try:
+            steps.check(spec)
+            passed.append(spec)
+        except CandidateFailed:
+            assert spec not in steps._probed
+    assert list(steps._probed) == passed[-steps._ahead_keep :]
 
 
 def test_compile_ahead_setting_is_read_or_refused():
