@@ -159,3 +159,22 @@ def search_config(text_dir, tmp_path):
         return apply_overrides(cfg, base)
 
     return make
+
+
+@pytest.fixture
+def noop_variant():
+    """(the vanilla seed program, the same program with a live no-op in its FFN): the FFN's
+    output s6 -> s7 = C_MUL(s6, 0.0); s8 = ADD(s6, s7), a different program that computes
+    the same function (functional-equivalence tests)."""
+    import dataclasses
+
+    from nasjax.genome.primer import vanilla_program
+    from nasjax.genome.program import Instruction
+
+    base = vanilla_program(2, 32, 64)
+    ffn = base.subprograms[4]
+    noop = ffn.instructions + (Instruction("C_MUL", in1=1, const=1), Instruction("ADD", in1=2, in2=1))
+    assert base.constants[1] == 0.0
+    subs = list(base.subprograms)
+    subs[4] = dataclasses.replace(ffn, instructions=noop)
+    return base, dataclasses.replace(base, subprograms=tuple(subs))

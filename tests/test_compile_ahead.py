@@ -144,6 +144,38 @@ def test_probe_on_steps_hands_its_trainer_to_training_and_matches_the_model_prob
     assert list(steps._probed) == passed[-steps._ahead_keep :]
 
 
+def test_steps_probe_asks_the_forward_mode_test_when_its_gradients_are_not_finite(search_config, tmp_path, monkeypatch):
+    """0 * inf (an infinite derivative meeting a zero cotangent) makes reverse-mode
+    gradients NaN in causal models too: such a probe decides causality with the model
+    probe's forward-mode test instead of calling it a leak."""
+    from nasjax.measure import probe as probe_mod
+    from nasjax.search import evaluate
+    from nasjax.train.loop import Trainer
+
+    tokenizer, steps = _evaluator(search_config(**{"search.probe": "steps"}), tmp_path / "s")
+    spec = _specs(search_config(), tokenizer.vocab_size, 1)[0]
+    real_probe, asked = Trainer.probe, []
+
+    def nan_gradients(self, params, batch):
+        out = real_probe(self, params, batch)
+        out["input_grads"] = out["input_grads"] * np.nan
+        return out
+
+    def counted_model_probe(*a, **k):
+        asked.append(1)
+        return probe_mod.probe_model(*a, **k)
+
+    monkeypatch.setattr(Trainer, "probe", nan_gradients)
+    monkeypatch.setattr(evaluate, "probe_model", counted_model_probe)
+    check = steps.check(spec)  # the vanilla seed: causal, so it passes
+    assert asked == [1] and check.output_hash
+
+    undecided = probe_mod.probe_from_steps(
+        {"last_logits": np.ones((2, 5)), "finite": True, "input_grads": np.full((2, 8, 4), np.nan)}, 8
+    )
+    assert undecided.causality_undecided and undecided.causal_leak is None and undecided.output_hash
+
+
 def test_compile_ahead_setting_is_read_or_refused():
     from nasjax.search import evaluate
 

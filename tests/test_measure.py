@@ -154,10 +154,15 @@ def test_param_shapes_assembled_from_pieces_equal_the_model_init():
     import jax.numpy as jnp
     from flax import traverse_util
 
+    from nasjax.genome.primer import primer_ez_program, program_model_spec
     from nasjax.measure import params as P
     from nasjax.models.transformer import build
 
     specs = [
+        # a Primer program layer with branched (vmapped) parameters
+        program_model_spec(
+            primer_ez_program(2, 32, 64), base_dim=16, d_model=32, n_layers=2, vocab_size=50, max_len=16
+        ),
         get_spec("gpt2", "tiny", vocab_size=50, max_len=32, n_heads=[2, 4, 8], d_inners=[96, 128, 96]),
         get_spec("gpt2", "tiny", vocab_size=50, max_len=32, tie_embeddings=False),
         get_spec("gpt2", "tiny", vocab_size=50, max_len=32, dropout_rate=0.1),

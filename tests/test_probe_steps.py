@@ -94,15 +94,9 @@ def test_verdicts_agree_with_the_model_probe_on_primer_programs():
         assert (steps.finite, steps.causal) == (model.finite, model.causal), (steps, model)
 
 
-def test_equivalent_programs_share_a_hash_on_steps():
+def test_equivalent_programs_share_a_hash_on_steps(noop_variant):
     """A live no-op instruction (x * 0 added back) changes the program, not the function."""
-    base = vanilla_program(2, 32, 64)
-    ffn = base.subprograms[4]
-    noop = ffn.instructions + (Instruction("C_MUL", in1=1, const=1), Instruction("ADD", in1=2, in2=1))
-    assert base.constants[1] == 0.0
-    subs = list(base.subprograms)
-    subs[4] = dataclasses.replace(ffn, instructions=noop)
-    variant = dataclasses.replace(base, subprograms=tuple(subs))
+    base, variant = noop_variant
     spec = lambda p: program_model_spec(p, base_dim=16, d_model=32, n_layers=2, vocab_size=VOCAB, max_len=LEN)  # noqa: E731
     a, _ = steps_probe(spec(base))
     b, _ = steps_probe(spec(variant))

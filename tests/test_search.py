@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import pytest
 
 from nasjax.genome.mutate import MUTATIONS, mutate
 from nasjax.genome.primer import primer_ez_program, program_model_spec, vanilla_program
-from nasjax.genome.program import Instruction, expression_digest
+from nasjax.genome.program import expression_digest
 from nasjax.measure.probe import probe_model
 from nasjax.search.evolution import HurdleBook, Proposal, RegularizedEvolution, hurdle_budgets, hurdle_steps
 
@@ -114,15 +113,8 @@ def test_ten_thousand_mutations_are_valid_and_causal():
         assert not (result.finite and not result.causal), result
 
 
-def test_fec_finds_a_noop_instruction_equivalent():
-    base = vanilla_program(2, 32, 64)
-    ffn = base.subprograms[4]
-    # ffn output s6 -> s7 = C_MUL(s6, 0.0); s8 = ADD(s6, s7): a live instruction that changes nothing
-    noop = ffn.instructions + (Instruction("C_MUL", in1=1, const=1), Instruction("ADD", in1=2, in2=1))
-    assert base.constants[1] == 0.0
-    subs = list(base.subprograms)
-    subs[4] = dataclasses.replace(ffn, instructions=noop)
-    variant = dataclasses.replace(base, subprograms=tuple(subs))
+def test_fec_finds_a_noop_instruction_equivalent(noop_variant):
+    base, variant = noop_variant  # a live instruction that changes nothing
     assert expression_digest(variant) != expression_digest(base)  # a different program ...
     spec = lambda p: program_model_spec(p, base_dim=16, d_model=32, n_layers=2, vocab_size=64, max_len=16)
     a, b = probe_model(spec(base), seq_len=16), probe_model(spec(variant), seq_len=16)

@@ -61,10 +61,8 @@ on the same device under the same load (LTS uses one inference thread).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import statistics
-import threading
 import time
 from typing import Any
 
@@ -73,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nasjax.measure.probe import check_int as _check_int
+from nasjax.program_cache import ProgramCache
 from nasjax.spec import ModelSpec
 
 __all__ = [
@@ -91,9 +90,7 @@ PROGRAMS = ("model", "sublayers", "layers")
 # program holds ~1-3 MiB of host memory; the CPU space has ~130 distinct sub-layer
 # pieces, the paper's GPT-2 space ~600.
 DEFAULT_MAX_PIECES = 256
-_PIECES: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-_PIECES_LOCK = threading.Lock()
-_MAX_PIECES = [DEFAULT_MAX_PIECES]
+_PIECES = ProgramCache({"all": DEFAULT_MAX_PIECES})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,17 +230,12 @@ def _host_params(spec: ModelSpec, seed: int, device):
 
 def clear_pieces() -> None:
     """Drops every compiled piece of :func:`measure_hardware` (``programs`` other than ``model``)."""
-    with _PIECES_LOCK:
-        _PIECES.clear()
+    _PIECES.clear()
 
 
 def set_max_pieces(n: int) -> None:
     """Bounds the compiled pieces kept per process (``lts.max_pieces``); oldest dropped first."""
-    n = _check_int(n, "max_pieces", 1)
-    with _PIECES_LOCK:
-        _MAX_PIECES[0] = n
-        while len(_PIECES) > n:
-            _PIECES.popitem(last=False)
+    _PIECES.set_limit("all", _check_int(n, "max_pieces", 1))
 
 
 def _nbytes(tree) -> int:
@@ -289,20 +281,7 @@ def _whole_model(model, params, tokens) -> _Forward:
 def _piece(key: tuple, fn, *args) -> tuple[Any, float]:
     """The compiled piece under ``key`` (compiled from ``fn`` and ``args`` on a miss), and
     the seconds this call spent compiling it (0 on a hit)."""
-    with _PIECES_LOCK:
-        hit = _PIECES.get(key)
-        if hit is not None:
-            _PIECES.move_to_end(key)
-            return hit, 0.0
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    seconds = time.perf_counter() - t0
-    with _PIECES_LOCK:
-        compiled = _PIECES.setdefault(key, compiled)  # another thread may have built it meanwhile
-        _PIECES.move_to_end(key)
-        while len(_PIECES) > _MAX_PIECES[0]:
-            _PIECES.popitem(last=False)
-    return compiled, seconds
+    return _PIECES.get(key, lambda: jax.jit(fn).lower(*args).compile())
 
 
 def _piece_chain(spec: ModelSpec, params, tokens, device, unit: str) -> _Forward:

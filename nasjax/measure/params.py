@@ -14,10 +14,8 @@ non-embedding parameters of heterogeneous GPT-2 specs.
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
-import threading
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -25,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from nasjax.program_cache import ProgramCache
 from nasjax.spec import ModelSpec
 
 __all__ = [
@@ -43,9 +42,12 @@ EMBEDDING_MODULES = ("embed", "lm_head")
 # Parameter shapes of model pieces (embedding, attention / FFN sub-layers, head), by what
 # the piece computes: a search's architectures share most of their pieces, so a new one
 # traces only its new pieces' inits (LTS: ~0.1 s of tracing per architecture otherwise).
-_PIECE_SHAPES: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
-_PIECE_SHAPES_MAX = 4096
-_PIECE_LOCK = threading.Lock()
+_PIECE_SHAPES = ProgramCache({"all": 4096})
+
+
+def _flat_piece_shapes(init) -> tuple:
+    abstract = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+    return tuple((p, tuple(leaf.shape)) for p, leaf in traverse_util.flatten_dict(abstract).items())
 
 
 def _piece_shapes(spec: ModelSpec, length: int):
@@ -58,15 +60,7 @@ def _piece_shapes(spec: ModelSpec, length: int):
         return None
     flat = {}
     for key, path, init in Segments(plain).param_pieces(length):
-        with _PIECE_LOCK:
-            shapes = _PIECE_SHAPES.get(key)
-        if shapes is None:
-            abstract = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
-            shapes = tuple((p, tuple(leaf.shape)) for p, leaf in traverse_util.flatten_dict(abstract).items())
-            with _PIECE_LOCK:
-                _PIECE_SHAPES[key] = shapes
-                while len(_PIECE_SHAPES) > _PIECE_SHAPES_MAX:
-                    _PIECE_SHAPES.popitem(last=False)
+        shapes, _ = _PIECE_SHAPES.get(key, lambda init=init: _flat_piece_shapes(init))
         for p, shape in shapes:
             flat[path + p] = shape
     return tuple(sorted(flat.items()))

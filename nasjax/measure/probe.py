@@ -94,6 +94,9 @@ class ProbeResult:
     output_hash: str | None
     seconds: float
     output_hash_alt: str | None = None
+    # probe_from_steps: the reverse-mode gradients were not finite (0 * inf where a
+    # derivative is infinite, e.g. sqrt at 0), so they cannot show causality either way
+    causality_undecided: bool = False
 
     @property
     def causal(self) -> bool:
@@ -228,22 +231,25 @@ def probe_from_steps(out: dict, seq_len: int, digits: int = 3, seed: int = 0, se
     after t_r (a causal model's is exactly zero: the loss reads positions <= t_r only),
     relative to the largest at positions <= t_r; the same Jacobian block that the
     forward-mode check of :func:`probe_model` probes, contracted with the loss's
-    cotangent instead of random tangents. The FEC hashes: the last position's logits of
-    every row, as in :func:`probe_model`.
+    cotangent instead of random tangents. Gradients that are not finite decide nothing
+    (``causality_undecided``; the caller runs :func:`probe_model` for the verdict). The
+    FEC hashes: the last position's logits of every row, as in :func:`probe_model`.
     """
     last = np.asarray(out["last_logits"], np.float64)
     finite = bool(out["finite"]) and bool(np.isfinite(last).all())
     grads = np.abs(np.asarray(out["input_grads"], np.float64))
+    hashes = _output_hashes(last[:, None, :], digits, seed) if finite else (None, None)
+    if not np.isfinite(grads).all():
+        # An infinite derivative (sqrt or log at 0, ...) times a zero cotangent is NaN, in
+        # causal models too: these gradients decide nothing, and the caller asks the
+        # forward-mode test (probe_model), whose tangents do not pass there.
+        return ProbeResult(finite, None, hashes[0], seconds, hashes[1], causality_undecided=True)
     rows = _row_positions(grads.shape[0], seq_len)
     future = np.arange(seq_len)[None, :] > rows[:, None]  # [B, L]
     per_position = grads.max(axis=2)  # [B, L]
     leak_abs = float(np.max(np.where(future, per_position, 0.0)))
     scale = float(np.max(np.where(future, 0.0, per_position)))
-    if not np.isfinite(leak_abs) or not np.isfinite(scale):
-        leak = float("inf") if not np.isfinite(leak_abs) else 0.0
-    else:
-        leak = leak_abs / max(scale, 1e-30) if leak_abs > 0 else 0.0
-    hashes = _output_hashes(last[:, None, :], digits, seed) if finite else (None, None)
+    leak = leak_abs / max(scale, 1e-30) if leak_abs > 0 else 0.0
     return ProbeResult(finite, leak, hashes[0], seconds, hashes[1])
 
 

@@ -482,10 +482,22 @@ class TrainingEvaluator:
             if self._count_check_for_clearing():  # bound the per-op programs' memory (the init's)
                 jax.clear_caches()
                 release_free_memory()
-        seconds = time.perf_counter() - t0 - t_compile  # the compile is the trainer's (compile_seconds)
-        probe = probe_from_steps(out, self.seq_len, seed=int(self.cfg.seed), seconds=seconds)
+        probe = probe_from_steps(out, self.seq_len, seed=int(self.cfg.seed))
         if not probe.finite:
             raise CandidateFailed("probe", "non-finite outputs at initialisation on the probe batch")
+        if probe.causality_undecided:  # non-finite gradients: the forward-mode test decides
+            try:
+                model_probe = probe_model(
+                    spec,
+                    self.seq_len,
+                    batch=int(self.cfg.search.probe_batch),
+                    seed=int(self.cfg.seed),
+                    op_by_op=self.op_by_op,
+                )
+            except Exception as e:
+                raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
+            probe = dataclasses.replace(probe, causal_leak=model_probe.causal_leak)
+        probe = dataclasses.replace(probe, seconds=time.perf_counter() - t0 - t_compile)  # compile: the trainer's
         if not probe.causal:
             raise CandidateFailed(
                 "probe",

@@ -40,10 +40,8 @@ objective without dropout, one micro-batch, replicated parameters (data parallel
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nasjax import sharding as shd
 from nasjax.models.transformer import Segments
+from nasjax.program_cache import ProgramCache
 from nasjax.train import losses
 from nasjax.train.optim import segment_optimizer
 from nasjax.train.state import TrainState
@@ -70,8 +69,6 @@ __all__ = ["SegmentedSteps", "ProgramLayer", "unsupported", "clear_programs", "M
 MAX_PROGRAMS = {"layer": 16, "shared": 256, "instruction": 1024}
 # train.segmented_pieces: what one piece of a layer is (see the module docstring)
 PIECES = ("layer", "subprogram", "instruction")
-_PROGRAMS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-_LOCK = threading.Lock()
 # Shared pieces on a mesh of several devices hold collectives (the gradient all-reduce).
 # Two threads running such steps at once (engine=threads) could interleave executions of
 # the same program, and on XLA:CPU the participants of one collective then starve for
@@ -84,10 +81,16 @@ LM_BATCH_KEYS = ("inputs", "targets", "weights")
 UPDATE_CHUNKS = (16, 8, 4, 2, 1)  # leaves of one shape updated by one program (largest first)
 
 
+def _group(key: tuple) -> str:
+    return key[0] if key[0] in ("layer", "instruction") else "shared"
+
+
+_PROGRAMS = ProgramCache(MAX_PROGRAMS, _group)
+
+
 def clear_programs() -> None:
     """Drops every compiled piece (``search.clear_caches`` does, with jax's own caches)."""
-    with _LOCK:
-        _PROGRAMS.clear()
+    _PROGRAMS.clear()
 
 
 def check_pieces(train_cfg) -> str:
@@ -144,26 +147,7 @@ def _compiled_outputs(compiled):
 
 def _program(key: tuple, build) -> tuple[Any, float]:
     """The compiled program under ``key``, built (and timed) on a miss; returns (program, seconds)."""
-    with _LOCK:
-        hit = _PROGRAMS.get(key)
-        if hit is not None:
-            _PROGRAMS.move_to_end(key)
-            return hit, 0.0
-    t0 = time.perf_counter()
-    built = build()
-    seconds = time.perf_counter() - t0
-    with _LOCK:
-        built = _PROGRAMS.setdefault(key, built)  # another thread may have built it meanwhile
-        _PROGRAMS.move_to_end(key)
-        group = _group(key)
-        keys = [k for k in _PROGRAMS if _group(k) == group]
-        for k in keys[: max(0, len(keys) - MAX_PROGRAMS[group])]:  # oldest first
-            del _PROGRAMS[k]
-    return built, seconds
-
-
-def _group(key: tuple) -> str:
-    return key[0] if key[0] in ("layer", "instruction") else "shared"
+    return _PROGRAMS.get(key, build)
 
 
 def _sumsq(tree):
