@@ -122,3 +122,37 @@ def test_lts_validate_resumes(lts_config, tmp_path):
     n_records = len(read_journal(str(tmp_path / "v" / "journal.jsonl")))
     validate_proxies(cfg, str(tmp_path / "v"), log=lambda *a: None)  # nothing left to train
     assert len(read_journal(str(tmp_path / "v" / "journal.jsonl"))) == n_records
+
+
+def test_a_journal_from_before_lts_programs_resumes_only_as_model(lts_config, tmp_path):
+    """Journals written before ``lts.programs`` existed measured whole-model programs: they
+    resume with ``lts.programs=model`` and are refused (naming the setting) with the new
+    default, so one search never mixes the two kinds of measurement."""
+    from nasjax.search.run import SearchError, run_search
+
+    quiet = lambda *a: None  # noqa: E731
+    work = tmp_path / "old"
+    run_search(lts_config(**{"search.iterations": 0, "lts.programs": "model"}), str(work), log=quiet)
+    path = work / "journal.jsonl"
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["config"]["lts"]["programs"]  # as a journal of an older nasjax
+    lines[0] = json.dumps(header, sort_keys=True, separators=(",", ":"))
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SearchError, match="lts.programs: 'model' -> 'sublayers'"):
+        run_search(lts_config(**{"search.iterations": 1}), str(work), log=quiet)
+    summary = run_search(lts_config(**{"search.iterations": 1, "lts.programs": "model"}), str(work), log=quiet)
+    assert summary.status == "finished"
+
+
+def test_lts_settings_are_checked_before_measuring(lts_config, tmp_path):
+    from nasjax.search.engine import EngineError
+    from nasjax.search.run import run_search
+
+    for key, value, message in (
+        ("lts.programs", "kernels", "lts.programs: expected one of model, sublayers, layers, got 'kernels'"),
+        ("lts.max_pieces", 0, "lts.max_pieces: expected an int >= 1, got 0"),
+    ):
+        with pytest.raises(EngineError, match=message):
+            run_search(lts_config(**{key: value}), str(tmp_path / key), log=lambda *a: None)
+        assert not (tmp_path / key / "journal.jsonl").exists()  # refused before the journal

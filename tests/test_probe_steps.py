@@ -130,3 +130,12 @@ def test_search_probe_setting_is_read_or_refused(search_config):
         probe_on_steps(search_config(**{"train.segmented": False, "search.probe": "steps"}))
     with pytest.raises(ValueError, match="search.probe must be auto, steps or model, got 'sometimes'"):
         probe_on_steps(search_config(**{"search.probe": "sometimes"}))
+
+
+def test_a_bad_search_probe_stops_the_search_before_its_journal(search_config, tmp_path):
+    from nasjax.search.engine import EngineError
+    from nasjax.search.run import run_search
+
+    with pytest.raises(EngineError, match="search.probe must be auto, steps or model, got 'often'"):
+        run_search(search_config(**{"search.probe": "often"}), str(tmp_path / "s"), log=lambda *a: None)
+    assert not (tmp_path / "s" / "journal.jsonl").exists()

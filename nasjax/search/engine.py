@@ -411,6 +411,20 @@ def check_engine_settings(cfg) -> None:
             op_by_op_enabled(cfg.search)
         except ValueError as e:
             raise EngineError(str(e)) from None
+    if "search" in cfg and "probe" in cfg.search:
+        from nasjax.search.evaluate import probe_on_steps
+
+        try:
+            probe_on_steps(cfg)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+    if "lts" in cfg:  # before a journal exists: a bad value must not become the search's header
+        from nasjax.search.lts import LTSMeasurer
+
+        try:
+            LTSMeasurer(cfg)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
     # LTS has no search.in_flight: one worker, so its latency and memory measurements are undisturbed
     if name == "processes" and "search" in cfg and int(cfg.search.get("in_flight", 1)) > 1:
         if float(cfg.train.get("budget_seconds", 0.0) or 0.0) > 0:
