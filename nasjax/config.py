@@ -35,6 +35,9 @@ train.segmented_pieces    what a segmented layer piece is: 'layer' (one program 
                           keyed by what they compute, shared across layers and candidates, so a child
                           compiles only what its mutation touched) or 'instruction' (one piece per
                           instruction: even fewer compiles, more dispatches per step)
+train.segmented_update_chunk  most parameter leaves of one shape that one segmented update program takes
+                          (1, 2, 4, 8 or 16; powers of two up to it): larger = fewer dispatches per step,
+                          1 = one update program per parameter shape (fewest compiles)
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices
@@ -198,6 +201,7 @@ def base_config(finetune: bool = False) -> ml_collections.ConfigDict:
     c.train.flat_optimizer = False
     c.train.segmented = False
     c.train.segmented_pieces = "layer"
+    c.train.segmented_update_chunk = 16
     c.train.grad_accum_steps = 1
     c.train.log_every = 10
     c.train.eval_every = 500

@@ -403,6 +403,35 @@ def test_segmented_pieces_is_checked():
         )
 
 
+def test_segmented_update_chunk_is_checked_and_changes_only_the_grouping():
+    """train.segmented_update_chunk: a bad value is refused by name; 1 (one update
+    program per leaf) and the default 16 give the same step, leaf for leaf."""
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    spec = _primer_specs(1)[0]
+    for bad in ("16", True, 2.0):  # what a config typed by hand could hold
+        with pytest.raises(ValueError, match="train.segmented_update_chunk"):
+            segmented.check_update_chunk({"segmented_update_chunk": bad})
+    assert segmented.check_update_chunk({"segmented_update_chunk": 4}) == (4, 2, 1)
+    for bad in (3, 32):
+        with pytest.raises(TrainConfigError, match=r"train.segmented_update_chunk=.*expected one of 1, 2, 4, 8, 16"):
+            Trainer(
+                spec,
+                _train_cfg(**{"train.segmented": True, "train.segmented_update_chunk": bad}),
+                mesh,
+                shd.DEFAULT_RULES,
+                seed=0,
+                seq_len=LEN,
+            )
+    batches = _batches(4)
+    wide = _run(spec, _train_cfg(**{"train.segmented": True}), mesh, batches, steps=2)
+    narrow = _run(spec, _train_cfg(**{"train.segmented": True, "train.segmented_update_chunk": 1}), mesh, batches, 2)
+    groups = {name: run[0]._segments._train[1]["updates"] for name, run in (("wide", wide), ("narrow", narrow))}
+    assert all(len(chunk) == 1 for _, chunk in groups["narrow"]) and len(groups["narrow"]) > len(groups["wide"])
+    for a, b in zip(jax.tree.leaves(wide[1]), jax.tree.leaves(narrow[1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    assert [m["loss"] for m in wide[2]] == pytest.approx([m["loss"] for m in narrow[2]], rel=1e-6)
+
+
 def test_layers_without_parameters_train_in_every_mode():
     """A program of parameter-free ops has no parameter subtree for its layers: every
     segmented mode steps it, with the one-program step's losses."""

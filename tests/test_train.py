@@ -334,3 +334,47 @@ def test_op_by_op_init_skips_the_forward_and_keeps_the_values(name):
     assert jax.tree.structure(eager) == jax.tree.structure(lazy)
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(lazy)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_op_by_op_optimizer_init_fills_on_the_host_and_equals_optax():
+    """optimizer_init(op_by_op=True) computes an init that only fills constants with
+    numpy (host_init): optax's exact tree, dtypes and values, and no program compiled for
+    a parameter shape not seen before; inits that compute (the flat optimizer's
+    concatenation, arithmetic on the parameters) are left to jax."""
+    import jax.numpy as jnp
+    import optax
+
+    from nasjax import compile_meter
+    from nasjax.config import base_config
+    from nasjax.train.optim import make_optimizer
+    from nasjax.train.state import host_init, optimizer_init
+
+    compile_meter.install()
+    params = {"a": jnp.ones((3, 7)), "b": {"c": jnp.arange(5.0)}, "d": jnp.ones((2,), jnp.bfloat16)}
+    checked = 0
+    for opt in ("adamw", "adafactor"):
+        cfg = base_config().train
+        cfg.optimizer = opt
+        tx, _ = make_optimizer(cfg)
+        ref = tx.init(params)
+        mine = host_init(tx.init, params)
+        assert mine is not None, opt
+        assert jax.tree.structure(ref) == jax.tree.structure(mine)
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(mine)):
+            assert a.shape == b.shape and a.dtype == b.dtype and a.weak_type == jnp.asarray(b).weak_type
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            checked += 1
+        # a parameter shape never seen in this process compiles nothing
+        fresh = {"w": jnp.asarray(np.ones((13, 29), np.float32))}
+        abstract = jax.eval_shape(tx.init, fresh)
+        before = compile_meter.thread_seconds()
+        state = optimizer_init(tx, fresh, jax.tree.map(lambda _: None, abstract), op_by_op=True)
+        assert compile_meter.thread_seconds() == before, opt
+        assert jax.tree.structure(state) == jax.tree.structure(abstract)
+    assert checked > 6
+    # an init that computes is not one of constant fills
+    assert host_init(lambda p: jax.tree.map(lambda x: x * 2.0, p), params) is None
+    assert host_init(optax.ema(0.9).init, params) is not None  # zeros and a count
+    cfg = base_config().train
+    cfg.flat_optimizer = True
+    assert host_init(make_optimizer(cfg)[0].init, params) is None

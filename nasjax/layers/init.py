@@ -83,10 +83,11 @@ def normal(stddev: float = 1e-2, dtype=jnp.float32):
             if not isinstance(key, jax.core.Tracer):
                 draw = np.asarray(jax.random.normal(key, (size_class(n),), dtype))
                 return jnp.asarray(draw[:n].reshape(shape) * np.asarray(stddev, dtype))
-            # vmapped (branched parameters): the batched sampler per size class, then cheap
-            # per-shape slicing and scaling (the same values: each key's draw is a prefix)
-            draw = jax.random.normal(key, (size_class(n),), dtype)
-            return draw[:n].reshape(shape) * jnp.array(stddev, dtype)
+            # vmapped (branched parameters): the batched sampler and the scaling per size
+            # class, then per-shape slicing (the same values: each key's draw is a prefix,
+            # and scaling is elementwise, so scaling before the cut changes no bit)
+            draw = jax.random.normal(key, (size_class(n),), dtype) * jnp.array(stddev, dtype)
+            return draw[:n].reshape(shape)
         return jax.random.normal(key, shape, dtype, out_sharding=out_sharding) * jnp.array(stddev, dtype)
 
     return init

@@ -75,6 +75,7 @@ RESUMABLE_KEYS = (
     # the same step computed as shared pieces: results differ only by float rounding
     "train.segmented",
     "train.segmented_pieces",
+    "train.segmented_update_chunk",
     # the same init and probe computed op by op instead of as one compiled program: values
     # differ only by float rounding (a search started before the setting existed resumes)
     "search.op_by_op",

@@ -153,6 +153,7 @@ class Trainer:
         self._segments = None
         try:
             segmented.check_pieces(train_cfg)
+            segmented.check_update_chunk(train_cfg)
         except ValueError as e:
             raise TrainConfigError(str(e)) from None
         if train_cfg.get("segmented", False):

@@ -78,7 +78,10 @@ _EXECUTION = threading.Lock()
 LM_BATCH_KEYS = ("inputs", "targets", "weights")
 
 
-UPDATE_CHUNKS = (16, 8, 4, 2, 1)  # leaves of one shape updated by one program (largest first)
+# leaves of one shape updated by one program: powers of two up to train.segmented_update_chunk
+# (largest first). Each (shape, chunk size) is its own program: larger chunks dispatch fewer
+# programs per step, a chunk of 1 compiles one update per parameter shape and no more.
+UPDATE_CHUNKS = (16, 8, 4, 2, 1)
 
 
 def _group(key: tuple) -> str:
@@ -99,6 +102,17 @@ def check_pieces(train_cfg) -> str:
     if value not in PIECES:
         raise ValueError(f"train.segmented_pieces={value!r}: expected one of {', '.join(map(repr, PIECES))}")
     return value
+
+
+def check_update_chunk(train_cfg) -> tuple[int, ...]:
+    """``train.segmented_update_chunk``, checked: the chunk sizes it allows, largest first."""
+    value = train_cfg.get("segmented_update_chunk", UPDATE_CHUNKS[0])
+    if isinstance(value, bool) or not isinstance(value, int) or value not in UPDATE_CHUNKS:
+        raise ValueError(
+            f"train.segmented_update_chunk={value!r}: expected one of {', '.join(map(str, sorted(UPDATE_CHUNKS)))}"
+            " (the most parameter leaves of one shape that one update program takes)"
+        )
+    return tuple(c for c in UPDATE_CHUNKS if c <= value)
 
 
 def unsupported(spec, train_cfg, accum_steps: int, params_replicated: bool) -> str:
@@ -212,6 +226,7 @@ class SegmentedSteps:
         self.dtype = jnp.dtype(dtype)
         self.clip, self.inner, self.n_clip_states, self.opt_key, self._schedule = segment_optimizer(train_cfg)
         self.pieces = check_pieces(train_cfg)
+        self.update_chunks = check_update_chunk(train_cfg)
         self.state_shardings = state_shardings
         self.compile_seconds = 0.0
         self.memory: dict = {}
@@ -343,7 +358,8 @@ class SegmentedSteps:
         return {"denom": denom, "grad_norm": grad_norm, "loss": loss_sum / denom, "learning_rate": lr, "step": step + 1}
 
     def _update_groups(self, params, views) -> list[tuple[Any, list[int]]]:
-        """The update programs of a model: leaves of equal layout in chunks of 16, 8, 4, 2, 1.
+        """The update programs of a model: leaves of equal layout in chunks of 16, 8, 4, 2, 1
+        (up to ``train.segmented_update_chunk``).
 
         One program updates a chunk of same-shape leaves (fewer dispatches than one per
         leaf, ~1 ms less per tiny step); chunk sizes are powers of two so a few programs
@@ -358,7 +374,7 @@ class SegmentedSteps:
             p, view = _abstract(params[members[0]]), _abstract(views[members[0]])
             out_sh = (p.sharding, jax.tree.map(lambda a: a.sharding, view))
             start = 0
-            for size in UPDATE_CHUNKS:
+            for size in self.update_chunks:
                 while len(members) - start >= size:
                     chunk = members[start : start + size]
                     start += size

@@ -10,7 +10,9 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.extend.core import Literal
 from jax.sharding import Mesh
 
 from nasjax import sharding as shd
@@ -217,10 +219,17 @@ def init_state(
 
 
 def optimizer_init(tx, params: Any, shardings: Any, op_by_op: bool = False) -> Any:
-    """``tx.init(params)`` placed in ``shardings``: op by op (zeros and, for the flat
-    optimizer, one concatenation), or one program compiled without backend optimisation."""
+    """``tx.init(params)`` placed in ``shardings``: op by op, or one program compiled
+    without backend optimisation.
+
+    Op by op, an init that only fills constants (AdamW's and Adafactor's zeros and step
+    counters) is computed on the host (:func:`host_init`): eagerly, each ``zeros_like`` of
+    a parameter shape not seen before would compile a program of its own (~25 ms on CPU;
+    a mutation's new shapes made ~2 of them per Primer candidate). Other inits (the flat
+    optimizer's concatenation) run op by op."""
     if op_by_op:
-        return jax.device_put(tx.init(params), shardings)
+        state = host_init(tx.init, params)
+        return jax.device_put(tx.init(params) if state is None else state, shardings)
     opt_init = jax.jit(tx.init, out_shardings=shardings)
     return compile_for_one_run(opt_init.lower(params))(params)
 
@@ -252,3 +261,69 @@ def inherit_params(target: Any, source: Any) -> tuple[Any, int]:
 
     merged = jax.tree_util.tree_map_with_path(pick, target)
     return merged, copied
+
+
+# Primitives host_init evaluates with numpy: what an optimizer's init emits to fill
+# constants. Anything else (arithmetic on the parameters, random keys) is left to jax.
+_HOST_PRIMITIVES = ("broadcast_in_dim", "convert_element_type", "copy", "copy_p", "pjit", "jit")
+
+
+def host_init(fn, *args) -> Any | None:
+    """``fn(*args)`` computed with numpy, or None when it is more than filling constants.
+
+    ``fn`` is traced (``jax.make_jaxpr``: nothing compiles) and its program evaluated on
+    the host when it only broadcasts and converts constants, or passes inputs through:
+    exactly the values (and dtypes) jax would compute. None when it holds any other
+    operation, a weakly typed or extended-dtype output (a host array could not carry
+    those types), so the caller runs ``fn`` with jax.
+    """
+    try:
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    except Exception:  # not traceable as is: let jax run it and raise its own error
+        return None
+    for leaf in jax.tree.leaves(out_shape):
+        if getattr(leaf, "weak_type", False) or jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.extended):
+            return None
+    values = _host_eval(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+    if values is None:
+        return None
+    return jax.tree.unflatten(jax.tree.structure(out_shape), values)
+
+
+def _host_eval(jaxpr, consts, args) -> list | None:
+    """A jaxpr of constant fills evaluated with numpy (see :func:`host_init`); None if not."""
+    env: dict = {}
+
+    def read(v):
+        if isinstance(v, Literal):
+            return np.asarray(v.val, v.aval.dtype)
+        if v not in env:  # an input: fetched only when the program passes it through
+            env[v] = np.asarray(jax.device_get(env_inputs[v]))
+        return env[v]
+
+    env_inputs = dict(zip(jaxpr.invars, args))
+    env.update((v, np.asarray(c)) for v, c in zip(jaxpr.constvars, consts))
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name not in _HOST_PRIMITIVES:
+            return None
+        avals = [v.aval for v in eqn.outvars]
+        if any(jax.dtypes.issubdtype(a.dtype, jax.dtypes.extended) for a in avals):
+            return None
+        if name in ("pjit", "jit"):
+            inner = eqn.params["jaxpr"]
+            outs = _host_eval(inner.jaxpr, inner.consts, [read(v) for v in eqn.invars])
+            if outs is None:
+                return None
+        else:
+            x = read(eqn.invars[0])
+            aval = avals[0]
+            if name == "broadcast_in_dim":
+                expanded = [1] * len(aval.shape)
+                for axis, size in zip(eqn.params["broadcast_dimensions"], x.shape):
+                    expanded[axis] = size
+                x = np.broadcast_to(x.reshape(expanded), aval.shape)
+            outs = [np.array(x, dtype=aval.dtype)]  # a fresh, writable array of the output's dtype
+        for v, value in zip(eqn.outvars, outs):
+            env[v] = value
+    return [read(v) for v in jaxpr.outvars]
