@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 import tempfile
@@ -38,6 +37,8 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
+
+from benchmarks.candidate_overhead import _value  # noqa: E402  (a --set value: bool, int, float or string)
 
 EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
 
@@ -106,10 +107,7 @@ def replay(args, root: str):
     cfg = load_config_file(os.path.join(root, "configs/search/primer.py:tiny"))
     for item in args.set:
         key, _, value = item.partition("=")
-        try:
-            cfg = apply_overrides(cfg, {key: json.loads(value)})
-        except (json.JSONDecodeError, TypeError):
-            cfg = apply_overrides(cfg, {key: value})
+        cfg = apply_overrides(cfg, {key: _value(value)})
     cfg = apply_overrides(cfg, {"compile_cache_dir": "none"})
     work = tempfile.mkdtemp(prefix="nasjax_phases_")
     tokenizer, data = _build_data(cfg, work, log=lambda *a: None)

@@ -32,6 +32,34 @@ def _specs(cfg, vocab_size: int, n: int):
     return out
 
 
+def _outcome(evaluator, spec):
+    """What checking and training ``spec`` gives: (params, fitness, hurdle fitness, steps,
+    memory), or the failure's (stage, reason)."""
+    from nasjax.search.evaluate import CandidateFailed
+
+    try:
+        check = evaluator.check(spec)
+        out = evaluator.train(spec, [None] * evaluator.n_hurdles)
+    except CandidateFailed as e:
+        return ("failed", e.stage, e.reason)
+    return (check.params, out.fitness, out.hurdle_fitness, out.steps, out.memory_bytes)
+
+
+def _check_only(evaluator, specs, stash: dict) -> list:
+    """Checks every spec without training it; returns those that passed. A failed check
+    leaves nothing in ``stash`` (the evaluator's compiled-ahead or probed trainers)."""
+    from nasjax.search.evaluate import CandidateFailed
+
+    passed = []
+    for spec in specs:
+        try:
+            evaluator.check(spec)
+            passed.append(spec)
+        except CandidateFailed:
+            assert spec not in stash
+    return passed
+
+
 @pytest.mark.parametrize("segmented", [False, True], ids=["one_program", "segmented"])
 def test_precompiled_trainer_trains_exactly_like_a_lazily_compiled_one(search_config, tmp_path, segmented):
     import jax
@@ -77,27 +105,13 @@ def test_evaluator_compiles_ahead_drops_unused_entries_and_matches_without(searc
     assert on.compile_ahead and not off.compile_ahead
     specs = _specs(cfg_on, tokenizer.vocab_size, 4)
 
-    def outcome(evaluator, spec):
-        try:
-            evaluator.check(spec)
-            out = evaluator.train(spec, [None] * evaluator.n_hurdles)
-        except CandidateFailed as e:
-            return ("failed", e.stage, e.reason)
-        return (out.fitness, out.hurdle_fitness, out.steps, out.memory_bytes)
-
     for spec in specs[:2]:
-        assert outcome(on, spec) == outcome(off, spec)
+        assert _outcome(on, spec) == _outcome(off, spec)
         assert spec not in on._ahead  # taken by train(), or dropped by a failed check
     assert not off._ahead
 
     # checked but never trained (e.g. reused as functionally equivalent): only the newest few stay
-    passed = []
-    for spec in specs:
-        try:
-            on.check(spec)
-            passed.append(spec)
-        except CandidateFailed:
-            assert spec not in on._ahead
+    passed = _check_only(on, specs, on._ahead)
     assert len(on._ahead) <= on._ahead_keep == 2
     assert list(on._ahead) == passed[-2:]
 
@@ -116,31 +130,15 @@ def test_probe_on_steps_hands_its_trainer_to_training_and_matches_the_model_prob
     """search.probe=steps: the same verdicts and training outcomes as the model probe (the
     same initial parameters, the same programs); the probed trainer is taken by train()
     and only the newest few stay when candidates are checked but never trained."""
-    from nasjax.search.evaluate import CandidateFailed
-
     tokenizer, steps = _evaluator(search_config(**{"search.probe": "steps"}), tmp_path / "steps")
     _, model = _evaluator(search_config(**{"search.probe": "model"}), tmp_path / "model")
     assert steps.probe_steps and not model.probe_steps
     specs = _specs(search_config(), tokenizer.vocab_size, 4)
 
-    def outcome(evaluator, spec):
-        try:
-            check = evaluator.check(spec)
-            out = evaluator.train(spec, [None] * evaluator.n_hurdles)
-        except CandidateFailed as e:
-            return ("failed", e.stage, e.reason)
-        return (check.params, out.fitness, out.hurdle_fitness, out.steps, out.memory_bytes)
-
     for spec in specs[:2]:
-        assert outcome(steps, spec) == outcome(model, spec)
+        assert _outcome(steps, spec) == _outcome(model, spec)
         assert spec not in steps._probed  # taken by train()
-    passed = []
-    for spec in specs:
-        try:
-            steps.check(spec)
-            passed.append(spec)
-        except CandidateFailed:
-            assert spec not in steps._probed
+    passed = _check_only(steps, specs, steps._probed)
     assert list(steps._probed) == passed[-steps._ahead_keep :]
 
 

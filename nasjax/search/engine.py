@@ -419,10 +419,10 @@ def check_engine_settings(cfg) -> None:
         except ValueError as e:
             raise EngineError(str(e)) from None
     if "lts" in cfg:  # before a journal exists: a bad value must not become the search's header
-        from nasjax.search.lts import LTSMeasurer
+        from nasjax.search.lts import measurement_settings
 
         try:
-            LTSMeasurer(cfg)
+            measurement_settings(cfg.lts)
         except ValueError as e:
             raise EngineError(str(e)) from None
     # LTS has no search.in_flight: one worker, so its latency and memory measurements are undisturbed

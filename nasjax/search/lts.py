@@ -110,6 +110,19 @@ class LTSState:
         return out
 
 
+def measurement_settings(lts) -> tuple[str, int]:
+    """``lts.programs`` and ``lts.max_pieces``, checked (ValueError naming the setting)."""
+    from nasjax.measure import hardware
+
+    programs = str(lts.get("programs", "model"))
+    if programs not in hardware.PROGRAMS:
+        raise ValueError(f"lts.programs: expected one of {', '.join(hardware.PROGRAMS)}, got {programs!r}")
+    max_pieces = lts.get("max_pieces", hardware.DEFAULT_MAX_PIECES)
+    if isinstance(max_pieces, bool) or not isinstance(max_pieces, int) or max_pieces < 1:
+        raise ValueError(f"lts.max_pieces: expected an int >= 1, got {max_pieces!r}")
+    return programs, max_pieces
+
+
 class LTSMeasurer:
     """What a ``measure`` job computes on the device that runs it: parameter counts, latency,
     peak memory, FLOPs (and the zero-cost proxies named in ``lts.proxies``)."""
@@ -119,13 +132,7 @@ class LTSMeasurer:
 
         self.lts = cfg.lts
         self.proxies = tuple(p.strip() for p in str(self.lts.proxies).split(",") if p.strip())
-        self.programs = str(self.lts.get("programs", "model"))
-        if self.programs not in hardware.PROGRAMS:
-            choices = ", ".join(hardware.PROGRAMS)
-            raise ValueError(f"lts.programs: expected one of {choices}, got {self.programs!r}")
-        max_pieces = self.lts.get("max_pieces", hardware.DEFAULT_MAX_PIECES)
-        if isinstance(max_pieces, bool) or not isinstance(max_pieces, int) or max_pieces < 1:
-            raise ValueError(f"lts.max_pieces: expected an int >= 1, got {max_pieces!r}")
+        self.programs, max_pieces = measurement_settings(self.lts)
         hardware.set_max_pieces(max_pieces)
 
     def measure_job(self, spec, payload: dict) -> dict:

@@ -264,8 +264,9 @@ def inherit_params(target: Any, source: Any) -> tuple[Any, int]:
 
 
 # Primitives host_init evaluates with numpy: what an optimizer's init emits to fill
-# constants. Anything else (arithmetic on the parameters, random keys) is left to jax.
-_HOST_PRIMITIVES = ("broadcast_in_dim", "convert_element_type", "copy", "copy_p", "pjit", "jit")
+# constants (a nested jit is "jit", "pjit" in older JAX). Anything else (arithmetic on
+# the parameters, random keys) is left to jax.
+_HOST_PRIMITIVES = ("broadcast_in_dim", "convert_element_type", "copy", "pjit", "jit")
 
 
 def host_init(fn, *args) -> Any | None:
