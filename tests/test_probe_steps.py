@@ -132,10 +132,14 @@ def test_search_probe_setting_is_read_or_refused(search_config):
         probe_on_steps(search_config(**{"search.probe": "sometimes"}))
 
 
-def test_a_bad_search_probe_stops_the_search_before_its_journal(search_config, tmp_path):
+def test_bad_probe_or_segmented_settings_stop_the_search_before_its_journal(search_config, tmp_path):
     from nasjax.search.engine import EngineError
     from nasjax.search.run import run_search
 
     with pytest.raises(EngineError, match="search.probe must be auto, steps or model, got 'often'"):
         run_search(search_config(**{"search.probe": "often"}), str(tmp_path / "s"), log=lambda *a: None)
     assert not (tmp_path / "s" / "journal.jsonl").exists()
+    for key, value in (("train.segmented_update_chunk", 3), ("train.segmented_pieces", "ops")):
+        with pytest.raises(EngineError, match=f"{key}="):
+            run_search(search_config(**{"train.segmented": True, key: value}), str(tmp_path / key), log=lambda *a: None)
+        assert not (tmp_path / key / "journal.jsonl").exists()

@@ -418,6 +418,14 @@ def check_engine_settings(cfg) -> None:
             probe_on_steps(cfg)
         except ValueError as e:
             raise EngineError(str(e)) from None
+    if "train" in cfg and cfg.train.get("segmented", False):
+        from nasjax.train import segmented
+
+        try:
+            segmented.check_pieces(cfg.train)
+            segmented.check_update_chunk(cfg.train)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
     if "lts" in cfg:  # before a journal exists: a bad value must not become the search's header
         from nasjax.search.lts import measurement_settings
 
