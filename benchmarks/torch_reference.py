@@ -155,26 +155,32 @@ def matmul_peak(n: int, repeats: int = 10) -> float:
     return best
 
 
-def bench(spec, batch: int, seq_len: int, steps: int, threads: int) -> dict:
-    """Median step time of the reference on random tokens (2 warm-up steps)."""
+def make_stepper(spec, batch: int, seq_len: int, threads: int):
+    """The reference's step on random tokens: (run(n) -> n step times in s, info)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = TorchDecoder(spec, seq_len)
     step = make_step(model)
     x = torch.as_tensor(np.random.default_rng(0).integers(0, spec.vocab_size, size=(batch, seq_len + 1)))
     inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    for _ in range(2):
-        step(inputs, targets)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step(inputs, targets)
-        times.append(time.perf_counter() - t0)
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "step_ms": statistics.median(times) * 1e3,
-        "tok_s": batch * seq_len / statistics.median(times),
-    }
+
+    def run(n):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step(inputs, targets)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    run(2)  # warm-up
+    return run, {"params": sum(p.numel() for p in model.parameters())}
+
+
+def bench(spec, batch: int, seq_len: int, steps: int, threads: int) -> dict:
+    """Median step time of the reference on random tokens (2 warm-up steps)."""
+    run, info = make_stepper(spec, batch, seq_len, threads)
+    step_s = statistics.median(run(steps))
+    return {"params": info["params"], "step_ms": step_s * 1e3, "tok_s": batch * seq_len / step_s}
 
 
 def main():

@@ -57,8 +57,8 @@ def bench_one(name, size, batch, seq_len, steps, dtype, mesh, rules):
     return bench_spec(spec, name, size, batch, seq_len, steps, dtype, mesh, rules)
 
 
-def bench_spec(spec, name, size, batch, seq_len, steps, dtype, mesh, rules):
-    """Compile time and median step time of ``spec``'s train step (random tokens)."""
+def make_stepper(spec, batch, seq_len, dtype, mesh, rules):
+    """``spec``'s compiled train step on random tokens: (run(n) -> n step times in s, info)."""
     cfg = base_config().train
     cfg.batch_size = batch
     cfg.steps = 10**6
@@ -66,27 +66,35 @@ def bench_spec(spec, name, size, batch, seq_len, steps, dtype, mesh, rules):
     rng = np.random.default_rng(0)
     x = rng.integers(0, spec.vocab_size, size=(batch, seq_len + 1)).astype(np.int32)
     host = {"inputs": x[:, :-1], "targets": x[:, 1:], "weights": np.ones((batch, seq_len), np.float32)}
-    state = trainer.init_state()
-    compile_s = trainer.compile(state, shd.shard_batch(host, mesh))
-    for _ in range(2):  # warm-up
-        state, m = trainer.step(state, host)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = trainer.step(state, host)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+    box = {"state": trainer.init_state()}
+    compile_s = trainer.compile(box["state"], shd.shard_batch(host, mesh))
+
+    def run(n):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            box["state"], m = trainer.step(box["state"], host)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    run(2)  # warm-up
+    return run, {"params": trainer.param_count(), "compile_s": compile_s}
+
+
+def bench_spec(spec, name, size, batch, seq_len, steps, dtype, mesh, rules):
+    """Compile time and median step time of ``spec``'s train step (random tokens)."""
+    run, info = make_stepper(spec, batch, seq_len, dtype, mesh, rules)
+    step_s = statistics.median(run(steps))
     tok_s = batch * seq_len / step_s
     train_flops_tok = 3 * flops_per_token(spec, seq_len)
     return {
         "model": name,
         "size": size,
-        "params": trainer.param_count(),
+        "params": info["params"],
         "batch": batch,
         "seq": seq_len,
-        "compile_s": compile_s,
+        "compile_s": info["compile_s"],
         "step_ms": step_s * 1e3,
         "tok_s": tok_s,
         "tflops": tok_s * train_flops_tok / 1e12,

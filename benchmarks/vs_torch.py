@@ -3,12 +3,15 @@
     python benchmarks/vs_torch.py                          # vanilla, primer_ez, gpt2 x tiny, small
     python benchmarks/vs_torch.py --models=gpt2 --sizes=tiny --widths=128,256,512
 
-For each model: the nasjax train step (``benchmarks/train_throughput.py``'s measurement:
-one jitted step with AdamW and clipping, median of ``--steps`` after 2 warm-up steps)
-and the PyTorch eager step of ``benchmarks/torch_reference.py`` (built from the same
-spec, parameter count checked equal), same batch, sequence and thread count, one after
-the other in this process. Prints tokens/s of both, the ratio nasjax / PyTorch, and MFU
-against each framework's own measured matmul peak. ``--widths`` replaces the zoo sizes
+For each model: the nasjax train step (``benchmarks/train_throughput.py``'s stepper:
+one jitted step with AdamW and clipping, after 2 warm-up steps) and the PyTorch eager
+step of ``benchmarks/torch_reference.py`` (built from the same spec, parameter count
+checked equal), same batch, sequence and thread count, in this process. The two are
+timed interleaved: ``--rounds`` rounds of ``--steps`` nasjax steps then ``--steps``
+PyTorch steps, so that a slow minute on a shared machine slows both alike. Prints the
+median tokens/s of both over all their steps, the median over rounds of the per-round
+ratio nasjax / PyTorch (with its lowest and highest round), and MFU against each
+framework's own measured matmul peak. ``--widths`` replaces the zoo sizes
 by 4-layer, 4-head models of those d_model (d_ff 4 d), byte vocabulary.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -52,7 +56,8 @@ def main():
     p.add_argument("--models", default="vanilla,primer_ez,gpt2")
     p.add_argument("--sizes", default="tiny,small")
     p.add_argument("--widths", default="", help="4-layer models of these d_model instead of the zoo sizes")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=5, help="steps per framework per round")
+    p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
     hostmem.for_training()  # the heap setting of `nasjax train`, before jax starts its backend
@@ -69,19 +74,28 @@ def main():
     )
     mesh = shd.make_mesh((-1, 1, 1))
     print(
-        "| model | size | params | batch x seq | nasjax tok/s | torch tok/s | nasjax / torch | nasjax MFU | torch MFU |"
+        "| model | size | params | batch x seq | nasjax tok/s | torch tok/s | nasjax / torch (rounds min-max) "
+        "| nasjax MFU | torch MFU |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, size, spec, batch, seq in specs(args):
-        j = train_throughput.bench_spec(spec, name, size, batch, seq, args.steps, "float32", mesh, shd.DEFAULT_RULES)
-        t = torch_reference.bench(spec, batch, seq, args.steps, args.threads)
+        j_run, j = train_throughput.make_stepper(spec, batch, seq, "float32", mesh, shd.DEFAULT_RULES)
+        t_run, t = torch_reference.make_stepper(spec, batch, seq, args.threads)
         if t["params"] != j["params"]:
             raise SystemExit(f"{name} {size}: parameter counts differ ({j['params']} vs {t['params']})")
+        j_times, t_times, ratios = [], [], []
+        for _ in range(args.rounds):
+            jr, tr = j_run(args.steps), t_run(args.steps)
+            j_times += jr
+            t_times += tr
+            ratios.append(statistics.median(tr) / statistics.median(jr))
+        j_tok = batch * seq / statistics.median(j_times)
+        t_tok = batch * seq / statistics.median(t_times)
         flops = 3 * flops_per_token(spec, seq)
         print(
-            f"| {name} | {size} | {j['params'] / 1e6:.2f}M | {batch}x{seq} | {j['tok_s']:,.0f} | {t['tok_s']:,.0f} | "
-            f"{j['tok_s'] / t['tok_s']:.2f}x | {j['tok_s'] * flops / jax_peak:.1%} | "
-            f"{t['tok_s'] * flops / torch_peak:.1%} |",
+            f"| {name} | {size} | {j['params'] / 1e6:.2f}M | {batch}x{seq} | {j_tok:,.0f} | {t_tok:,.0f} | "
+            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+            f"{j_tok * flops / jax_peak:.1%} | {t_tok * flops / torch_peak:.1%} |",
             flush=True,
         )
 

@@ -515,3 +515,38 @@ def test_initializers_give_flax_values_op_by_op_and_traced(shape):
             assert a.shape == b.shape and a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
     assert [ours.size_class(n) for n in (1, 7, 8, 9, 100, 4096, 4097)] == [1, 7, 8, 10, 112, 4096, 5120]
+
+
+@pytest.mark.parametrize("batch_shape", [(2, 3), (4,)])
+def test_attention_products_equal_the_einsums_in_value_and_every_derivative(batch_shape, monkeypatch):
+    """nasjax.layers.products: the scores Q K^T and the mix P V equal the plain einsums
+    in value, in reverse mode (both operands, one operand alone), in forward mode and at
+    second order; with the CPU rule switched off they are the einsums themselves."""
+    from nasjax.layers import products
+
+    q, k, v = (_x(s, batch_shape + (8, 4)) for s in (11, 12, 13))
+    w = _x(14, batch_shape + (8, 4))
+
+    def attend(scores, mix):
+        return lambda q, k, v: jnp.sum(w * mix(jax.nn.softmax(scores(q, k), axis=-1), v) ** 2)
+
+    plain = attend(
+        lambda a, b: jnp.einsum("...qd,...md->...qm", a, b), lambda p, b: jnp.einsum("...qm,...md->...qd", p, b)
+    )
+    ours = attend(products.scores, products.mix)
+    np.testing.assert_array_equal(_np(products.scores(q, k)), _np(jnp.einsum("...qd,...md->...qm", q, k)))
+    for argnums in ((0, 1, 2), 1, 2):
+        got = jax.jit(jax.grad(ours, argnums))(q, k, v)
+        want = jax.grad(plain, argnums)(q, k, v)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(_np(a), _np(b), rtol=1e-5, atol=1e-5)
+    tangents = (_x(15, q.shape), _x(16, k.shape), _x(17, v.shape))
+    _, t = jax.jvp(ours, (q, k, v), tangents)
+    _, t_ref = jax.jvp(plain, (q, k, v), tangents)
+    np.testing.assert_allclose(_np(t), _np(t_ref), rtol=1e-5)
+    second = lambda f: jax.grad(lambda k: jnp.sum(jax.grad(f, 0)(q, k, v) ** 2))(k)  # noqa: E731
+    np.testing.assert_allclose(_np(second(ours)), _np(second(plain)), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(products, "TRANSPOSED_GRADIENTS", frozenset())
+    assert "custom_jvp" not in str(jax.make_jaxpr(jax.grad(ours, 1))(q, k, v))
+    monkeypatch.setattr(products, "TRANSPOSED_GRADIENTS", frozenset({"cpu"}))
+    assert "custom_jvp" in str(jax.make_jaxpr(ours)(q, k, v))

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nasjax.layers import products
 from nasjax.layers.dconv import CausalDepthwiseConv
 from nasjax.layers.dropout import Dropout
 from nasjax.layers.embed import apply_rotary
@@ -114,7 +115,7 @@ def abz_scores_and_values(variant: str, q_BxHxLxK, k_BxHxLxK, v_BxHxLxK=None):
         key, values = k / s + jax.nn.soft_sign(jax.nn.soft_sign(k) / s) + v, v
     else:  # abz_l12
         key, values = k / s + v, v
-    scores = jnp.einsum("bhqk,bhmk->bhqm", q, key) / s
+    scores = products.scores(q, key) / s
     return scores, values
 
 
@@ -134,7 +135,7 @@ def abz_attention(variant: str, q, k, v, key_bias=None, mask=None):
     """
     scores, values = abz_scores_and_values(variant, q, k, v)
     probs = attention_probs(scores, key_bias, mask).astype(values.dtype)
-    return jnp.einsum("bhqm,bhmk->bhqk", probs, values)
+    return products.mix(probs, values)
 
 
 def expand_over_batch(bias_1xHxLxL: jnp.ndarray, batch: int) -> jnp.ndarray:
@@ -270,7 +271,7 @@ class MultiHeadAttention(nn.Module):
         probs_BxHxLxL = attention_probs(scores_BxHxLxL, bias, mask)
         if self.dropout_rate > 0.0:
             probs_BxHxLxL = Dropout(self.dropout_rate)(probs_BxHxLxL, deterministic=deterministic)
-        out_BxHxLxK = jnp.einsum("bhqm,bhmk->bhqk", probs_BxHxLxL.astype(values_BxHxLxK.dtype), values_BxHxLxK)
+        out_BxHxLxK = products.mix(probs_BxHxLxL.astype(values_BxHxLxK.dtype), values_BxHxLxK)
         out_BxLxHxK = nn.with_logical_constraint(jnp.transpose(out_BxHxLxK, (0, 2, 1, 3)), _QKV_AXES)
         o_proj = dense(d_model, ("heads", "kv", "embed"), name="o_proj", axis=(-2, -1), use_bias=spec.use_bias)
         return o_proj(out_BxLxHxK)
