@@ -339,3 +339,27 @@ def test_probe_parameters_are_the_trainers_init(tiny_config, op_by_op):
     again = trainer_params()
     for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_lazy_init_of_branched_programs_runs_no_forward_op(caplog):
+    """The op-by-op init of a program with pure ops inside branched CALLs equals the eager
+    init bit for bit, and compiles no program for the forward's ops: the lazy init traces
+    the forward with jit disabled, so its ops are staged, not run (under jit, jax ran the
+    known part of each jnp function inside nn.vmap, one small compile per new shape)."""
+    import logging
+
+    from nasjax.train.state import _params_fn, initial_params
+
+    inner = Subprogram(
+        (Instruction("EXP", 1), Instruction("RED_MAX", 1), Instruction("CONV_1X1", 1, dim=0, branches=2)), 1, "inner"
+    )
+    main = Subprogram((Instruction("CALL", 1, call=1, branches=2), Instruction("ADD", 1, 2)), 1, "main")
+    model = build(_spec(Program((main, inner), (1.0,), (1,)), n_layers=1, base_dim=12))
+    eager = _params_fn(model, LEN)(jax.random.key(5))
+    with caplog.at_level(logging.DEBUG), jax.log_compiles(True):
+        lazy = initial_params(model, 5, LEN, op_by_op=True)
+    compiled = [r.getMessage() for r in caplog.records if "ompil" in r.getMessage()]
+    assert not [m for m in compiled if "jit(exp)" in m or "reduce_max" in m], compiled
+    assert jax.tree.structure(eager) == jax.tree.structure(lazy)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(lazy)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -76,8 +76,10 @@ def normal(stddev: float = 1e-2, dtype=jnp.float32):
     """``flax.linen.initializers.normal(stddev)``: the same values (module docstring)."""
 
     def init(key, shape, dtype=dtype, out_sharding=None):
-        dtype = jnp.float32 if dtype is None else dtype
-        shape = tuple(shape)
+        with jax.disable_jit(False):  # the lazy init disables jit for the forward's ops only
+            return _normal(key, tuple(shape), jnp.float32 if dtype is None else dtype, out_sharding)
+
+    def _normal(key, shape, dtype, out_sharding):
         n = math.prod(shape)
         if n and _op_by_op(key, out_sharding) and _prefix_consistent(key):
             if not isinstance(key, jax.core.Tracer):
