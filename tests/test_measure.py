@@ -178,3 +178,67 @@ def test_param_shapes_assembled_from_pieces_equal_the_model_init():
     # models the pieces do not cover (relative position biases, an MLM head) are traced whole
     assert P._piece_shapes(get_spec("vanilla", "tiny"), 8) is None
     assert P._piece_shapes(get_spec("bert", "tiny"), 8) is None
+
+
+def _length_dependent_program_spec(max_len: int):
+    """A Primer program whose parameter shapes depend on the sequence length: T_MAT_MUL
+    makes a state of width L, and a CONV_1X1 of it has an L x W kernel."""
+    from nasjax.genome.primer import program_model_spec
+    from nasjax.genome.program import Instruction, Program, Subprogram
+
+    main = Subprogram(
+        (Instruction("T_MAT_MUL", 1, 1), Instruction("CONV_1X1", 1, dim=0), Instruction("ADD", 1, 3)), 1, "main"
+    )
+    return program_model_spec(Program((main,), (1.0,), (1,)), base_dim=16, d_model=16, n_layers=1,
+                              vocab_size=50, max_len=max_len)  # fmt: skip
+
+
+def test_parameter_count_is_at_the_model_length():
+    """count_params counts at the spec's max_len: the parameters a model of that length has
+    (a length-dependent program counted at 8 tokens undercounted its L-wide kernels)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nasjax.models.transformer import build
+
+    spec = _length_dependent_program_spec(32)
+    tokens = jnp.zeros((1, spec.max_len), jnp.int32)
+    whole = jax.eval_shape(build(spec).init, {"params": jax.random.key(0)}, tokens)["params"]
+    want = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(whole)))
+    assert count_params(spec)["total"] == want
+    assert count_params(_length_dependent_program_spec(8))["total"] < want
+
+
+def test_abstract_state_from_pieces_equals_the_whole_model_trace():
+    """Trainer's abstract state and shardings built from the per-piece cache (given the
+    spec) equal those of the whole model's eval_shape: boxes, shapes, dtypes, optimizer
+    state and NamedShardings, at the training length."""
+    import jax
+
+    from nasjax import sharding as shd
+    from nasjax.config import base_config
+    from nasjax.genome.primer import primer_ez_program, program_model_spec
+    from nasjax.models.transformer import build
+    from nasjax.train.optim import make_optimizer
+    from nasjax.train.state import state_shardings
+
+    specs = [
+        _length_dependent_program_spec(24),
+        program_model_spec(
+            primer_ez_program(2, 32, 64), base_dim=16, d_model=32, n_layers=2, vocab_size=50, max_len=16
+        ),  # fmt: skip
+        get_spec("gpt2", "tiny", vocab_size=50, max_len=32, n_heads=[2, 4, 8], d_inners=[96, 128, 96]),
+    ]
+    mesh = shd.make_mesh((-1, 1, 1))
+    for optimizer in ("adamw", "adafactor"):
+        cfg = base_config().train
+        cfg.optimizer = optimizer
+        tx, _ = make_optimizer(cfg)
+        for spec in specs:
+            model = build(spec)
+            whole = state_shardings(model, tx, spec.max_len, mesh, shd.DEFAULT_RULES)
+            pieces = state_shardings(model, tx, spec.max_len, mesh, shd.DEFAULT_RULES, spec=spec)
+            assert jax.tree.structure(whole) == jax.tree.structure(pieces)
+            assert jax.tree.leaves(whole) == jax.tree.leaves(pieces)

@@ -28,6 +28,7 @@ from nasjax.spec import ModelSpec
 
 __all__ = [
     "EMBEDDING_MODULES",
+    "abstract_boxed_params",
     "param_tree_shapes",
     "count_params",
     "module_param_counts",
@@ -45,13 +46,15 @@ EMBEDDING_MODULES = ("embed", "lm_head")
 _PIECE_SHAPES = ProgramCache({"all": 4096})
 
 
-def _flat_piece_shapes(init) -> tuple:
-    abstract = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
-    return tuple((p, tuple(leaf.shape)) for p, leaf in traverse_util.flatten_dict(abstract).items())
+def _flat_piece_leaves(init) -> tuple:
+    """A piece's abstract parameters as (path, leaf) pairs, each leaf as ``Module.init``
+    boxes it (``nn.Partitioned`` around a ShapeDtypeStruct, or a bare one)."""
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    return tuple(traverse_util.flatten_dict(boxed, is_leaf=lambda _, x: isinstance(x, nn.meta.AxisMetadata)).items())
 
 
-def _piece_shapes(spec: ModelSpec, length: int):
-    """The flat shapes of ``spec``'s parameters assembled piece by piece (None where the
+def _piece_leaves(spec: ModelSpec, length: int) -> dict | None:
+    """``spec``'s flat abstract (boxed) parameters assembled piece by piece (None where the
     model cannot be cut into pieces: :meth:`Segments.unsupported`)."""
     from nasjax.models.transformer import Segments
 
@@ -60,17 +63,37 @@ def _piece_shapes(spec: ModelSpec, length: int):
         return None
     flat = {}
     for key, path, init in Segments(plain).param_pieces(length):
-        shapes, _ = _PIECE_SHAPES.get(key, lambda init=init: _flat_piece_shapes(init))
-        for p, shape in shapes:
-            flat[path + p] = shape
-    return tuple(sorted(flat.items()))
+        leaves, _ = _PIECE_SHAPES.get(key, lambda init=init: _flat_piece_leaves(init))
+        for p, leaf in leaves:
+            flat[path + p] = leaf
+    return flat
+
+
+def _piece_shapes(spec: ModelSpec, length: int):
+    """The flat shapes of ``spec``'s parameters assembled piece by piece (None where the
+    model cannot be cut into pieces)."""
+    flat = _piece_leaves(spec, length)
+    if flat is None:
+        return None
+    return tuple(sorted((path, tuple(nn.unbox(leaf).shape)) for path, leaf in flat.items()))
+
+
+def abstract_boxed_params(spec: ModelSpec, length: int) -> dict | None:
+    """``jax.eval_shape`` of ``build(spec).init(...)["params"]`` on a ``length``-token
+    input (boxed, float32), assembled from the per-piece cache without tracing the whole
+    model; None where the model cannot be cut into pieces. Tested equal to the
+    whole-model trace (tests/test_train.py)."""
+    flat = _piece_leaves(spec, length)
+    return None if flat is None else traverse_util.unflatten_dict(flat)
 
 
 @functools.lru_cache(maxsize=512)
 def _flat_shapes(spec: ModelSpec) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
     from nasjax.models.transformer import build  # local: models imports measure-free layers only
 
-    length = min(8, spec.max_len)
+    # At the model's length: a Primer program's parameter shapes can depend on it (a
+    # state of width L after T_MAT_MUL, then a CONV_1X1 of it has an L x W kernel).
+    length = spec.max_len
     pieces = _piece_shapes(spec, length)
     if pieces is not None:
         return pieces

@@ -143,7 +143,9 @@ class Trainer:
             self.model, self.tx, self.schedule, self.objective, self.seed, accum, dropout=dropout
         )
         self._eval_step = make_eval_step(self.model, self.objective)
-        self.abstract_state, self.state_shardings = state_shardings(self.model, self.tx, self.seq_len, mesh, rules)
+        self.abstract_state, self.state_shardings = state_shardings(
+            self.model, self.tx, self.seq_len, mesh, rules, spec=spec
+        )
         if train_cfg.get("flat_optimizer", False) and not params_replicated(self.state_shardings.params):
             raise TrainConfigError(
                 f"train.flat_optimizer=true keeps the optimizer state as one vector, so it needs replicated "
