@@ -41,7 +41,6 @@ import jax.numpy as jnp
 
 from nasjax.genome.program import OPS, Program, ProgramSpec, instruction_names, resolve_reference
 from nasjax.layers import init as initializers
-from nasjax.layers import products
 from nasjax.layers.dconv import CausalDepthwiseConv
 from nasjax.layers.mlp import make_dense
 
@@ -123,9 +122,9 @@ def apply_pure_op(op: str, a: jnp.ndarray, b: jnp.ndarray, constant: float) -> j
     length = a.shape[1]
     if op == "MAT_MUL":
         weights_BxLxL = jnp.where(_lower_triangle(length, length), match_width(a, length), 0)
-        return products.mix(weights_BxLxL, b.astype(a.dtype))
+        return jnp.einsum("bts,bsw->btw", weights_BxLxL, b.astype(a.dtype))
     if op == "T_MAT_MUL":
-        scores_BxLxL = products.scores(a, match_width(b, a.shape[-1]).astype(a.dtype))
+        scores_BxLxL = jnp.einsum("btw,bsw->bts", a, match_width(b, a.shape[-1]).astype(a.dtype))
         return jnp.where(_lower_triangle(length, length), scores_BxLxL, 0)
     if op == "MASK":
         return jnp.where(_lower_triangle(length, a.shape[-1]), a, jnp.asarray(PROGRAM_MASK_VALUE, a.dtype))
