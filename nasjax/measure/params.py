@@ -82,7 +82,7 @@ def abstract_boxed_params(spec: ModelSpec, length: int) -> dict | None:
     """``jax.eval_shape`` of ``build(spec).init(...)["params"]`` on a ``length``-token
     input (boxed, float32), assembled from the per-piece cache without tracing the whole
     model; None where the model cannot be cut into pieces. Tested equal to the
-    whole-model trace (tests/test_train.py)."""
+    whole-model trace (tests/test_measure.py)."""
     flat = _piece_leaves(spec, length)
     return None if flat is None else traverse_util.unflatten_dict(flat)
 

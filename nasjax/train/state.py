@@ -34,7 +34,10 @@ def dummy_inputs(batch_size: int, seq_len: int):
 
 def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, rng, seq_len: int) -> TrainState:
     variables = model.init({"params": rng, "dropout": rng}, dummy_inputs(1, seq_len))
-    params = variables["params"]
+    return _state_of(variables["params"], tx)
+
+
+def _state_of(params, tx: optax.GradientTransformation) -> TrainState:
     # The optimizer sees plain arrays: factored states (Adafactor) have other ranks than
     # the params, so they must not inherit the params' logical-axis boxes.
     opt_state = tx.init(nn.meta.unbox(params))
@@ -83,8 +86,7 @@ def state_shardings(model, tx, seq_len: int, mesh: Mesh, rules, spec=None) -> tu
     if boxed_params is None:
         boxed = jax.eval_shape(lambda r: _boxed_state(model, tx, r, seq_len), jax.random.key(0))
     else:
-        opt_state = jax.eval_shape(tx.init, nn.meta.unbox(boxed_params))
-        boxed = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed_params, opt_state=opt_state)
+        boxed = jax.eval_shape(lambda p: _state_of(p, tx), boxed_params)
     abstract = nn.meta.unbox(boxed)
     param_sh = shd.logical_to_shardings(nn.get_partition_spec(boxed.params), abstract.params, mesh, rules)
     shardings = TrainState(
