@@ -38,6 +38,11 @@ train.segmented_pieces    what a segmented layer piece is: 'layer' (one program 
 train.segmented_update_chunk  most parameter leaves of one shape that one segmented update program takes
                           (1, 2, 4, 8 or 16; powers of two up to it): larger = fewer dispatches per step,
                           1 = one update program per parameter shape (fewest compiles)
+train.segmented_layout    how a segmented model holds its parameters and Adam moments while it trains:
+                          'shaped' (each in its own shape) or 'flat' (adamw only: each as a 1-D buffer of
+                          its size class, at most 25% larger, so update programs depend on size classes
+                          only and a search compiles a few dozen instead of one per new shape; the same
+                          values per element; converted on the host at a fit's start and end)
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices
@@ -202,6 +207,7 @@ def base_config(finetune: bool = False) -> ml_collections.ConfigDict:
     c.train.segmented = False
     c.train.segmented_pieces = "layer"
     c.train.segmented_update_chunk = 16
+    c.train.segmented_layout = "shaped"
     c.train.grad_accum_steps = 1
     c.train.log_every = 10
     c.train.eval_every = 500

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -92,11 +93,15 @@ def _run(spec, train_cfg, mesh, batches, steps: int = 3):
     return trainer, state, metrics, val
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_segmented_steps_equal_the_one_program_step(n_devices, tied):
+@pytest.mark.parametrize(
+    "tied,layout", [(True, "flat"), (False, "flat"), (True, "shaped")], ids=["tied", "untied", "tied-shaped"]
+)
+def test_segmented_steps_equal_the_one_program_step(n_devices, tied, layout):
     """Same losses, gradient norms, learning rates, parameters, optimizer state (structure
     and values) and validation as the one-program step, up to float rounding, over 3
-    steps on a data-parallel mesh of all devices, with clipping and weight decay active."""
+    steps on a data-parallel mesh of all devices, with clipping and weight decay active
+    (decay on matrices only: in the flat layout the buffers are 1-D, so a decay mask read
+    from the buffers' rank would skip every matrix and fail this)."""
     if tied:
         spec = _primer_specs(1)[0]
     else:
@@ -107,7 +112,8 @@ def test_segmented_steps_equal_the_one_program_step(n_devices, tied):
     mesh = shd.make_mesh((-1, 1, 1))
     batches = _batches(5)
     one = _run(spec, _train_cfg(), mesh, batches)
-    seg = _run(spec, _train_cfg(**{"train.segmented": True}), mesh, batches)
+    seg = _run(spec, _train_cfg(**{"train.segmented": True, "train.segmented_layout": layout}), mesh, batches)
+    assert seg[0]._segments.layout == layout
     assert seg[0]._segments is not None and one[0]._segments is None
     for a, b in zip(one[2], seg[2]):
         assert a.keys() == b.keys()
@@ -270,12 +276,13 @@ def _layer_case(program, d_model: int = 32, base_dim: int = 8):
     return program_model_spec(program, base_dim=base_dim, d_model=d_model, n_layers=1, vocab_size=VOCAB, max_len=LEN)
 
 
-@pytest.mark.parametrize("pieces", ["subprogram", "instruction"])
-def test_program_pieces_compute_the_layer_and_its_gradients(pieces):
+@pytest.mark.parametrize("pieces,layout", [("subprogram", "flat"), ("subprogram", "shaped"), ("instruction", "flat")])
+def test_program_pieces_compute_the_layer_and_its_gradients(pieces, layout):
     """In float64, the chain of instruction pieces gives the layer's output, the input's
     gradient and every parameter's gradient of ``jax.vjp`` of the one-program layer, to
     1e-12 of their scale: the vanilla and Primer-EZ seeds and a program with every
-    structure the tape handles. Parameters read only by dead code get exact zeros."""
+    structure the tape handles. Parameters read only by dead code get exact zeros. In the
+    flat layout the pieces take and return 1-D buffers whose padding gets zero gradients."""
     from nasjax.genome.primer import primer_ez_program, vanilla_program
 
     programs = {
@@ -285,7 +292,7 @@ def test_program_pieces_compute_the_layer_and_its_gradients(pieces):
     }
     with jax.enable_x64(True):
         for name, program in programs.items():
-            layer = _check_program_layer(name, program, 8 if name == "every_structure" else 16, pieces)
+            layer = _check_program_layer(name, program, 8 if name == "every_structure" else 16, pieces, layout)
     assert {s.depth for s in layer.tape} == {0, 1, 2}  # every_structure's nested branches
 
 
@@ -293,9 +300,9 @@ def _abstract64(tree, sharding):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def _check_program_layer(name, program, base_dim, pieces):
+def _check_program_layer(name, program, base_dim, pieces, layout):
     mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    cfg = _train_cfg(**{"train.segmented": True, "train.segmented_pieces": pieces})
+    cfg = _train_cfg(**{"train.segmented": True, "train.segmented_pieces": pieces, "train.segmented_layout": layout})
     rep = shd.replicated(mesh)
     spec = _layer_case(program, base_dim=base_dim)
     trainer = Trainer(spec, cfg, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
@@ -313,8 +320,14 @@ def _check_program_layer(name, program, base_dim, pieces):
     layer = segmented.ProgramLayer(
         steps, spec.layers[0].mixer, _abstract64(seg.program_params(params), rep), _abstract64(x, rep)
     )
-    y, residuals = layer.forward(params, x)
+    y, residuals = layer.forward(steps.pack_params(params), x)
     gp, gx, sumsq = layer.backward(residuals, g, None)
+    if layout == "flat":
+        sizes = [segmented.flat_size(a.shape) for a in jax.tree.leaves(params)]
+        assert [a.shape for a in jax.tree.leaves(gp)] == [(n,) for n in sizes]
+        for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(params)):  # the padding's gradient
+            assert not np.any(np.asarray(a)[b.size :])
+        gp = jax.tree.map(lambda a, b: np.asarray(a)[: b.size].reshape(b.shape), gp, params)
     scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(gp_ref))
     np.testing.assert_allclose(y, y_ref, atol=1e-12 * float(np.max(np.abs(y_ref))), err_msg=name)
     np.testing.assert_allclose(gx, gx_ref, atol=1e-12 * float(np.max(np.abs(gx_ref))), err_msg=name)
@@ -450,3 +463,98 @@ def test_layers_without_parameters_train_in_every_mode():
     for mode in ("layer", "subprogram", "instruction"):
         for a, b in zip(losses["one"], losses[mode]):
             np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, err_msg=mode)
+
+
+def test_segmented_layout_is_checked():
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    spec = _primer_specs(1)[0]
+    cases = [
+        ({"train.segmented_layout": "packed"}, "train.segmented_layout='packed': expected one of 'shaped', 'flat'"),
+        (
+            {"train.segmented_layout": "flat", "train.optimizer": "adafactor"},
+            "train.segmented_layout='flat' needs train.optimizer=adamw",
+        ),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(TrainConfigError, match=re.escape(message)):
+            Trainer(spec, _train_cfg(**{"train.segmented": True, **overrides}), mesh, shd.DEFAULT_RULES, 0, LEN)
+    shaped = Trainer(
+        spec,
+        _train_cfg(**{"train.segmented": True, "train.segmented_layout": "shaped", "train.optimizer": "adafactor"}),
+        mesh,
+        shd.DEFAULT_RULES,
+        0,
+        LEN,
+    )
+    assert not shaped._segments.flat
+
+
+def test_flat_sizes_and_chunks():
+    shapes = [(), (5,), (60,), (64,), (2, 32, 16), (30, 64)]
+    assert [segmented.flat_size(s) for s in shapes] == [1, 5, 64, 64, 1024, 2048]
+    for n in range(1, 5000, 7):  # a size class holds the leaf, at most 25% more (8 and up)
+        assert n <= segmented.flat_size((n,)) <= max(8, n * 1.25)
+    assert [segmented.flat_chunk(n, 16) for n in (64, 1024, 4096, 16384, 65536)] == [16, 16, 4, 1, 1]
+    assert segmented.flat_chunk(64, 4) == 4
+
+
+def test_flat_layout_updates_depend_on_size_classes_only():
+    """Two GPT-2 models whose parameter shapes differ (d_ff 64 vs 60) but fall in the same
+    size classes share every update program in the flat layout, and compile their own
+    in the shaped one; the flat programs take 1-D buffers only."""
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    batch = shd.shard_batch(_batches(1)[0], mesh)
+
+    def new_updates(spec, layout):
+        before = set(segmented._PROGRAMS)
+        cfg = _train_cfg(**{"train.segmented": True, "train.segmented_layout": layout})
+        trainer = Trainer(spec, cfg, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
+        trainer.compile(trainer.restore_target(), batch)
+        return [k for k in set(segmented._PROGRAMS) - before if k[0] == "update"]
+
+    def gpt2(d_ff):
+        return get_spec(
+            "gpt2", "tiny", vocab_size=VOCAB, max_len=LEN, d_model=32, n_heads=2, d_ff=d_ff, dropout_rate=0.0,
+            attention_dropout_rate=0.0,
+        )  # fmt: skip
+
+    for layout, second in (("flat", 0), ("shaped", None)):
+        segmented.clear_programs()
+        first = new_updates(gpt2(64), layout)
+        assert first
+        if layout == "flat":
+            assert all(len(shape) == 1 for k in first for (shape, _, _) in k[2][1])
+        n = len(new_updates(gpt2(60), layout))
+        assert n == second if second is not None else n > 0, (layout, n)
+
+
+def test_flat_layout_keeps_the_callers_layout_and_zero_padding():
+    """Trainer.step and fit take and give parameters in their own shapes; inside a fit
+    the buffers' padding stays exactly zero (parameters and both Adam moments), and the
+    host conversions are exact both ways."""
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    spec = _primer_specs(2)[1]
+    cfg = _train_cfg(**{"train.segmented": True, "train.segmented_layout": "flat"})
+    trainer = Trainer(spec, cfg, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
+    flat = trainer._segments
+    state = trainer.init_state()
+    shapes = [a.shape for a in jax.tree.leaves(trainer.abstract_state.params)]
+    packed = flat.pack_state(state)
+    assert flat.is_packed(packed) and not flat.is_packed(state)
+    assert [x.shape for x in jax.tree.leaves(packed.params)] == [(segmented.flat_size(s),) for s in shapes]
+    for a, b in zip(jax.tree.leaves(flat.unpack_state(packed)), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    batches = _batches(4)
+    stepped, _ = trainer.step(state, batches[0])
+    assert [x.shape for x in jax.tree.leaves(stepped.params)] == shapes
+    fitted, result = trainer.fit(stepped, iter(batches[1:]), total_steps=4)
+    assert result.step == 4 and [x.shape for x in jax.tree.leaves(fitted.params)] == shapes
+    inside = flat.pack_state(fitted)
+    for _ in range(2):
+        inside, _ = trainer.step(inside, batches[0])
+    assert flat.is_packed(inside)
+    mu, nu = inside.opt_state[1][0].mu, inside.opt_state[1][0].nu
+    for tree in (inside.params, mu, nu):
+        for x, shape in zip(jax.tree.leaves(tree), shapes):
+            assert not np.any(np.asarray(x)[int(np.prod(shape)) :])
+    assert float(jnp.sum(jnp.abs(jax.tree.leaves(nu)[0]))) > 0

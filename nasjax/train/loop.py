@@ -156,6 +156,7 @@ class Trainer:
         try:
             segmented.check_pieces(train_cfg)
             segmented.check_update_chunk(train_cfg)
+            segmented.check_layout(train_cfg)
         except ValueError as e:
             raise TrainConfigError(str(e)) from None
         if train_cfg.get("segmented", False):
@@ -165,7 +166,14 @@ class Trainer:
                     f"train.segmented=true cannot run {spec.name or 'this model'}: {problem}; set train.segmented=false"
                 )
             self._segments = segmented.SegmentedSteps(
-                spec, train_cfg, mesh, rules, self._context, jnp.dtype(dtype), self.state_shardings
+                spec,
+                train_cfg,
+                mesh,
+                rules,
+                self._context,
+                jnp.dtype(dtype),
+                self.state_shardings,
+                abstract_state=self.restore_target(),
             )
         self._compiled_train = None
         self._compiled_eval = None
@@ -310,14 +318,26 @@ class Trainer:
         return self._compiled_eval[1]
 
     # ------------------------------------------------------------------ run
+    def _flat(self):
+        """The segmented steps when they hold parameters as flat buffers (``train.segmented_layout=flat``)."""
+        return self._segments if self._segments is not None and self._segments.flat else None
+
     def step(self, state: TrainState, host_batch: dict) -> tuple[TrainState, dict]:
+        """One train step. The state comes back in the layout it came in (:meth:`fit` keeps
+        the flat layout's buffers from step to step)."""
         batch = shd.shard_batch(host_batch, self.mesh)
         if self._compiled_train is None or tuple(sorted(batch)) != self._batch_keys:
             self.compile(state, batch)
+        flat = self._flat()
+        if flat is not None and not flat.is_packed(state):
+            state, metrics = self._compiled_train(state, batch)
+            return flat.unpack_state(state), metrics
         return self._compiled_train(state, batch)
 
     def evaluate(self, params: Any, batches: Iterable[dict], num_bytes: int | None = None) -> dict:
         """Validation loss, perplexity, bits per byte (LM/MLM) or accuracy (classification)."""
+        if self._flat() is not None:  # once, not per batch
+            params = self._flat().pack_params(params)
         loss_sum = weight_sum = correct = 0.0
         n_bytes = 0
         for host_batch in batches:
@@ -368,8 +388,16 @@ class Trainer:
         Returns:
           (state, result). On divergence the returned state holds non-finite values and
           must not be checkpointed; the last checkpoint stays the last good one.
+
+        With ``train.segmented_layout=flat`` the steps run on the flat buffers; hooks, the
+        eval function and the caller get shaped states and parameters (a hook that reads
+        the state every step pays a host conversion per step).
         """
         hooks = hooks or Hooks()
+        flat = self._flat()
+        if flat is not None:
+            state = flat.pack_state(state)
+        shaped = flat.unpack_state if flat is not None else lambda st: st
         step = int(jax.device_get(state.step))
         start_step = step
         tokens = 0.0
@@ -412,9 +440,9 @@ class Trainer:
                 window_time, window_tokens = 0.0, 0.0
                 hooks.on_log(step, m)
             if hooks.on_step_end:
-                hooks.on_step_end(step, state)
+                hooks.on_step_end(step, shaped(state))
             if eval_fn is not None and eval_every and step % eval_every == 0 and step < total_steps:
-                val = eval_fn(state.params)
+                val = eval_fn(shaped(state).params)
                 if hooks.on_eval:
                     hooks.on_eval(step, val)
         result = TrainResult(
@@ -426,7 +454,7 @@ class Trainer:
             tokens_per_second=tokens / max(train_seconds, 1e-9) if step > start_step else 0.0,
             reason=reason,
         )
-        return state, result
+        return shaped(state), result
 
 
 class _Ctx:

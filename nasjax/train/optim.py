@@ -64,11 +64,12 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg, decay_mask=_decay_mask) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Builds the optax chain: global-norm clipping, then AdamW or Adafactor.
 
     With ``train.flat_optimizer`` the same clipping and AdamW run on one vector of all
-    parameters (:func:`_flat_adamw`).
+    parameters (:func:`_flat_adamw`). ``decay_mask``: which leaves weight decay applies
+    to (default: matrices and larger, :func:`_decay_mask`).
     """
     schedule = make_schedule(cfg)
     parts = []
@@ -89,7 +90,7 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
                 b2=float(cfg.b2),
                 eps=float(cfg.eps),
                 weight_decay=float(cfg.weight_decay),
-                mask=_decay_mask,
+                mask=decay_mask,
             )
         )
     elif cfg.optimizer == "adafactor":
@@ -97,7 +98,7 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
             optax.adafactor(
                 schedule,
                 weight_decay_rate=float(cfg.weight_decay) or None,
-                weight_decay_mask=_decay_mask if cfg.weight_decay else None,
+                weight_decay_mask=decay_mask if cfg.weight_decay else None,
                 multiply_by_parameter_scale=False,
                 clipping_threshold=1.0,
             )
@@ -139,6 +140,20 @@ def segment_optimizer(cfg) -> tuple[float, optax.GradientTransformation, int, tu
     inner, schedule = make_optimizer(_Settings(no_clip))  # the schedule does not depend on clipping
     key = tuple((k, str(cfg.get(k))) for k in OPTIMIZER_KEYS)
     return clip, inner, 1 if clip else 0, key, schedule
+
+
+def decay_chains(cfg) -> dict[bool, optax.GradientTransformation]:
+    """:func:`segment_optimizer`'s chain twice, with weight decay on every leaf (True) and on
+    none (False): for leaves whose shape no longer tells (``train.segmented_layout=flat``
+    keeps each parameter as a 1-D buffer), the caller picks the chain by the parameter's
+    real rank, as :func:`_decay_mask` would. The two states have the chain's structure.
+    """
+    no_clip = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    no_clip.update(grad_clip=0.0, flat_optimizer=False)
+    return {
+        flag: make_optimizer(_Settings(no_clip), decay_mask=lambda p, flag=flag: jax.tree.map(lambda _: flag, p))[0]
+        for flag in (True, False)
+    }
 
 
 class _Settings(dict):

@@ -41,6 +41,7 @@ objective without dropout, one micro-batch, replicated parameters (data parallel
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -52,13 +53,24 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nasjax import sharding as shd
+from nasjax.layers.init import size_class
 from nasjax.models.transformer import Segments
 from nasjax.program_cache import ProgramCache
 from nasjax.train import losses
-from nasjax.train.optim import segment_optimizer
+from nasjax.train.optim import decay_chains, segment_optimizer
 from nasjax.train.state import TrainState
 
-__all__ = ["SegmentedSteps", "ProgramLayer", "unsupported", "clear_programs", "MAX_PROGRAMS", "PIECES"]
+__all__ = [
+    "SegmentedSteps",
+    "ProgramLayer",
+    "unsupported",
+    "clear_programs",
+    "flat_size",
+    "flat_chunk",
+    "MAX_PROGRAMS",
+    "PIECES",
+    "LAYOUTS",
+]
 
 # Compiled pieces kept per process, least recently used dropped first, per kind: layer
 # pieces are rarely shared beyond one model (a Primer child's layers are all new), and
@@ -69,6 +81,9 @@ __all__ = ["SegmentedSteps", "ProgramLayer", "unsupported", "clear_programs", "M
 MAX_PROGRAMS = {"layer": 16, "shared": 256, "instruction": 1024}
 # train.segmented_pieces: what one piece of a layer is (see the module docstring)
 PIECES = ("layer", "subprogram", "instruction")
+# train.segmented_layout: how a parameter leaf (and its optimizer moments) is held while a
+# model trains: in its own shape, or as a 1-D buffer of its size class (module docstring)
+LAYOUTS = ("shaped", "flat")
 # Shared pieces on a mesh of several devices hold collectives (the gradient all-reduce).
 # Two threads running such steps at once (engine=threads) could interleave executions of
 # the same program, and on XLA:CPU the participants of one collective then starve for
@@ -102,6 +117,72 @@ def check_pieces(train_cfg) -> str:
     if value not in PIECES:
         raise ValueError(f"train.segmented_pieces={value!r}: expected one of {', '.join(map(repr, PIECES))}")
     return value
+
+
+def check_layout(train_cfg) -> str:
+    """``train.segmented_layout``, checked (ValueError naming the choices and the optimizer it needs)."""
+    value = train_cfg.get("segmented_layout", "shaped")
+    if value not in LAYOUTS:
+        raise ValueError(f"train.segmented_layout={value!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
+    if value == "flat" and train_cfg.get("optimizer", "adamw") != "adamw":
+        raise ValueError(
+            f"train.segmented_layout='flat' needs train.optimizer=adamw, an elementwise update; "
+            f"{train_cfg.get('optimizer')!r} is not (Adafactor factors a matrix's second moments by its "
+            f"rows and columns); set train.segmented_layout='shaped'"
+        )
+    return value
+
+
+def flat_size(shape) -> int:
+    """Elements of a parameter's 1-D buffer in the flat layout: its size class (at most 25% more)."""
+    return size_class(int(np.prod(shape, dtype=np.int64)))
+
+
+def _flat_abstract(a):
+    sharding = getattr(a, "sharding", None)
+    if isinstance(sharding, NamedSharding):  # replicated (train.segmented's scope), whatever its spec's rank
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(), memory_kind=sharding.memory_kind)
+    return jax.ShapeDtypeStruct((flat_size(a.shape),), a.dtype, sharding=sharding)
+
+
+def _unflat(buffers, shaped):
+    """Traced: each 1-D buffer's leading elements in its parameter's shape (``shaped``: the
+    parameters' ShapeDtypeStructs, same structure)."""
+    return jax.tree.map(lambda b, a: b[: int(np.prod(a.shape, dtype=np.int64))].reshape(a.shape), buffers, shaped)
+
+
+def _host_flat(x, sharding):
+    """A parameter-shaped array as its flat buffer (no-op if it is one), through the host: no compile."""
+    n = flat_size(x.shape)
+    if tuple(x.shape) == (n,):
+        return x
+    host = np.asarray(jax.device_get(x)).reshape(-1)
+    out = np.zeros((n,), host.dtype)
+    out[: host.size] = host
+    return jax.device_put(out, sharding)
+
+
+def _host_shaped(x, a, sharding):
+    """A flat buffer back in its parameter's shape ``a.shape`` (no-op if it is in it), through the host."""
+    if tuple(x.shape) == tuple(a.shape):
+        return x
+    host = np.asarray(jax.device_get(x))[: int(np.prod(a.shape, dtype=np.int64))]
+    return jax.device_put(host.reshape(a.shape), sharding)
+
+
+# flat layout: a size class's update chunk holds about this many elements (and at most
+# train.segmented_update_chunk leaves): small classes share a dispatch, large ones stay
+# alone, and a chunk filled up with repeats recomputes little (6% more elements than the
+# leaves in a default tiny search, against 2.5x with 8 leaves per chunk everywhere)
+FLAT_CHUNK_ELEMENTS = 16384
+
+
+def flat_chunk(size: int, most: int) -> int:
+    """The update chunk (leaves per program) of a flat layout size class of ``size`` elements."""
+    chunk = 1
+    while chunk * 2 <= most and chunk * 2 * size <= FLAT_CHUNK_ELEMENTS:
+        chunk *= 2
+    return chunk
 
 
 def check_update_chunk(train_cfg) -> tuple[int, ...]:
@@ -217,17 +298,25 @@ class SegmentedSteps:
     Args:
       spec: the model spec; train_cfg: the ``train`` block; mesh, rules: the trainer's;
       context: a callable returning the trainer's mesh + logical-rules context;
-      dtype: activation dtype; state_shardings: the trainer's (replicated) state shardings.
+      dtype: activation dtype; state_shardings: the trainer's (replicated) state shardings;
+      abstract_state: the trainer's abstract state with its shardings (the parameters'
+      shapes, which ``train.segmented_layout=flat`` needs).
     """
 
-    def __init__(self, spec, train_cfg, mesh, rules, context, dtype, state_shardings):
+    def __init__(self, spec, train_cfg, mesh, rules, context, dtype, state_shardings, abstract_state=None):
         self.seg = Segments(spec, dtype=dtype)
         self.mesh, self.rules, self.context = mesh, rules, context
         self.dtype = jnp.dtype(dtype)
         self.clip, self.inner, self.n_clip_states, self.opt_key, self._schedule = segment_optimizer(train_cfg)
         self.pieces = check_pieces(train_cfg)
         self.update_chunks = check_update_chunk(train_cfg)
+        self.layout = check_layout(train_cfg)
+        self.flat = self.layout == "flat"
+        if self.flat and abstract_state is None:
+            raise ValueError("train.segmented_layout='flat': SegmentedSteps needs the trainer's abstract state")
+        self._decay_chains = decay_chains(train_cfg) if self.flat else None
         self.state_shardings = state_shardings
+        self.shaped_state = abstract_state
         self.compile_seconds = 0.0
         self.memory: dict = {}
         self._train = None  # (batch layout, plan)
@@ -247,7 +336,55 @@ class SegmentedSteps:
 
     # ------------------------------------------------------------------ programs
     def _key(self, *parts) -> tuple:
-        return (*parts, self.mesh, tuple(self.rules), str(self.dtype))
+        return (*parts, self.mesh, tuple(self.rules), str(self.dtype), self.layout)
+
+    # ------------------------------------------------------------------ flat layout
+    def _buffers(self, shaped):
+        """The abstract parameters a program takes: the flat layout's 1-D buffers of a shaped
+        (sub)tree, or the tree itself in the shaped layout."""
+        return jax.tree.map(_flat_abstract, shaped) if self.flat else shaped
+
+    def _on_buffers(self, fn, shaped):
+        """``fn(params, *rest)`` taking the layout's buffers for ``shaped``'s parameters."""
+        if not self.flat:
+            return fn
+        return lambda p, *rest: fn(_unflat(p, shaped), *rest)
+
+    def _map_state(self, state, fn):
+        """``state`` with ``fn`` applied to its parameters and to every optimizer subtree that
+        mirrors them (Adam's moments); other optimizer leaves (the count) unchanged."""
+        params_def = jax.tree.structure(self.shaped_state.params)
+        mirrors = lambda x: not _is_leaf(x) and jax.tree.structure(x) == params_def  # noqa: E731
+        opt = jax.tree.map(lambda x: fn(x) if mirrors(x) else x, state.opt_state, is_leaf=mirrors)
+        return state.replace(params=fn(state.params), opt_state=opt)
+
+    def pack_params(self, params):
+        """Parameters in this trainer's layout (the flat buffers, from either layout; no compile)."""
+        if not self.flat:
+            return params
+        rep = shd.replicated(self.mesh)
+        return jax.tree.map(lambda x: _host_flat(x, rep), params)
+
+    def unpack_params(self, params):
+        """Parameters in their own shapes and shardings (from either layout; no compile)."""
+        if not self.flat:
+            return params
+        return jax.tree.map(_host_shaped, params, self.shaped_state.params, self.state_shardings.params)
+
+    def pack_state(self, state: TrainState) -> TrainState:
+        """A train state in this trainer's layout (parameters and Adam's moments; the step as is)."""
+        return self._map_state(state, self.pack_params) if self.flat else state
+
+    def unpack_state(self, state: TrainState) -> TrainState:
+        """A train state in the parameters' own shapes, as every caller outside a fit sees it."""
+        return self._map_state(state, self.unpack_params) if self.flat else state
+
+    def is_packed(self, state: TrainState) -> bool:
+        """Whether ``state``'s parameters are in the flat layout (True in the shaped layout)."""
+        if not self.flat:
+            return True
+        leaves, shaped = jax.tree.leaves(state.params), jax.tree.leaves(self.shaped_state.params)
+        return all(tuple(x.shape) == (flat_size(a.shape),) for x, a in zip(leaves, shaped))
 
     def _compile(self, fn, *abstract_args, **jit_kwargs):
         with self.context():
@@ -264,7 +401,10 @@ class SegmentedSteps:
         ``wrt_x``: differentiate w.r.t. the input too (layers; not the token ids of the
         embedding). ``extra_grads``: the backward adds gradients computed elsewhere for the
         same parameters (the tied output projection's, for the embedding).
+        ``abstract_params``: shaped; the programs take the layout's buffers.
         """
+        forward = self._on_buffers(forward, abstract_params)
+        abstract_params = self._buffers(abstract_params)
 
         def build():
             def fwd(p, x):
@@ -325,20 +465,19 @@ class SegmentedSteps:
                 layers.append((*pair, pair[:2]))
             x = layers[-1][2]
         head_key = (seg.template_key(), _layout(head_p), _layout(x), _layout((targets, weights)))
+        loss, head_b = self._on_buffers(self._loss, head_p), self._buffers(head_p)
         if not train:
-            head = self._get(("eval_head", *head_key), self._loss, head_p, x, targets, weights)
+            head = self._get(("eval_head", *head_key), loss, head_b, x, targets, weights)
             return {"embed": embed, "layers": layers, "head": head}
 
         def head_grads(p, h, t, w):
-            (loss_sum, weight_sum), (g_p, g_h) = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)(
-                p, h, t, w
-            )
+            (loss_sum, weight_sum), (g_p, g_h) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, h, t, w)
             own = {k: v for k, v in g_p.items() if k != "embed"}
             return loss_sum, weight_sum, g_p, g_h, _sumsq(own)
 
         rep = shd.replicated(self.mesh)
-        head_sh = (rep, rep, jax.tree.map(lambda a: a.sharding, head_p), x.sharding, rep)
-        head = self._get(("head", *head_key), head_grads, head_p, x, targets, weights, out_shardings=head_sh)
+        head_sh = (rep, rep, jax.tree.map(lambda a: a.sharding, head_b), x.sharding, rep)
+        head = self._get(("head", *head_key), head_grads, head_b, x, targets, weights, out_shardings=head_sh)
         probe_key = ("probe_head", seg.template_key(), _layout(head_p), _layout(x))
         probe_head = (probe_key, head_p, x)  # compiled on the first probe (search.probe=steps)
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(self.mesh))
@@ -357,44 +496,59 @@ class SegmentedSteps:
         lr = self._schedule(step)
         return {"denom": denom, "grad_norm": grad_norm, "loss": loss_sum / denom, "learning_rate": lr, "step": step + 1}
 
-    def _update_groups(self, params, views) -> list[tuple[Any, list[int]]]:
+    def _update_groups(self, params, views, decay=None) -> list[tuple[Any, list[int]]]:
         """The update programs of a model: leaves of equal layout in chunks of 16, 8, 4, 2, 1
-        (up to ``train.segmented_update_chunk``).
+        (up to ``train.segmented_update_chunk``). ``decay``: per leaf, whether weight decay
+        applies (the flat layout, whose buffers do not show a parameter's rank); None: the
+        optimizer's own mask decides.
 
         One program updates a chunk of same-shape leaves (fewer dispatches than one per
         leaf, ~1 ms less per tiny step); chunk sizes are powers of two so a few programs
         per shape serve every model, whatever its count of leaves of that shape.
+
+        In the flat layout a size class has one chunk size (:func:`flat_chunk`) and a
+        model's last chunk of a class is filled up by repeating its last leaf (computed
+        twice, written once with the same value): one update program per (class, decay)
+        serves every model, whatever its count of leaves of that class.
         """
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(self.mesh))
         by_layout: dict[tuple, list[int]] = {}
         for i, (p, view) in enumerate(zip(params, views)):
-            by_layout.setdefault((_layout(p), _layout(view)), []).append(i)
+            flag = None if decay is None else bool(decay[i])
+            by_layout.setdefault((_layout(p), _layout(view), flag), []).append(i)
         groups = []
-        for (p_layout, v_layout), members in by_layout.items():
+        for (p_layout, v_layout, flag), members in by_layout.items():
+            update = self._leaf_updates if flag is None else functools.partial(self._leaf_updates, decay=flag)
             p, view = _abstract(params[members[0]]), _abstract(views[members[0]])
             out_sh = (p.sharding, jax.tree.map(lambda a: a.sharding, view))
-            start = 0
-            for size in self.update_chunks:
-                while len(members) - start >= size:
-                    chunk = members[start : start + size]
-                    start += size
-                    key = ("update", self.opt_key, p_layout, v_layout, size)
-                    args = ((p,) * size, (p,) * size, (view,) * size, scalar, scalar)
-                    program = self._get(
-                        key, self._leaf_updates, *args, out_shardings=((out_sh[0],) * size, (out_sh[1],) * size)
-                    )
-                    groups.append((program, chunk))
+            if flag is None:  # greedy, largest chunk first
+                chunks, start = [], 0
+                for size in self.update_chunks:
+                    while len(members) - start >= size:
+                        chunks.append(members[start : start + size])
+                        start += size
+            else:
+                size = flat_chunk(p.shape[0], self.update_chunks[0])
+                chunks = [members[i : i + size] for i in range(0, len(members), size)]
+                chunks[-1] = chunks[-1] + [chunks[-1][-1]] * (size - len(chunks[-1]))
+            for chunk in chunks:
+                size = len(chunk)
+                key = ("update", self.opt_key, p_layout, v_layout, size, flag)
+                args = ((p,) * size, (p,) * size, (view,) * size, scalar, scalar)
+                program = self._get(key, update, *args, out_shardings=((out_sh[0],) * size, (out_sh[1],) * size))
+                groups.append((program, chunk))
         return groups
 
-    def _leaf_updates(self, ps, gs, views, denom, grad_norm):
-        out = [self._leaf_update(p, g, view, denom, grad_norm) for p, g, view in zip(ps, gs, views)]
+    def _leaf_updates(self, ps, gs, views, denom, grad_norm, decay=None):
+        out = [self._leaf_update(p, g, view, denom, grad_norm, decay) for p, g, view in zip(ps, gs, views)]
         return tuple(o[0] for o in out), tuple(o[1] for o in out)
 
-    def _leaf_update(self, p, g, view, denom, grad_norm):
+    def _leaf_update(self, p, g, view, denom, grad_norm, decay=None):
         g = g / denom
         if self.clip:  # optax.clip_by_global_norm, per leaf, with the global norm given
             g = jax.lax.select(grad_norm < self.clip, g, (g / grad_norm.astype(g.dtype)) * self.clip)
-        updates, view = self.inner.update(g, view, p)
+        inner = self.inner if decay is None else self._decay_chains[decay]
+        updates, view = inner.update(g, view, p)
         return optax.apply_updates(p, updates), view
 
     # ------------------------------------------------------------------ public
@@ -403,15 +557,18 @@ class SegmentedSteps:
         t0 = self.compile_seconds
         layout = _layout(_abstract(batch))
         if self._train is None or self._train[0] != layout:
-            plan = self._plan(abstract_state.params, batch, train=True)
-            params = _abstract(abstract_state.params)
-            inner = _abstract(self._inner_state(abstract_state.opt_state))
+            shaped = self.shaped_state if self.flat else abstract_state  # flat: ``abstract_state`` may hold buffers
+            plan = self._plan(shaped.params, batch, train=True)
+            buffers = self._map_state(_abstract(shaped), self._buffers) if self.flat else shaped
+            params = _abstract(buffers.params)
+            inner = _abstract(self._inner_state(buffers.opt_state))
             slots = _StateSlots(inner, jax.tree.structure(params))
             views = slots.views(inner)
-            plan["updates"] = self._update_groups(jax.tree.leaves(params), views)
+            decay = [len(a.shape) >= 2 for a in jax.tree.leaves(shaped.params)] if self.flat else None
+            plan["updates"] = self._update_groups(jax.tree.leaves(params), views, decay)
             plan["slots"] = slots
             self._train = (layout, plan)
-            self.memory = self._memory(plan, abstract_state)
+            self.memory = self._memory(plan, buffers)
         return self.compile_seconds - t0
 
     def compile_eval(self, abstract_params: Callable[[], Any], batch: dict) -> float:
@@ -429,8 +586,10 @@ class SegmentedSteps:
         return opt_state[self.n_clip_states :] if self.n_clip_states else opt_state
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One train step; returns the state in this trainer's layout (:meth:`pack_state`)."""
         if self._train is None:
             self.compile(state, batch)
+        state = self.pack_state(state)
         with self._serial:
             out = self._step(state, batch)
             if self._serial is _EXECUTION:
@@ -482,12 +641,14 @@ class SegmentedSteps:
             raise ValueError("SegmentedSteps.probe: compile the train pieces for this batch layout first")
         plan = self._train[1]
         key, abstract_head_params, abstract_x = plan["probe_head"]
+        logits_of = self._on_buffers(self.seg.logits, abstract_head_params)
 
         def probe_head(p, x):
-            logits = self.seg.logits(p, x)
+            logits = logits_of(p, x)
             return logits[:, -1, :], jnp.all(jnp.isfinite(logits))
 
-        head = self._get(key, probe_head, abstract_head_params, abstract_x)
+        head = self._get(key, probe_head, self._buffers(abstract_head_params), abstract_x)
+        params = self.pack_params(params)
         with self._serial:
             out = self._forward_backward(plan, params, batch)
             last, finite = self._run(head, self.seg.head_params(params), out["x"])
@@ -550,6 +711,7 @@ class SegmentedSteps:
 
     def evaluate(self, params, batch: dict) -> dict:
         """The eval step's sums for one batch (its pieces compiled by :meth:`compile_eval`)."""
+        params = self.pack_params(params)
         with self._serial:
             out = self._evaluate(self._eval[_layout(_abstract(batch))], params, batch)
             if self._serial is _EXECUTION:
@@ -659,7 +821,11 @@ class ProgramLayer:
         learned = {st.path for st in self.tape if st.path}
         flat = traverse_util.flatten_dict(abstract_params) if abstract_params else {}
         # parameters of instructions the output does not depend on: zero gradients
-        self._dead = {k: v for k, v in flat.items() if not any(k[: len(p)] == p for p in learned)}
+        dead = {k: v for k, v in flat.items() if not any(k[: len(p)] == p for p in learned)}
+        # their zero gradients, made once on the host (no per-shape program), in the layout's shape
+        self._dead = {
+            k: jax.device_put(np.zeros(b.shape, b.dtype), b.sharding) for k, b in owner._buffers(dead).items()
+        }
         self._zero = jax.device_put(np.float32(0.0), self._rep)
 
     @property
@@ -696,8 +862,7 @@ class ProgramLayer:
                 for path, g_sub in zip(piece.paths, g_params):
                     for suffix, g in traverse_util.flatten_dict(g_sub).items():
                         flat[path + suffix] = g
-        for k, a in self._dead.items():
-            flat[k] = jnp.zeros(a.shape, a.dtype, device=a.sharding)
+        flat.update(self._dead)
         grads = traverse_util.unflatten_dict(flat) if flat else {}
         return self.owner.seg.program_layer_grads(grads), cotangents.pop(0), total
 
@@ -732,6 +897,8 @@ class _Piece:
         has_c = [st.constant is not None for st in steps]
 
         def apply(params, constants, inputs):
+            if owner.flat:
+                params = _unflat(params, shaped)
             values, p_it, c_it = {}, iter(params), iter(constants)
             for j, (st, fn, refs) in enumerate(zip(steps, fns, wiring)):
                 xs = tuple(inputs[r[1]] if r[0] == "in" else values[r[1]] for r in refs)
@@ -753,9 +920,10 @@ class _Piece:
             (st.kind, st.op, st.features, st.branches, st.depth, st.constant is not None, refs, flags[st.output])
             for st, refs in zip(steps, wiring)
         ) + tuple(flags[s] for s in external)
-        self._abstract_params = tuple(_subtree(abstract_params, p) for p in self.paths)
+        shaped = tuple(_subtree(abstract_params, p) for p in self.paths)
+        self._abstract_params = owner._buffers(shaped)  # what the programs take
         self._abstract_inputs = abstract_inputs
-        self.key = ("instruction", structure, out_refs, _layout(self._abstract_params), _layout(abstract_inputs))
+        self.key = ("instruction", structure, out_refs, _layout(shaped), _layout(abstract_inputs))
         abstract_c = tuple(layer._scalar for _ in self.constants)
 
         def build():
