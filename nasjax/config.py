@@ -40,9 +40,9 @@ train.segmented_update_chunk  most parameter leaves of one shape that one segmen
                           1 = one update program per parameter shape (fewest compiles)
 train.segmented_layout    how a segmented model holds its parameters and Adam moments while it trains:
                           'shaped' (each in its own shape) or 'flat' (adamw only: each as a 1-D buffer of
-                          its size class, at most 25% larger, so update programs depend on size classes
-                          only and a search compiles a few dozen instead of one per new shape; the same
-                          values per element; converted on the host at a fit's start and end)
+                          its size class, at most 25% larger, so update programs are keyed by size class,
+                          not shape, and a search stops compiling them once it has seen its classes; the
+                          same values per element; converted on the host at a fit's start and end)
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices

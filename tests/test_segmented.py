@@ -489,13 +489,11 @@ def test_segmented_layout_is_checked():
     assert not shaped._segments.flat
 
 
-def test_flat_sizes_and_chunks():
+def test_flat_sizes():
     shapes = [(), (5,), (60,), (64,), (2, 32, 16), (30, 64)]
     assert [segmented.flat_size(s) for s in shapes] == [1, 5, 64, 64, 1024, 2048]
     for n in range(1, 5000, 7):  # a size class holds the leaf, at most 25% more (8 and up)
         assert n <= segmented.flat_size((n,)) <= max(8, n * 1.25)
-    assert [segmented.flat_chunk(n, 16) for n in (64, 1024, 4096, 16384, 65536)] == [16, 16, 4, 1, 1]
-    assert segmented.flat_chunk(64, 4) == 4
 
 
 def test_flat_layout_updates_depend_on_size_classes_only():
@@ -505,9 +503,9 @@ def test_flat_layout_updates_depend_on_size_classes_only():
     mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     batch = shd.shard_batch(_batches(1)[0], mesh)
 
-    def new_updates(spec, layout):
+    def new_updates(spec, layout, **overrides):
         before = set(segmented._PROGRAMS)
-        cfg = _train_cfg(**{"train.segmented": True, "train.segmented_layout": layout})
+        cfg = _train_cfg(**{"train.segmented": True, "train.segmented_layout": layout, **overrides})
         trainer = Trainer(spec, cfg, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
         trainer.compile(trainer.restore_target(), batch)
         return [k for k in set(segmented._PROGRAMS) - before if k[0] == "update"]
@@ -526,6 +524,10 @@ def test_flat_layout_updates_depend_on_size_classes_only():
             assert all(len(shape) == 1 for k in first for (shape, _, _) in k[2][1])
         n = len(new_updates(gpt2(60), layout))
         assert n == second if second is not None else n > 0, (layout, n)
+        if layout == "flat":  # decay on matrices only: two chains
+            assert {k[5] for k in first} == {True, False}
+    segmented.clear_programs()  # without weight decay one chain serves every leaf: half the programs
+    assert {k[5] for k in new_updates(gpt2(64), "flat", **{"train.weight_decay": 0.0})} == {False}
 
 
 def test_flat_layout_keeps_the_callers_layout_and_zero_padding():

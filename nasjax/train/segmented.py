@@ -26,6 +26,20 @@ bounded registry:
   leaf with its slice of the optimizer state. Global-norm clipping scales each leaf's
   gradient exactly as ``optax.clip_by_global_norm`` does.
 
+``train.segmented_layout=flat`` (AdamW only; the tiny Primer preset's): while a model
+trains, each parameter leaf and its Adam moments are held as a 1-D buffer of the leaf's
+size class (:func:`flat_size`: at most 25% more elements than the leaf, zeros after it).
+Every piece slices and reshapes its parameters inside its own program, so its gradients
+come out in the same buffers, and an update program is keyed by size class, not shape:
+a search stops compiling updates once it has seen its classes, where the shaped layout
+compiles new ones for every new parameter shape. AdamW is elementwise and the padding
+stays zero (zero gradient, zero moments, zero decay), so every real element gets the
+shaped update's value; weight decay follows the leaf's real rank
+(:func:`nasjax.train.optim.decay_chains`). The layout is internal to a fit:
+:meth:`SegmentedSteps.pack_state` converts on the host (nothing compiled) and
+``Trainer.fit`` hands shaped states and parameters to its hooks, its eval function and
+its caller.
+
 The state is the monolithic trainer's: the same parameter tree and the same optimizer
 state, so checkpoints, inheritance and the probe's parameters are unchanged, and
 the results equal the one-program step up to float rounding (fusion and summation
@@ -66,7 +80,6 @@ __all__ = [
     "unsupported",
     "clear_programs",
     "flat_size",
-    "flat_chunk",
     "MAX_PROGRAMS",
     "PIECES",
     "LAYOUTS",
@@ -168,21 +181,6 @@ def _host_shaped(x, a, sharding):
         return x
     host = np.asarray(jax.device_get(x))[: int(np.prod(a.shape, dtype=np.int64))]
     return jax.device_put(host.reshape(a.shape), sharding)
-
-
-# flat layout: a size class's update chunk holds about this many elements (and at most
-# train.segmented_update_chunk leaves): small classes share a dispatch, large ones stay
-# alone, and a chunk filled up with repeats recomputes little (6% more elements than the
-# leaves in a default tiny search, against 2.5x with 8 leaves per chunk everywhere)
-FLAT_CHUNK_ELEMENTS = 16384
-
-
-def flat_chunk(size: int, most: int) -> int:
-    """The update chunk (leaves per program) of a flat layout size class of ``size`` elements."""
-    chunk = 1
-    while chunk * 2 <= most and chunk * 2 * size <= FLAT_CHUNK_ELEMENTS:
-        chunk *= 2
-    return chunk
 
 
 def check_update_chunk(train_cfg) -> tuple[int, ...]:
@@ -315,6 +313,7 @@ class SegmentedSteps:
         if self.flat and abstract_state is None:
             raise ValueError("train.segmented_layout='flat': SegmentedSteps needs the trainer's abstract state")
         self._decay_chains = decay_chains(train_cfg) if self.flat else None
+        self._decays = bool(float(train_cfg.get("weight_decay", 0.0) or 0.0))  # else one chain serves every leaf
         self.state_shardings = state_shardings
         self.shaped_state = abstract_state
         self.compile_seconds = 0.0
@@ -506,10 +505,11 @@ class SegmentedSteps:
         leaf, ~1 ms less per tiny step); chunk sizes are powers of two so a few programs
         per shape serve every model, whatever its count of leaves of that shape.
 
-        In the flat layout a size class has one chunk size (:func:`flat_chunk`) and a
-        model's last chunk of a class is filled up by repeating its last leaf (computed
-        twice, written once with the same value): one update program per (class, decay)
-        serves every model, whatever its count of leaves of that class.
+        In the flat layout the leaves are grouped by size class, not shape. (A fixed chunk
+        per class, its last chunk filled up with repeats of a leaf, compiled fewer programs,
+        16 instead of 41 in a replay of a default search, but the repeats cost ~20 us each
+        per step, and one large leaf per program lost the two-leaf programs' parallelism
+        across cores: the tiny steps' updates took 2.4 instead of 1.0 ms.)
         """
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(self.mesh))
         by_layout: dict[tuple, list[int]] = {}
@@ -521,16 +521,11 @@ class SegmentedSteps:
             update = self._leaf_updates if flag is None else functools.partial(self._leaf_updates, decay=flag)
             p, view = _abstract(params[members[0]]), _abstract(views[members[0]])
             out_sh = (p.sharding, jax.tree.map(lambda a: a.sharding, view))
-            if flag is None:  # greedy, largest chunk first
-                chunks, start = [], 0
-                for size in self.update_chunks:
-                    while len(members) - start >= size:
-                        chunks.append(members[start : start + size])
-                        start += size
-            else:
-                size = flat_chunk(p.shape[0], self.update_chunks[0])
-                chunks = [members[i : i + size] for i in range(0, len(members), size)]
-                chunks[-1] = chunks[-1] + [chunks[-1][-1]] * (size - len(chunks[-1]))
+            chunks, start = [], 0  # greedy, largest chunk first
+            for size in self.update_chunks:
+                while len(members) - start >= size:
+                    chunks.append(members[start : start + size])
+                    start += size
             for chunk in chunks:
                 size = len(chunk)
                 key = ("update", self.opt_key, p_layout, v_layout, size, flag)
@@ -564,7 +559,7 @@ class SegmentedSteps:
             inner = _abstract(self._inner_state(buffers.opt_state))
             slots = _StateSlots(inner, jax.tree.structure(params))
             views = slots.views(inner)
-            decay = [len(a.shape) >= 2 for a in jax.tree.leaves(shaped.params)] if self.flat else None
+            decay = [self._decays and len(a.shape) >= 2 for a in jax.tree.leaves(shaped.params)] if self.flat else None
             plan["updates"] = self._update_groups(jax.tree.leaves(params), views, decay)
             plan["slots"] = slots
             self._train = (layout, plan)
