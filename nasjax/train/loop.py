@@ -330,7 +330,7 @@ class Trainer:
             self.compile(state, batch)
         flat = self._flat()
         if flat is not None and not flat.is_packed(state):
-            state, metrics = self._compiled_train(state, batch)
+            state, metrics = self._compiled_train(flat.pack_state(state), batch)
             return flat.unpack_state(state), metrics
         return self._compiled_train(state, batch)
 

@@ -135,9 +135,7 @@ def segment_optimizer(cfg) -> tuple[float, optax.GradientTransformation, int, tu
       on gradients clipped by the global norm computes what the whole chain computes.
     """
     clip = float(cfg.grad_clip) if cfg.grad_clip and cfg.grad_clip > 0 else 0.0
-    no_clip = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    no_clip.update(grad_clip=0.0, flat_optimizer=False)
-    inner, schedule = make_optimizer(_Settings(no_clip))  # the schedule does not depend on clipping
+    inner, schedule = make_optimizer(_without_clipping(cfg))  # the schedule does not depend on clipping
     key = tuple((k, str(cfg.get(k))) for k in OPTIMIZER_KEYS)
     return clip, inner, 1 if clip else 0, key, schedule
 
@@ -148,12 +146,18 @@ def decay_chains(cfg) -> dict[bool, optax.GradientTransformation]:
     keeps each parameter as a 1-D buffer), the caller picks the chain by the parameter's
     real rank, as :func:`_decay_mask` would. The two states have the chain's structure.
     """
-    no_clip = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    no_clip.update(grad_clip=0.0, flat_optimizer=False)
+    settings = _without_clipping(cfg)
     return {
-        flag: make_optimizer(_Settings(no_clip), decay_mask=lambda p, flag=flag: jax.tree.map(lambda _: flag, p))[0]
+        flag: make_optimizer(settings, decay_mask=lambda p, flag=flag: jax.tree.map(lambda _: flag, p))[0]
         for flag in (True, False)
     }
+
+
+def _without_clipping(cfg) -> _Settings:
+    """The ``train`` settings with clipping and the flat optimizer off: the per-leaf chain's."""
+    no_clip = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    no_clip.update(grad_clip=0.0, flat_optimizer=False)
+    return _Settings(no_clip)
 
 
 class _Settings(dict):

@@ -316,6 +316,10 @@ class SegmentedSteps:
         self._decays = bool(float(train_cfg.get("weight_decay", 0.0) or 0.0))  # else one chain serves every leaf
         self.state_shardings = state_shardings
         self.shaped_state = abstract_state
+        # the buffers' shapes, for the per-step layout check (computed once: it is on the step's path)
+        self._flat_shapes = None
+        if self.flat:
+            self._flat_shapes = [(flat_size(a.shape),) for a in jax.tree.leaves(abstract_state.params)]
         self.compile_seconds = 0.0
         self.memory: dict = {}
         self._train = None  # (batch layout, plan)
@@ -380,10 +384,7 @@ class SegmentedSteps:
 
     def is_packed(self, state: TrainState) -> bool:
         """Whether ``state``'s parameters are in the flat layout (True in the shaped layout)."""
-        if not self.flat:
-            return True
-        leaves, shaped = jax.tree.leaves(state.params), jax.tree.leaves(self.shaped_state.params)
-        return all(tuple(x.shape) == (flat_size(a.shape),) for x, a in zip(leaves, shaped))
+        return not self.flat or [tuple(x.shape) for x in jax.tree.leaves(state.params)] == self._flat_shapes
 
     def _compile(self, fn, *abstract_args, **jit_kwargs):
         with self.context():
@@ -584,7 +585,8 @@ class SegmentedSteps:
         """One train step; returns the state in this trainer's layout (:meth:`pack_state`)."""
         if self._train is None:
             self.compile(state, batch)
-        state = self.pack_state(state)
+        if not self.is_packed(state):  # a fit's state already is (Trainer.fit packs it once)
+            state = self.pack_state(state)
         with self._serial:
             out = self._step(state, batch)
             if self._serial is _EXECUTION:
