@@ -14,7 +14,7 @@ from nasjax.config import apply_overrides, load_config_file
 from nasjax.models import get_spec, transformer
 from nasjax.search.run import make_space
 from nasjax.train import segmented
-from nasjax.train.loop import TrainConfigError, Trainer
+from nasjax.train.loop import Hooks, TrainConfigError, Trainer
 
 VOCAB, LEN, BATCH = 64, 16, 8
 PRIMER_TINY = os.path.join(os.path.dirname(__file__), "..", "configs/search/primer.py:tiny")
@@ -549,8 +549,18 @@ def test_flat_layout_keeps_the_callers_layout_and_zero_padding():
     batches = _batches(4)
     stepped, _ = trainer.step(state, batches[0])
     assert [x.shape for x in jax.tree.leaves(stepped.params)] == shapes
-    fitted, result = trainer.fit(stepped, iter(batches[1:]), total_steps=4)
+    seen, unpacks = [], []
+    unpack = flat.unpack_state
+    flat.unpack_state = lambda st: unpacks.append(1) or unpack(st)
+    hooks = Hooks(on_step_end=lambda step, st: seen.append((step, st)), state_needed=lambda step: step == 3)
+    try:
+        fitted, result = trainer.fit(stepped, iter(batches[1:]), total_steps=4, hooks=hooks)
+    finally:
+        flat.unpack_state = unpack
     assert result.step == 4 and [x.shape for x in jax.tree.leaves(fitted.params)] == shapes
+    # the hook ran only at the step it asked for, with a shaped state; converted there and at the end
+    assert [step for step, _ in seen] == [3] and len(unpacks) == 2
+    assert [x.shape for x in jax.tree.leaves(seen[0][1].params)] == shapes
     inside = flat.pack_state(fitted)
     for _ in range(2):
         inside, _ = trainer.step(inside, batches[0])

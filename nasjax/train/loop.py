@@ -70,12 +70,18 @@ class Hooks:
     """Side effects the loop calls; all optional.
 
     on_log(step, metrics: dict) every ``log_every`` steps; on_step_end(step, state) after
-    every step (checkpointing); should_stop() polled each step (signals); on_eval(step,
+    every step (checkpointing), or only after the steps where ``state_needed(step)`` is
+    true when that is given; should_stop() polled each step (signals); on_eval(step,
     val: dict) after each evaluation.
+
+    ``state_needed`` lets a hook that saves now and then (a checkpoint manager) say so
+    before the state is handed over: with ``train.segmented_layout=flat`` the loop then
+    converts the state to its shaped tree only at those steps, not after every step.
     """
 
     on_log: Callable[[int, dict], None] | None = None
     on_step_end: Callable[[int, TrainState], bool | None] | None = None
+    state_needed: Callable[[int], bool] | None = None
     should_stop: Callable[[], bool] | None = None
     on_eval: Callable[[int, dict], None] | None = None
 
@@ -390,8 +396,8 @@ class Trainer:
           must not be checkpointed; the last checkpoint stays the last good one.
 
         With ``train.segmented_layout=flat`` the steps run on the flat buffers; hooks, the
-        eval function and the caller get shaped states and parameters (a hook that reads
-        the state every step pays a host conversion per step).
+        eval function and the caller get shaped states and parameters (converted on the
+        host: an ``on_step_end`` hook without ``state_needed`` pays that every step).
         """
         hooks = hooks or Hooks()
         flat = self._flat()
@@ -439,7 +445,7 @@ class Trainer:
                 m.update(tokens_per_sec=window_tokens / max(window_time, 1e-9), train_seconds=train_seconds)
                 window_time, window_tokens = 0.0, 0.0
                 hooks.on_log(step, m)
-            if hooks.on_step_end:
+            if hooks.on_step_end and (hooks.state_needed is None or hooks.state_needed(step)):
                 hooks.on_step_end(step, shaped(state))
             if eval_fn is not None and eval_every and step % eval_every == 0 and step < total_steps:
                 val = eval_fn(shaped(state).params)

@@ -308,13 +308,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, log=print, progress: boo
 
         preempted = [False]
 
-        def on_step_end(step, st):
+        def saves_at(step):
             # On a preemption notice (TPU maintenance, SIGTERM from a scheduler) every
             # host saves now and the loop stops at the next step boundary.
             preempted[0] = ckpt.reached_preemption(step)
-            if preempted[0] or ckpt.should_save(step):  # build the JSON items only when saving
-                extras = _ckpt_extras(spec, cfg, iterator, tokenizer, trainer.train_seconds)
-                ckpt.save(step, st, force=preempted[0], **extras)
+            return preempted[0] or ckpt.should_save(step)
+
+        def on_step_end(step, st):  # only at the steps saves_at chose (Hooks.state_needed)
+            extras = _ckpt_extras(spec, cfg, iterator, tokenizer, trainer.train_seconds)
+            ckpt.save(step, st, force=preempted[0], **extras)
 
         def on_eval(step, val):
             metrics.write(step, "eval", **val)
@@ -324,7 +326,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, log=print, progress: boo
         eval_fn = lambda params: _evaluate(trainer, params, data, n_eval)  # noqa: E731
         with StopFlag() as stop:
             hooks = Hooks(
-                on_log=on_log, on_step_end=on_step_end, should_stop=lambda: stop.stop or preempted[0], on_eval=on_eval
+                on_log=on_log,
+                on_step_end=on_step_end,
+                state_needed=saves_at,
+                should_stop=lambda: stop.stop or preempted[0],
+                on_eval=on_eval,
             )
             state, result = trainer.fit(
                 state,
