@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
+
+from benchmarks.candidate_overhead import tiny_evaluator  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -33,14 +34,6 @@ def _rss_mib() -> float:
             if line.startswith("VmRSS"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _value(text: str):
-    """A command-line value as the config holds it: JSON where it parses (true, 3, 0.5), else the string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def main():
@@ -55,21 +48,13 @@ def main():
     import numpy as np
 
     jax.config.update("jax_enable_compilation_cache", False)
-    from nasjax import sharding as shd
-    from nasjax.config import apply_overrides, load_config_file
     from nasjax.hostmem import release_free_memory
-    from nasjax.search.evaluate import CandidateFailed, TrainingEvaluator
-    from nasjax.search.run import _build_data, make_space
+    from nasjax.search.evaluate import CandidateFailed
 
-    cfg = load_config_file(os.path.join(ROOT, "configs/search/primer.py:tiny"))
     small = {"search.d_model": 16, "search.n_layers": 1, "data.seq_len": 16, "train.steps": 8}
     small.update({"search.hurdles": 0, "search.val_batches": 1, "compile_cache_dir": "none"})
-    small.update({k: _value(v) for k, v in (o.split("=", 1) for o in args.override)})
-    cfg = apply_overrides(cfg, small)
-    tokenizer, data = _build_data(cfg, tempfile.mkdtemp(prefix="nasjax_mem_"), log=lambda *a: None)
-    space = make_space(cfg, tokenizer.vocab_size)
-    mesh = shd.make_mesh(tuple(cfg.mesh.shape))
-    evaluator = TrainingEvaluator(cfg, data, mesh, shd.rules_from_config(cfg.mesh.rules), log=lambda *a: None)
+    small.update(dict(o.split("=", 1) for o in args.override))
+    _, space, evaluator = tiny_evaluator(ROOT, small, tempfile.mkdtemp(prefix="nasjax_mem_"))
     rng = np.random.default_rng(0)
     genome = space.seeds()[0][1]
     settings = ", ".join(args.override) or "preset defaults"

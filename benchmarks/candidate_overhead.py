@@ -44,30 +44,43 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def measure(root: str, n: int, seed: int, hurdles_pass: bool, overrides: dict | None = None) -> dict:
-    sys.path.insert(0, root)
-    import jax
-    import numpy as np
+def tiny_evaluator(root: str, overrides: dict, workdir: str):
+    """(config, space, evaluator) of the tiny Primer preset with ``overrides``, built as a
+    search builds them (its data under ``workdir``), from the nasjax under ``root`` (on
+    ``sys.path`` first).
 
-    jax.config.update("jax_enable_compilation_cache", False)
+    ``overrides``: {KEY: value}; a string value is read as :func:`_value` reads it, and kept
+    a string where the setting is one (e.g. ``search.compile_ahead=true``).
+    """
+    sys.path.insert(0, root)
     from nasjax import sharding as shd
     from nasjax.config import apply_overrides, load_config_file
-    from nasjax.search.evaluate import CandidateFailed, TrainingEvaluator
+    from nasjax.search.evaluate import TrainingEvaluator
     from nasjax.search.run import _build_data, make_space
 
     cfg = load_config_file(os.path.join(root, "configs/search/primer.py:tiny"))
-    cfg = apply_overrides(cfg, {"compile_cache_dir": "none"})
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
         try:
-            cfg = apply_overrides(cfg, {key: _value(value)})
-        except TypeError:  # a string-typed setting (e.g. search.compile_ahead=true)
+            cfg = apply_overrides(cfg, {key: _value(value) if isinstance(value, str) else value})
+        except TypeError:  # a string-typed setting
             cfg = apply_overrides(cfg, {key: value})
-    work = tempfile.mkdtemp(prefix="nasjax_overhead_")
-    tokenizer, data = _build_data(cfg, work, log=lambda *a: None)
+    tokenizer, data = _build_data(cfg, workdir, log=lambda *a: None)
     space = make_space(cfg, tokenizer.vocab_size)
     mesh = shd.make_mesh(tuple(cfg.mesh.shape))
     evaluator = TrainingEvaluator(cfg, data, mesh, shd.rules_from_config(cfg.mesh.rules), log=lambda *a: None)
     evaluator._fixed_val()  # the validation batches are built once per search, not per candidate
+    return cfg, space, evaluator
+
+
+def measure(root: str, n: int, seed: int, hurdles_pass: bool, overrides: dict | None = None) -> dict:
+    import jax
+    import numpy as np
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    work = tempfile.mkdtemp(prefix="nasjax_overhead_")
+    cfg, space, evaluator = tiny_evaluator(root, {"compile_cache_dir": "none", **(overrides or {})}, work)
+    from nasjax.search.evaluate import CandidateFailed
+
     rng = np.random.default_rng(seed)
     genome = space.seeds()[0][1]
     rows = []

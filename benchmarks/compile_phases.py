@@ -38,7 +38,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
-from benchmarks.candidate_overhead import _value  # noqa: E402  (a --set value: bool, int, float or string)
+from benchmarks.candidate_overhead import tiny_evaluator  # noqa: E402
 
 EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
 
@@ -78,11 +78,8 @@ def replay(args, root: str):
 
     import nasjax.train.segmented as segmented
     import nasjax.train.state as state
-    from nasjax import sharding as shd
-    from nasjax.config import apply_overrides, load_config_file
-    from nasjax.search.evaluate import CandidateFailed, TrainingEvaluator
+    from nasjax.search.evaluate import CandidateFailed
     from nasjax.search.journal import read_journal
-    from nasjax.search.run import _build_data, make_space
 
     real_init, real_program = state.initial_params, segmented._program
     kinds = collections.defaultdict(lambda: [0, 0.0])
@@ -104,17 +101,9 @@ def replay(args, root: str):
 
     state.initial_params, segmented._program = timed_init, counted_program
 
-    cfg = load_config_file(os.path.join(root, "configs/search/primer.py:tiny"))
-    for item in args.set:
-        key, _, value = item.partition("=")
-        cfg = apply_overrides(cfg, {key: _value(value)})
-    cfg = apply_overrides(cfg, {"compile_cache_dir": "none"})
+    overrides = dict(item.partition("=")[::2] for item in args.set)
     work = tempfile.mkdtemp(prefix="nasjax_phases_")
-    tokenizer, data = _build_data(cfg, work, log=lambda *a: None)
-    space = make_space(cfg, tokenizer.vocab_size)
-    mesh = shd.make_mesh(tuple(cfg.mesh.shape))
-    evaluator = TrainingEvaluator(cfg, data, mesh, shd.rules_from_config(cfg.mesh.rules), log=lambda *a: None)
-    evaluator._fixed_val()
+    cfg, space, evaluator = tiny_evaluator(root, {**overrides, "compile_cache_dir": "none"}, work)
 
     records = read_journal(args.journal, log=lambda *a: None)
     proposals = {r["id"]: r for r in records if r["event"] == "proposed"}
