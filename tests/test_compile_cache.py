@@ -47,3 +47,82 @@ def test_setup_writes_every_program_and_bounds_the_directory(tmp_path):
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def test_cache_entries_are_written_whole_and_damaged_ones_dropped(tmp_path, monkeypatch):
+    """nasjax.xla_cache: an entry appears by one atomic rename (a reader never sees a write
+    in progress), and an entry cut short is deleted and reported as a miss (JAX alone
+    warned and recompiled it in every later process, never rewriting it)."""
+    from jax._src import compilation_cache
+    from jax._src.lru_cache import LRUCache
+
+    from nasjax import xla_cache
+
+    assert xla_cache.install() and xla_cache.install()  # idempotent
+    cache = LRUCache(str(tmp_path), max_size=-1)
+    value = compilation_cache.compress_executable(os.urandom(5000))
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        assert not os.path.exists(dst) and os.path.getsize(src) == len(value)  # whole, then visible
+        renames.append(os.path.basename(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    cache.put("k", value)
+    assert renames and renames[0].endswith(xla_cache.TEMP_SUFFIX)
+    assert os.listdir(tmp_path) == ["k-cache"] and cache.get("k") == value
+    cache.put("k", b"other")  # an existing entry is kept, as JAX does
+    assert cache.get("k") == value
+    (tmp_path / "cut-cache").write_bytes(value[: len(value) // 2])
+    with pytest.warns(UserWarning, match="damaged persistent compilation cache entry"):
+        assert cache.get("cut") is None
+    assert not (tmp_path / "cut-cache").exists()
+    cache.put("cut", value)  # compiled again: written whole
+    assert cache.get("cut") == value
+
+
+def test_stale_temporaries_are_removed_and_never_pruned_as_entries(tmp_path):
+    from nasjax import xla_cache
+    from nasjax.train.run import prune_compile_cache
+
+    old, new = tmp_path / f"a-cache.1{xla_cache.TEMP_SUFFIX}", tmp_path / f"b-cache.2{xla_cache.TEMP_SUFFIX}"
+    old.write_bytes(b"x" * 100)
+    new.write_bytes(b"x" * 100)
+    os.utime(old, (1_000_000, 1_000_000))
+    assert xla_cache.remove_stale_temporaries(str(tmp_path)) == 1
+    assert sorted(os.listdir(tmp_path)) == [new.name]
+    assert prune_compile_cache(str(tmp_path), 10) == 0  # a write in progress is not an entry
+
+
+def test_a_truncated_entry_is_rewritten_by_the_next_process(tmp_path):
+    """End to end, two processes on one cache: the first writes, the entry is cut short
+    (a process killed mid-write), the second drops it, compiles and writes it whole."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "xla"
+    script = f"""
+import warnings, jax, jax.numpy as jnp, ml_collections
+from nasjax.train.run import setup_compile_cache
+setup_compile_cache(ml_collections.ConfigDict({{"compile_cache_dir": {str(folder)!r}, "compile_cache_max_mb": 0}}))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    jax.jit(lambda x: jnp.sin(x) * 3 + 1)(jnp.ones((8, 8))).block_until_ready()
+print("WARNINGS", [str(w.message)[:60] for w in caught])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [line for line in out.stdout.splitlines() if line.startswith("WARNINGS")][0]
+
+    assert run() == "WARNINGS []"
+    entry = next(p for p in folder.iterdir() if p.name.startswith("jit__lambda"))
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[: len(whole) // 2])
+    assert "damaged persistent compilation cache entry" in run()
+    assert entry.stat().st_size == len(whole)  # rewritten whole
+    assert run() == "WARNINGS []"

@@ -28,6 +28,7 @@ import jax
 import ml_collections
 
 from nasjax import sharding as shd
+from nasjax import xla_cache
 from nasjax.checkpointing import Checkpointer
 from nasjax.data import (
     ClassificationData,
@@ -68,6 +69,10 @@ def setup_compile_cache(cfg) -> None:
     deleted down to 3/4 of the bound (:func:`prune_compile_cache`). JAX's own bound
     (``jax_compilation_cache_max_size``) is not used: it rescans the whole directory on
     every write, and fails on entries written without it.
+
+    JAX writes an entry in place and never rewrites one, so a reader could see a write
+    in progress and a write cut short stayed truncated for good; :mod:`nasjax.xla_cache`
+    makes writes atomic and drops damaged entries (they compile once more).
     """
     path = cfg.get("compile_cache_dir", "")
     if path == "none":
@@ -81,6 +86,8 @@ def setup_compile_cache(cfg) -> None:
             f"compile_cache_min_seconds and compile_cache_max_mb must be >= 0, got {min_seconds:g} and {max_mb:g}"
         )
     os.makedirs(path, exist_ok=True)
+    xla_cache.install()  # whole entries only: atomic writes, damaged entries dropped and rewritten
+    xla_cache.remove_stale_temporaries(path)
     if max_mb > 0:
         prune_compile_cache(path, int(max_mb * 2**20))
     jax.config.update("jax_compilation_cache_dir", path)
@@ -99,7 +106,7 @@ def prune_compile_cache(path: str, max_bytes: int) -> int:
     with os.scandir(path) as it:
         for e in it:
             try:
-                if e.is_file(follow_symlinks=False):
+                if e.is_file(follow_symlinks=False) and not e.name.endswith(xla_cache.TEMP_SUFFIX):
                     st = e.stat(follow_symlinks=False)
                     entries.append((max(st.st_atime, st.st_mtime), st.st_size, e.path))
                     total += st.st_size
