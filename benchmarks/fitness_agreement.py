@@ -80,6 +80,8 @@ def side(args) -> None:
             out[cid] = {"hurdle_fitness": outcome.hurdle_fitness}
         except CandidateFailed as e:
             out[cid] = {"failed": str(e)}
+        except Exception as e:  # e.g. a genome this tree's space no longer decodes: one row, not the run
+            out[cid] = {"failed": f"{type(e).__name__}: {e}"[:300]}
     out["_wall"] = time.perf_counter() - t0
     out["_jax"] = jax.__version__
     with open(args.out, "w") as f:
