@@ -73,8 +73,8 @@ def side(args) -> None:
     proposals = {r["id"]: r for r in read_journal(args.journal, log=lambda *a: None) if r["event"] == "proposed"}
     out, t0 = {}, time.perf_counter()
     for cid in json.loads(args.ids):
-        spec = space.decode(space.genome_from_json(proposals[cid]["genome"], f"journal id {cid}"))
         try:
+            spec = space.decode(space.genome_from_json(proposals[cid]["genome"], f"journal id {cid}"))
             evaluator.check(spec)
             outcome = evaluator.train(spec, [None] * evaluator.n_hurdles)
             out[cid] = {"hurdle_fitness": outcome.hurdle_fitness}
