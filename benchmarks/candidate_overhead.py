@@ -57,6 +57,7 @@ def tiny_evaluator(root: str, overrides: dict, workdir: str):
     from nasjax.config import apply_overrides, load_config_file
     from nasjax.search.evaluate import TrainingEvaluator
     from nasjax.search.run import _build_data, make_space
+    from nasjax.train.run import setup_compile_cache
 
     cfg = load_config_file(os.path.join(root, "configs/search/primer.py:tiny"))
     for key, value in overrides.items():
@@ -64,6 +65,7 @@ def tiny_evaluator(root: str, overrides: dict, workdir: str):
             cfg = apply_overrides(cfg, {key: _value(value) if isinstance(value, str) else value})
         except TypeError:  # a string-typed setting
             cfg = apply_overrides(cfg, {key: value})
+    setup_compile_cache(cfg)  # compile_cache_dir as the search would ('none': off)
     tokenizer, data = _build_data(cfg, workdir, log=lambda *a: None)
     space = make_space(cfg, tokenizer.vocab_size)
     mesh = shd.make_mesh(tuple(cfg.mesh.shape))

@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,13 +49,17 @@ def trained_candidates(journal: str, n: int) -> tuple[list[int], dict[int, list]
     records = read_journal(journal, log=lambda *a: None)
     thresholds: dict[int, list] = {}
     for r in records:
-        if r["event"] == "hurdle":
-            thresholds.setdefault(r["id"], []).append(r.get("threshold"))
+        if r["event"] == "started":  # a resumed search trains a candidate again: its last run counts
+            thresholds[r["id"]] = []
+        elif r["event"] == "hurdle":
+            band = thresholds.setdefault(r["id"], [])
+            band.extend([None] * (int(r["hurdle"]) + 1 - len(band)))
+            band[int(r["hurdle"])] = r.get("threshold")
     ids = [
         r["id"]
         for r in records
-        if (r["event"] == "finished" and r.get("cached_from") is None)
-        or (r["event"] == "failed" and r.get("stage") == "train")
+        if r.get("cached_from") is None
+        and (r["event"] == "finished" or (r["event"] == "failed" and r.get("stage") == "train"))
     ]
     ids = sorted(set(ids))[:n]
     return ids, {i: thresholds.get(i, []) for i in ids}
@@ -89,10 +94,17 @@ def side(args) -> None:
 
 
 def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 0, ties given their average rank (as Spearman's coefficient takes them)."""
     order = sorted(range(len(values)), key=lambda i: values[i])
     ranks = [0.0] * len(values)
-    for r, i in enumerate(order):
-        ranks[i] = float(r)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2.0
+        start = end + 1
     return ranks
 
 
@@ -131,12 +143,13 @@ def compare(ids, thresholds, a: dict, b: dict, label_a: str, label_b: str) -> No
         print("\nfewer than two candidates trained under both settings")
         return
     diffs = sorted(abs(y - x) for x, y in zip(fa, fb))
+    median = statistics.median(diffs)
     mean = sum(fa) / len(fa)
     spread = math.sqrt(sum((x - mean) ** 2 for x in fa) / (len(fa) - 1))
     swapped = sum(1 for i in range(len(fa)) for j in range(i + 1, len(fa)) if (fa[i] - fa[j]) * (fb[i] - fb[j]) < 0)
     pairs = len(fa) * (len(fa) - 1) // 2
     print(f"\ncandidates trained under both: {len(fa)}")
-    print(f"final fitness |B - A|: median {diffs[len(diffs) // 2]:.2e}, largest {diffs[-1]:.2e}")
+    print(f"final fitness |B - A|: median {median:.2e}, largest {diffs[-1]:.2e}")
     print(f"spread of the final fitness across candidates (standard deviation, A): {spread:.4f}")
     print(f"Spearman rank correlation of the final fitness: {spearman(fa, fb):.4f}")
     print(f"candidate pairs ordered differently: {swapped} of {pairs}")

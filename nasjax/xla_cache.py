@@ -46,6 +46,29 @@ _LOCK = threading.Lock()
 _INSTALLED = False
 
 
+def _codec_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a damaged entry raises in JAX's decompression (zlib, zstandard, zstd)."""
+    import zlib
+
+    errors: list[type[BaseException]] = [zlib.error]
+    for module, name in (("zstandard", "ZstdError"), ("compression.zstd", "ZstdError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def _raise_errors() -> bool:
+    """JAX's ``jax_raise_persistent_cache_errors``: then JAX's own error handling stands."""
+    try:
+        from jax._src import config
+
+        return bool(config.raise_persistent_cache_errors.value)
+    except (ImportError, AttributeError):
+        return False
+
+
 def _parts():
     """(LRUCache, its entry suffix, decompress) from this JAX, or None."""
     try:
@@ -76,6 +99,7 @@ def install() -> bool:
             return False
         cls, suffix, decompress = parts
         original_put, original_get = cls.put, cls.get
+        damaged = _codec_errors()
 
         def mine(self) -> bool:  # unbounded, on a local file system (gs:// etc. stay JAX's)
             return not getattr(self, "eviction_enabled", True) and "://" not in str(getattr(self, "path", "://"))
@@ -86,7 +110,8 @@ def install() -> bool:
             path = os.path.join(str(self.path), f"{key}{suffix}")
             if os.path.exists(path):
                 return
-            tmp = f"{path}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+            # a short name: an entry's own name can be near the file system's limit
+            tmp = os.path.join(str(self.path), f".{uuid.uuid4().hex}{TEMP_SUFFIX}")
             try:
                 with open(tmp, "wb") as f:
                     f.write(value)
@@ -97,13 +122,24 @@ def install() -> bool:
 
         def get(self, key: str):
             value = original_get(self, key)
-            if value is None or not mine(self):
+            if value is None or not mine(self) or _raise_errors():
                 return value
             try:
                 decompress(value)
-            except Exception as e:  # truncated or damaged: drop it, compile again, write it whole
+            except damaged as e:  # truncated or damaged: drop it, compile again, write it whole
                 path = os.path.join(str(self.path), f"{key}{suffix}")
                 try:
+                    with open(path, "rb") as f:
+                        now = f.read()
+                except OSError:
+                    return None
+                if now != value:  # another process has just written it whole: take that one
+                    try:
+                        decompress(now)
+                        return now
+                    except damaged:
+                        pass
+                try:  # (a whole entry renamed in between these two lines is lost: one more compile)
                     os.unlink(path)
                 except OSError:
                     pass
