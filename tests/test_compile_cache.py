@@ -1,5 +1,6 @@
 """The persistent compilation cache: every program written by default, the directory bounded."""
 
+import builtins
 import os
 
 import pytest
@@ -81,6 +82,17 @@ def test_cache_entries_are_written_whole_and_damaged_ones_dropped(tmp_path, monk
     assert not (tmp_path / "cut-cache").exists()
     cache.put("cut", value)  # compiled again: written whole
     assert cache.get("cut") == value
+    # a reader that read a damaged entry just before another process renamed a whole one
+    # into place takes the whole one and deletes nothing
+    (tmp_path / "race-cache").write_bytes(value[:100])
+
+    def open_after_rewrite(path, *args, **kwargs):
+        with builtins.open(path, "wb") as f:
+            f.write(value)
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(xla_cache, "open", open_after_rewrite, raising=False)
+    assert cache.get("race") == value and (tmp_path / "race-cache").read_bytes() == value
 
 
 def test_stale_temporaries_are_removed_and_never_pruned_as_entries(tmp_path):
