@@ -93,31 +93,6 @@ def side(args) -> None:
         json.dump(out, f)
 
 
-def _ranks(values: list[float]) -> list[float]:
-    """Ranks from 0, ties given their average rank (as Spearman's coefficient takes them)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for k in range(start, end + 1):
-            ranks[order[k]] = (start + end) / 2.0
-        start = end + 1
-    return ranks
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = _ranks(a), _ranks(b)
-    n = len(a)
-    ma, mb = sum(ra) / n, sum(rb) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    va = math.sqrt(sum((x - ma) ** 2 for x in ra))
-    vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
-    return cov / (va * vb) if va and vb else float("nan")
-
-
 def compare(ids, thresholds, a: dict, b: dict, label_a: str, label_b: str) -> None:
     print(f"\nA: {label_a}\nB: {label_b}\n")
     print("| candidate | fitness per band, A | fitness per band, B | final B - A |")
@@ -151,6 +126,8 @@ def compare(ids, thresholds, a: dict, b: dict, label_a: str, label_b: str) -> No
     print(f"\ncandidates trained under both: {len(fa)}")
     print(f"final fitness |B - A|: median {median:.2e}, largest {diffs[-1]:.2e}")
     print(f"spread of the final fitness across candidates (standard deviation, A): {spread:.4f}")
+    from nasjax.search.lts_validate import spearman  # ties get average ranks; nan below 3
+
     print(f"Spearman rank correlation of the final fitness: {spearman(fa, fb):.4f}")
     print(f"candidate pairs ordered differently: {swapped} of {pairs}")
     print(f"hurdle decisions that flip at the journal's thresholds: {len(flips)} of {decisions}")

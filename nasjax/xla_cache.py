@@ -40,7 +40,7 @@ __all__ = ["install", "TEMP_SUFFIX", "remove_stale_temporaries"]
 
 logger = logging.getLogger(__name__)
 
-# a write in progress: "<entry name>.<unique>.nasjax-tmp" beside the entry
+# a write in progress: ".<uuid>.nasjax-tmp" in the cache directory, renamed to its entry when whole
 TEMP_SUFFIX = ".nasjax-tmp"
 _LOCK = threading.Lock()
 _INSTALLED = False

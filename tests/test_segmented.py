@@ -530,7 +530,7 @@ def test_flat_layout_updates_depend_on_size_classes_only():
     assert {k[5] for k in new_updates(gpt2(64), "flat", **{"train.weight_decay": 0.0})} == {False}
 
 
-def test_flat_layout_keeps_the_callers_layout_and_zero_padding():
+def test_flat_layout_keeps_the_callers_layout_and_zero_padding(monkeypatch):
     """Trainer.step and fit take and give parameters in their own shapes; inside a fit
     the buffers' padding stays exactly zero (parameters and both Adam moments), and the
     host conversions are exact both ways."""
@@ -551,12 +551,10 @@ def test_flat_layout_keeps_the_callers_layout_and_zero_padding():
     assert [x.shape for x in jax.tree.leaves(stepped.params)] == shapes
     seen, unpacks = [], []
     unpack = flat.unpack_state
-    flat.unpack_state = lambda st: unpacks.append(1) or unpack(st)
+    monkeypatch.setattr(flat, "unpack_state", lambda st: unpacks.append(1) or unpack(st))
     hooks = Hooks(on_step_end=lambda step, st: seen.append((step, st)), state_needed=lambda step: step == 3)
-    try:
-        fitted, result = trainer.fit(stepped, iter(batches[1:]), total_steps=4, hooks=hooks)
-    finally:
-        flat.unpack_state = unpack
+    fitted, result = trainer.fit(stepped, iter(batches[1:]), total_steps=4, hooks=hooks)
+    monkeypatch.undo()
     assert result.step == 4 and [x.shape for x in jax.tree.leaves(fitted.params)] == shapes
     # the hook ran only at the step it asked for, with a shaped state; converted there and at the end
     assert [step for step, _ in seen] == [3] and len(unpacks) == 2
