@@ -18,6 +18,16 @@ caches, the evolution's history, the journal index, the probe's parameter hand-o
 
 Small candidates are the hard case for memory (many programs per minute), and make
 1,000 evaluations take minutes instead of hours on a CPU.
+
+History or current candidates? ``--resume_from=DIR --resume_at=N`` copies the finished
+search DIR's settings and the first N results of its journal into ``--workdir`` and
+resumes the search there, in a fresh process (same overrides as DIR's run; a fresh
+compile cache): its population and history are DIR's at N, nothing else is. If a fresh
+process reaches the original's resident memory at the same evaluations, what the memory
+follows is the candidates evaluated then, not what the search kept from before N.
+
+    python benchmarks/search_memory.py --resume_from=/tmp/mem --resume_at=800 --workdir=/tmp/mem800 \
+        --evaluations=1000 --every=20 --override ... (the same as /tmp/mem's)
 """
 
 from __future__ import annotations
@@ -84,6 +94,27 @@ def _results(journal: str) -> int:
     return len(_RESULT.findall(data))
 
 
+def _copy_truncated(src: str, dst: str, results: int) -> None:
+    """``src``'s search files into ``dst``, its journal cut after the ``results``-th result."""
+    import shutil
+
+    if os.path.exists(os.path.join(dst, "journal.jsonl")):
+        raise SystemExit(f"--workdir {dst} already holds a journal; give an empty or new directory")
+    os.makedirs(dst, exist_ok=True)
+    for name in ("config.json", "tokenizer.json"):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    n = 0
+    with open(os.path.join(src, "journal.jsonl"), "rb") as f, open(os.path.join(dst, "journal.jsonl"), "wb") as out:
+        for line in f:
+            if n >= results:
+                break
+            out.write(line)
+            n += bool(_RESULT.search(line))
+    if n < results:
+        raise SystemExit(f"{src}/journal.jsonl holds {n} results, fewer than --resume_at={results}")
+
+
 def _slope(points: list[tuple[int, float]]) -> float:
     """MiB per 100 evaluations, least squares."""
     if len(points) < 2:
@@ -104,9 +135,15 @@ def main():
     p.add_argument("--workdir", default="")
     p.add_argument("--override", action="append", default=[], help="KEY=VALUE (repeatable)")
     p.add_argument("--trace", default="", help="also write every 1 s sample to this CSV file")
+    p.add_argument("--resume_from", default="", help="a finished search's workdir to resume from (docstring)")
+    p.add_argument("--resume_at", type=int, default=0, help="with --resume_from: its first N results are kept")
     args = p.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="nasjax_memory_")
+    if bool(args.resume_from) != (args.resume_at > 0):
+        raise SystemExit("--resume_from and --resume_at go together")
+    if args.resume_from:
+        _copy_truncated(args.resume_from, workdir, args.resume_at)
     journal = os.path.join(workdir, "journal.jsonl")
     cache = tempfile.mkdtemp(prefix="nasjax_xla_")
     cmd = [sys.executable, "-m", "nasjax.cli", "search", f"--config={os.path.join(ROOT, args.config)}"]
@@ -142,14 +179,16 @@ def main():
     print(f"search: {final} evaluations in {(time.time() - t0) / 60:.1f} min; command: {' '.join(cmd[1:])}\n")
     print("| evaluations | minutes | resident MiB | peak MiB | journal MiB | controller MiB | workers |")
     print("|---|---|---|---|---|---|---|")
-    marks = list(range(args.every, final + 1, args.every))
+    start = args.resume_at  # a resumed search's results begin after the kept ones
+    marks = list(range(start + args.every, final + 1, args.every))
     for m in marks:
         s = next((x for x in samples if x[1] >= m), samples[-1])
         print(f"| {m} | {s[0] / 60:.1f} | {s[2]:.0f} | {s[3]:.0f} | {s[4]:.2f} | {s[5]:.0f} | {s[6]} |")
-    half = [(x[1], x[2]) for x in samples if x[1] >= final // 2]
+    half = [(x[1], x[2]) for x in samples if x[1] >= start + (final - start) // 2]
     print(f"\nresident memory growth over the second half: {_slope(half):+.1f} MiB per 100 evaluations")
-    first = next((x for x in samples if x[1] >= args.every), samples[-1])
-    print(f"peak resident: {max(x[3] for x in samples):.0f} MiB (at {args.every} evaluations: {first[3]:.0f} MiB)")
+    first = next((x for x in samples if x[1] >= start + args.every), samples[-1])
+    highest = max(x[3] for x in samples)
+    print(f"peak resident: {highest:.0f} MiB (at {start + args.every} evaluations: {first[3]:.0f} MiB)")
     print(
         "resident and peak count every process of the search (engine=processes: the controller and its "
         "workers, summed at each 1 s sample; alone, the peak is the controller's high-water mark)"

@@ -43,6 +43,9 @@ train.segmented_layout    how a segmented model holds its parameters and Adam mo
                           its size class, at most 25% larger, so update programs are keyed by size class,
                           not shape, and a search stops compiling them once it has seen its classes; the
                           same values per element; converted on the host at a fit's start and end)
+train.segmented_max_mb    MiB of compiled pieces a process keeps, as their serialized executables measure
+                          them (machine code and metadata; host memory is ~7-12x that plus ~170 KiB per
+                          program on XLA:CPU), least recently used dropped first; 0 = bounded by count only
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices
@@ -208,6 +211,7 @@ def base_config(finetune: bool = False) -> ml_collections.ConfigDict:
     c.train.segmented_pieces = "layer"
     c.train.segmented_update_chunk = 16
     c.train.segmented_layout = "shaped"
+    c.train.segmented_max_mb = 48
     c.train.grad_accum_steps = 1
     c.train.log_every = 10
     c.train.eval_every = 500

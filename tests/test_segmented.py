@@ -203,6 +203,45 @@ def test_segmented_registry_is_bounded_and_live_trainers_keep_their_pieces(monke
     assert np.isfinite(float(metrics["loss"]))
 
 
+def test_segmented_registry_is_bounded_in_bytes_by_the_setting():
+    """train.segmented_max_mb bounds the registry's serialized bytes (the least recently
+    used pieces dropped first); a bad value is refused by name; trainers whose pieces
+    were dropped still step."""
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    batch = _batches(1)[0]
+    with pytest.raises(TrainConfigError, match=re.escape("train.segmented_max_mb=-1: expected an int >= 0")):
+        Trainer(_primer_specs(1)[0], _train_cfg(**{"train.segmented_max_mb": -1}), mesh, shd.DEFAULT_RULES, 0, LEN)
+    for bad in (1.5, True, "48"):  # a config file can hold any type
+        with pytest.raises(ValueError, match=re.escape(f"train.segmented_max_mb={bad!r}: expected an int >= 0")):
+            segmented.check_max_mb({"segmented_max_mb": bad})
+    assert segmented.check_max_mb({}) == segmented.DEFAULT_MAX_MB * 2**20
+    assert segmented.check_max_mb({"segmented_max_mb": 0}) is None
+    segmented.clear_programs()
+    try:
+        counts = {}
+        for max_mb in (0, 1):
+            segmented.clear_programs()
+            cfg = _train_cfg(**{"train.segmented": True, "train.segmented_max_mb": max_mb})
+            trainers = []
+            for spec in _primer_specs(3):
+                trainer = Trainer(spec, cfg, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
+                state = trainer.init_state()
+                trainer.step(state, batch)
+                trainers.append((trainer, state))
+                if max_mb:
+                    assert 0 < segmented._PROGRAMS.nbytes() <= 2**20 or len(segmented._PROGRAMS) == 1
+                else:
+                    assert segmented._PROGRAMS.max_bytes is None and segmented._PROGRAMS.nbytes() == 0
+            counts[max_mb] = len(segmented._PROGRAMS)
+        assert counts[1] < counts[0]  # three models' pieces exceed 1 MiB
+        first, state = trainers[0]
+        _, metrics = first.step(state, batch)
+        assert np.isfinite(float(metrics["loss"]))
+    finally:
+        segmented.clear_programs()
+        segmented._PROGRAMS.set_max_bytes(segmented.DEFAULT_MAX_MB * 2**20)
+
+
 def test_segmented_trainer_steps_from_an_inherited_state(n_devices):
     """``Trainer.with_params`` (weight inheritance) hands the segmented step a state it
     can run on a multi-device mesh, with the step counter placed like ``init_state``'s."""

@@ -424,6 +424,7 @@ def check_engine_settings(cfg) -> None:
         try:
             segmented.check_pieces(cfg.train)
             segmented.check_update_chunk(cfg.train)
+            segmented.check_max_mb(cfg.train)
         except ValueError as e:
             raise EngineError(str(e)) from None
     if "lts" in cfg:  # before a journal exists: a bad value must not become the search's header

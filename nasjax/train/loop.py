@@ -163,6 +163,7 @@ class Trainer:
             segmented.check_pieces(train_cfg)
             segmented.check_update_chunk(train_cfg)
             segmented.check_layout(train_cfg)
+            segmented.check_max_mb(train_cfg)
         except ValueError as e:
             raise TrainConfigError(str(e)) from None
         if train_cfg.get("segmented", False):

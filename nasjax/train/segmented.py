@@ -81,6 +81,8 @@ __all__ = [
     "clear_programs",
     "flat_size",
     "MAX_PROGRAMS",
+    "DEFAULT_MAX_MB",
+    "check_max_mb",
     "PIECES",
     "LAYOUTS",
 ]
@@ -92,6 +94,11 @@ __all__ = [
 # Instruction pieces are small (one op's forward and backward) and shared across
 # programs; a search's whole vocabulary of (op, widths, branch structure) fits.
 MAX_PROGRAMS = {"layer": 16, "shared": 256, "instruction": 1024}
+# ... and at most this many MiB of them, all kinds together, as their serialized
+# executables measure them (train.segmented_max_mb; nasjax.program_cache.executable_bytes):
+# a program's host memory grows with its code, so a search evolving toward larger
+# candidates holds more per piece (docs/benchmarks.md, stop 25).
+DEFAULT_MAX_MB = 48
 # train.segmented_pieces: what one piece of a layer is (see the module docstring)
 PIECES = ("layer", "subprogram", "instruction")
 # train.segmented_layout: how a parameter leaf (and its optimizer moments) is held while a
@@ -181,6 +188,17 @@ def _host_shaped(x, a, sharding):
         return x
     host = np.asarray(jax.device_get(x))[: int(np.prod(a.shape, dtype=np.int64))]
     return jax.device_put(host.reshape(a.shape), sharding)
+
+
+def check_max_mb(train_cfg) -> int | None:
+    """``train.segmented_max_mb``, checked: the registry's bound in bytes, or None (0: no bound)."""
+    value = train_cfg.get("segmented_max_mb", DEFAULT_MAX_MB)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"train.segmented_max_mb={value!r}: expected an int >= 0 (MiB of serialized compiled pieces kept "
+            "per process; 0 = bounded by count only)"
+        )
+    return value * 2**20 if value else None
 
 
 def check_update_chunk(train_cfg) -> tuple[int, ...]:
@@ -309,6 +327,7 @@ class SegmentedSteps:
         self.pieces = check_pieces(train_cfg)
         self.update_chunks = check_update_chunk(train_cfg)
         self.layout = check_layout(train_cfg)
+        _PROGRAMS.set_max_bytes(check_max_mb(train_cfg))  # one registry per process: the latest setting holds
         self.flat = self.layout == "flat"
         if self.flat and abstract_state is None:
             raise ValueError("train.segmented_layout='flat': SegmentedSteps needs the trainer's abstract state")
