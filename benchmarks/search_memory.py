@@ -100,19 +100,22 @@ def _copy_truncated(src: str, dst: str, results: int) -> None:
 
     if os.path.exists(os.path.join(dst, "journal.jsonl")):
         raise SystemExit(f"--workdir {dst} already holds a journal; give an empty or new directory")
+    source = os.path.join(src, "journal.jsonl")
+    if not os.path.isfile(source):
+        raise SystemExit(f"--resume_from {src}: no journal.jsonl there")
+    if _results(source) < results:
+        raise SystemExit(f"{source} holds {_results(source)} results, fewer than --resume_at={results}")
     os.makedirs(dst, exist_ok=True)
     for name in ("config.json", "tokenizer.json"):
         if os.path.exists(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
     n = 0
-    with open(os.path.join(src, "journal.jsonl"), "rb") as f, open(os.path.join(dst, "journal.jsonl"), "wb") as out:
+    with open(source, "rb") as f, open(os.path.join(dst, "journal.jsonl"), "wb") as out:
         for line in f:
             if n >= results:
                 break
             out.write(line)
             n += bool(_RESULT.search(line))
-    if n < results:
-        raise SystemExit(f"{src}/journal.jsonl holds {n} results, fewer than --resume_at={results}")
 
 
 def _slope(points: list[tuple[int, float]]) -> float:
@@ -140,8 +143,10 @@ def main():
     args = p.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="nasjax_memory_")
-    if bool(args.resume_from) != (args.resume_at > 0):
+    if bool(args.resume_from) != (args.resume_at != 0):
         raise SystemExit("--resume_from and --resume_at go together")
+    if args.resume_at < 0 or (args.resume_from and args.evaluations <= args.resume_at):
+        raise SystemExit("--resume_at must be >= 0 and below --evaluations")
     if args.resume_from:
         _copy_truncated(args.resume_from, workdir, args.resume_at)
     journal = os.path.join(workdir, "journal.jsonl")
@@ -175,6 +180,8 @@ def main():
                 f.write(",".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in x) + "\n")
     if proc.returncode:
         raise SystemExit(f"the search failed (exit {proc.returncode}); see {log_path}")
+    if not samples:
+        raise SystemExit(f"the search ended before its memory was sampled; see {log_path}")
     final = _results(journal)
     print(f"search: {final} evaluations in {(time.time() - t0) / 60:.1f} min; command: {' '.join(cmd[1:])}\n")
     print("| evaluations | minutes | resident MiB | peak MiB | journal MiB | controller MiB | workers |")

@@ -44,8 +44,8 @@ train.segmented_layout    how a segmented model holds its parameters and Adam mo
                           not shape, and a search stops compiling them once it has seen its classes; the
                           same values per element; converted on the host at a fit's start and end)
 train.segmented_max_mb    MiB of compiled pieces a process keeps, as their serialized executables measure
-                          them (machine code and metadata; host memory is ~7-12x that plus ~170 KiB per
-                          program on XLA:CPU), least recently used dropped first; 0 = bounded by count only
+                          them (machine code and metadata; a search's pieces hold ~12-15x that in host
+                          memory on XLA:CPU), least recently used dropped first; 0 = bounded by count only
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices

@@ -7,10 +7,10 @@ bound per group of keys the least recently used entries are dropped, so a long s
 memory stays bounded.
 
 A bound on the number of programs is not a bound on their memory: on XLA:CPU a compiled
-program holds ~170 KiB of host memory plus ~7-12x its serialized size (its machine code
-and metadata; docs/benchmarks.md, stop 25), and a search that evolves toward larger
-candidates compiles larger pieces (a median of 2 MiB each, against 0.2 MiB for a
-one-op program). ``max_bytes`` therefore also bounds the summed size of the entries, as
+program holds at least ~170 KiB of host memory, and a search's pieces ~12-15x their
+serialized size (their machine code and metadata; docs/benchmarks.md, stop 25); a
+search that evolves toward larger candidates compiles larger pieces (~1.6 MiB each,
+against 0.2 MiB for a one-op program). ``max_bytes`` therefore also bounds the summed size of the entries, as
 ``size`` measures them (:func:`executable_bytes`: the serialized executables), dropping
 the least recently used entries of any group first.
 """
@@ -18,12 +18,16 @@ the least recently used entries of any group first.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 __all__ = ["ProgramCache", "executable_bytes"]
+
+logger = logging.getLogger(__name__)
+_UNMEASURED: set[str] = set()  # the errors already reported (one warning each)
 
 
 def executable_bytes(built: Any) -> int:
@@ -33,14 +37,23 @@ def executable_bytes(built: Any) -> int:
     The serialized executable is what XLA would write to a persistent cache: the
     program's machine code and metadata, the part of its host memory that varies from one
     program to another. A program that cannot be serialized (a backend without it)
-    counts 0, so only the count bound applies to it. Costs ~3 ms for a 150 KB program.
+    counts 0, so only the count bound applies to it; a warning says so once per kind of
+    error. Costs ~3 ms for a 150 KB program.
     """
     import jax
 
     if isinstance(built, jax.stages.Compiled):
         try:
             return len(built.runtime_executable().serialize())
-        except Exception:  # noqa: BLE001 - no serialization on this backend: not counted
+        except Exception as e:  # noqa: BLE001 - no serialization on this backend: not counted
+            what = f"{type(e).__name__}: {e}"[:200]
+            if what not in _UNMEASURED:
+                _UNMEASURED.add(what)
+                logger.warning(
+                    "nasjax.program_cache: a compiled program could not be serialized to measure its size (%s); "
+                    "such programs count 0 bytes, so only the count bounds limit them",
+                    what,
+                )
             return 0
     if isinstance(built, (tuple, list)):
         return sum(executable_bytes(x) for x in built)
@@ -88,7 +101,7 @@ class ProgramCache:
         t0 = time.perf_counter()
         built = build()
         seconds = time.perf_counter() - t0
-        size = int(self._size(built)) if self.max_bytes is not None else 0
+        size = max(0, int(self._size(built))) if self.max_bytes is not None else 0
         with self._lock:
             if key not in self._items:
                 self._items[key] = built
@@ -129,7 +142,7 @@ class ProgramCache:
             self._trim_bytes()
 
     def nbytes(self) -> int:
-        """The summed size of the entries (0 while there is no bound in bytes)."""
+        """The summed size of the entries (those built while there was no bound in bytes count 0)."""
         with self._lock:
             return self._bytes
 

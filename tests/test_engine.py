@@ -1,6 +1,7 @@
 """Engines: N evaluations in flight, inline or on Ray actors, with the same evaluated set."""
 
 import os
+import re
 import threading
 import time
 
@@ -79,6 +80,22 @@ def test_unknown_engine_is_a_clear_error(primer_config, tmp_path):
     with pytest.raises(EngineError, match="engine=threads with train.budget_seconds"):
         run_search(primer_config(engine="threads", **{"train.budget_seconds": 5.0}), str(tmp_path / "s"))
     assert not (tmp_path / "s").exists()  # rejected before a journal was created
+
+
+def test_segmented_settings_are_checked_before_a_search_starts(primer_config):
+    """The Trainer checks every train.segmented_* setting whether or not train.segmented is
+    on, so the search does too, before a journal exists (not at every candidate)."""
+    from nasjax.search.engine import EngineError, check_engine_settings
+
+    cases = [
+        ({"train.segmented_max_mb": -1}, "train.segmented_max_mb=-1: expected an int >= 0"),
+        ({"train.segmented_layout": "packed"}, "train.segmented_layout='packed': expected one of"),
+        ({"train.segmented_pieces": "ops"}, "train.segmented_pieces='ops': expected one of"),
+    ]
+    for overrides, message in cases:
+        for on in (True, False):
+            with pytest.raises(EngineError, match=re.escape(message)):
+                check_engine_settings(primer_config(**{"train.segmented": on, **overrides}))
 
 
 def test_threads_engine_refuses_lts(tmp_path):

@@ -64,7 +64,7 @@ def test_without_a_byte_bound_nothing_is_measured():
 def test_a_key_built_by_two_threads_is_counted_once():
     cache, sizes = _cache(max_bytes=100)
     sizes["program x"] = 7
-    gate = threading.Barrier(2)
+    gate = threading.Barrier(2, timeout=60)
 
     def build():
         gate.wait()

@@ -418,12 +418,13 @@ def check_engine_settings(cfg) -> None:
             probe_on_steps(cfg)
         except ValueError as e:
             raise EngineError(str(e)) from None
-    if "train" in cfg and cfg.train.get("segmented", False):
+    if "train" in cfg:  # the Trainer checks these whether or not train.segmented is on
         from nasjax.train import segmented
 
         try:
             segmented.check_pieces(cfg.train)
             segmented.check_update_chunk(cfg.train)
+            segmented.check_layout(cfg.train)
             segmented.check_max_mb(cfg.train)
         except ValueError as e:
             raise EngineError(str(e)) from None

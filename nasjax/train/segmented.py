@@ -96,7 +96,8 @@ __all__ = [
 MAX_PROGRAMS = {"layer": 16, "shared": 256, "instruction": 1024}
 # ... and at most this many MiB of them, all kinds together, as their serialized
 # executables measure them (train.segmented_max_mb; nasjax.program_cache.executable_bytes):
-# a program's host memory grows with its code, so a search evolving toward larger
+# a program's host memory grows with its code (on XLA:CPU ~12-15x the serialized size for
+# a search's pieces, ~0.6-0.7 GiB for 48 MiB), so a search evolving toward larger
 # candidates holds more per piece (docs/benchmarks.md, stop 25).
 DEFAULT_MAX_MB = 48
 # train.segmented_pieces: what one piece of a layer is (see the module docstring)
