@@ -25,7 +25,7 @@ import tempfile
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
-from benchmarks.candidate_overhead import tiny_evaluator  # noqa: E402
+from benchmarks.candidate_overhead import parse_settings, tiny_evaluator  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -53,7 +53,7 @@ def main():
 
     small = {"search.d_model": 16, "search.n_layers": 1, "data.seq_len": 16, "train.steps": 8}
     small.update({"search.hurdles": 0, "search.val_batches": 1, "compile_cache_dir": "none"})
-    small.update(dict(o.split("=", 1) for o in args.override))
+    small.update(parse_settings(args.override))
     _, space, evaluator = tiny_evaluator(ROOT, small, tempfile.mkdtemp(prefix="nasjax_mem_"))
     rng = np.random.default_rng(0)
     genome = space.seeds()[0][1]

@@ -181,6 +181,18 @@ def checkout(ref: str):
         subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", worktree], check=False)
 
 
+def parse_settings(items) -> dict:
+    """``KEY=VALUE`` command-line items as {KEY: VALUE} (values still strings, read by
+    :func:`tiny_evaluator`); an item without ``=`` is refused by name."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
 def _value(text: str):
     """A command-line override's value: true/false, an int, a float, else the string."""
     if text.lower() in ("true", "false"):
@@ -227,7 +239,7 @@ def main():
         if args.method == "lts":
             print(json.dumps(measure_lts(args._worker, args.candidates, args.seed)))
         else:
-            overrides = dict(o.split("=", 1) for o in args._override)
+            overrides = parse_settings(args._override)
             print(json.dumps(measure(args._worker, args.candidates, args.seed, args.hurdles_pass, overrides)))
         return
 

@@ -38,7 +38,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
-from benchmarks.candidate_overhead import tiny_evaluator  # noqa: E402
+from benchmarks.candidate_overhead import parse_settings, tiny_evaluator  # noqa: E402
 
 EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
 
@@ -101,7 +101,7 @@ def replay(args, root: str):
 
     state.initial_params, segmented._program = timed_init, counted_program
 
-    overrides = dict(item.partition("=")[::2] for item in args.set)
+    overrides = parse_settings(args.set)
     work = tempfile.mkdtemp(prefix="nasjax_phases_")
     cfg, space, evaluator = tiny_evaluator(root, {**overrides, "compile_cache_dir": "none"}, work)
 

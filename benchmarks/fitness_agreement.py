@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
-from benchmarks.candidate_overhead import tiny_evaluator  # noqa: E402
+from benchmarks.candidate_overhead import parse_settings, tiny_evaluator  # noqa: E402
 
 
 def trained_candidates(journal: str, n: int) -> tuple[list[int], dict[int, list]]:
@@ -72,7 +71,7 @@ def side(args) -> None:
     from nasjax.search.evaluate import CandidateFailed
     from nasjax.search.journal import read_journal
 
-    overrides = dict(item.partition("=")[::2] for item in args.set + args.side_set)
+    overrides = parse_settings(args.set + args.side_set)
     overrides["compile_cache_dir"] = tempfile.mkdtemp(prefix="nasjax_agree_cache_")  # fresh: nothing shared
     _, space, evaluator = tiny_evaluator(ROOT, overrides, tempfile.mkdtemp(prefix="nasjax_agree_"))
     proposals = {r["id"]: r for r in read_journal(args.journal, log=lambda *a: None) if r["event"] == "proposed"}
@@ -119,8 +118,7 @@ def compare(ids, thresholds, a: dict, b: dict, label_a: str, label_b: str) -> No
         return
     diffs = sorted(abs(y - x) for x, y in zip(fa, fb))
     median = statistics.median(diffs)
-    mean = sum(fa) / len(fa)
-    spread = math.sqrt(sum((x - mean) ** 2 for x in fa) / (len(fa) - 1))
+    spread = statistics.stdev(fa)
     swapped = sum(1 for i in range(len(fa)) for j in range(i + 1, len(fa)) if (fa[i] - fa[j]) * (fb[i] - fb[j]) < 0)
     pairs = len(fa) * (len(fa) - 1) // 2
     print(f"\ncandidates trained under both: {len(fa)}")

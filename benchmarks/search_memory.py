@@ -103,8 +103,9 @@ def _copy_truncated(src: str, dst: str, results: int) -> None:
     source = os.path.join(src, "journal.jsonl")
     if not os.path.isfile(source):
         raise SystemExit(f"--resume_from {src}: no journal.jsonl there")
-    if _results(source) < results:
-        raise SystemExit(f"{source} holds {_results(source)} results, fewer than --resume_at={results}")
+    held = _results(source)
+    if held < results:
+        raise SystemExit(f"{source} holds {held} results, fewer than --resume_at={results}")
     os.makedirs(dst, exist_ok=True)
     for name in ("config.json", "tokenizer.json"):
         if os.path.exists(os.path.join(src, name)):

@@ -10,9 +10,9 @@ A bound on the number of programs is not a bound on their memory: on XLA:CPU a c
 program holds at least ~170 KiB of host memory, and a search's pieces ~12-15x their
 serialized size (their machine code and metadata; docs/benchmarks.md, stop 25); a
 search that evolves toward larger candidates compiles larger pieces (~1.6 MiB each,
-against 0.2 MiB for a one-op program). ``max_bytes`` therefore also bounds the summed size of the entries, as
-``size`` measures them (:func:`executable_bytes`: the serialized executables), dropping
-the least recently used entries of any group first.
+against 0.2 MiB for a one-op program). ``max_bytes`` therefore also bounds the summed
+size of the entries, as ``size`` measures them (:func:`executable_bytes`: the serialized
+executables), dropping the least recently used entries of any group first.
 """
 
 from __future__ import annotations

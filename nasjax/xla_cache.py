@@ -101,13 +101,16 @@ def install() -> bool:
         original_put, original_get = cls.put, cls.get
         damaged = _codec_errors()
 
+        def entry(self, key: str) -> str:  # the file JAX keeps the entry ``key`` in
+            return os.path.join(str(self.path), f"{key}{suffix}")
+
         def mine(self) -> bool:  # unbounded, on a local file system (gs:// etc. stay JAX's)
             return not getattr(self, "eviction_enabled", True) and "://" not in str(getattr(self, "path", "://"))
 
         def put(self, key: str, value: bytes) -> None:
             if not (key and mine(self)):  # JAX's locked mode, remote paths, or its own errors
                 return original_put(self, key, value)
-            path = os.path.join(str(self.path), f"{key}{suffix}")
+            path = entry(self, key)
             if os.path.exists(path):
                 return
             # a short name: an entry's own name can be near the file system's limit
@@ -127,7 +130,7 @@ def install() -> bool:
             try:
                 decompress(value)
             except damaged as e:  # truncated or damaged: drop it, compile again, write it whole
-                path = os.path.join(str(self.path), f"{key}{suffix}")
+                path = entry(self, key)
                 try:
                     with open(path, "rb") as f:
                         now = f.read()

@@ -216,6 +216,7 @@ def test_segmented_registry_is_bounded_in_bytes_by_the_setting(monkeypatch):
         with pytest.raises(ValueError, match=re.escape(f"train.segmented_max_mb={bad!r}: expected an int >= 0")):
             segmented.check_max_mb({"segmented_max_mb": bad})
     assert segmented.check_max_mb({}) == segmented.DEFAULT_MAX_MB * 2**20
+    assert load_config_file(PRIMER_TINY).train.segmented_max_mb == segmented.DEFAULT_MAX_MB  # one default
     assert segmented.check_max_mb({"segmented_max_mb": 0}) is None
     segmented.clear_programs()
     try:
