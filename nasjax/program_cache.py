@@ -38,7 +38,7 @@ def executable_bytes(built: Any) -> int:
     program's machine code and metadata, the part of its host memory that varies from one
     program to another. A program that cannot be serialized (a backend without it)
     counts 0, so only the count bound applies to it; a warning says so once per kind of
-    error. Costs ~3 ms for a 150 KB program.
+    error. Costs ~3-5 ms for a 144 KB program (docs/benchmarks.md, stop 25).
     """
     import jax
 
