@@ -84,12 +84,16 @@ def replay(args, root: str):
     real_init, real_program = state.initial_params, segmented._program
     kinds = collections.defaultdict(lambda: [0, 0.0])
 
+    init_wall = [0.0]
+
     def timed_init(*a, **k):
         outer, phase[0] = phase[0], "init"
+        t = time.perf_counter()
         try:
             return real_init(*a, **k)
         finally:
             phase[0] = outer
+            init_wall[0] += time.perf_counter() - t
 
     def counted_program(key, build):
         program, dt = real_program(key, build)
@@ -142,7 +146,10 @@ def replay(args, root: str):
         print(f"| {label} | {len(picked)} | " + " | ".join(cells) + f" | {sum(total.values()):.1f} |")
 
     code = f"{args.before or 'this tree'}: {os.path.dirname(os.path.dirname(segmented.__file__))}"
-    print(f"\nreplay of {args.journal} ({code}; {', '.join(args.set) or 'preset settings'}); wall {wall:.0f} s")
+    print(
+        f"\nreplay of {args.journal} ({code}; {', '.join(args.set) or 'preset settings'}); wall {wall:.0f} s,"
+        f" of it initial parameters {init_wall[0]:.1f} s"
+    )
     print("| candidates | n | init: XLA s / programs | check | train | XLA compile s |")
     print("|---|---|---|---|---|---|")
     line("first", rows[:1])

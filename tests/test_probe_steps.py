@@ -143,3 +143,82 @@ def test_bad_probe_or_segmented_settings_stop_the_search_before_its_journal(sear
         with pytest.raises(EngineError, match=f"{key}="):
             run_search(search_config(**{"train.segmented": True, key: value}), str(tmp_path / key), log=lambda *a: None)
         assert not (tmp_path / key / "journal.jsonl").exists()
+
+
+def _blowup_program():
+    """The vanilla seed with a first subprogram that ends in exp applied five times: exp^5(x)
+    overflows for any x > -1.2 or so (exp^5(0) = exp(exp(15.2))), non-finite at init."""
+    base = vanilla_program(2, 32, 64)
+    first = base.subprograms[0]
+    exps = tuple(Instruction("EXP", in1=1) for _ in range(5))
+    subs = list(base.subprograms)
+    subs[0] = dataclasses.replace(first, instructions=first.instructions + exps)
+    return dataclasses.replace(base, subprograms=tuple(subs))
+
+
+def _built_kinds(monkeypatch):
+    """Records the kind of every piece compiled from now on ("backward" for a layer piece's backward)."""
+    from nasjax.train import segmented
+
+    built, real = [], segmented._program
+
+    def counted(key, build):
+        program, dt = real(key, build)
+        if dt > 0:
+            built.append("backward" if "backward" in key else key[0])
+        return program, dt
+
+    monkeypatch.setattr(segmented, "_program", counted)
+    return built
+
+
+def test_forward_stage_gives_the_probes_values_and_compiles_no_backward(monkeypatch):
+    """The probe's first stage runs the train step's own forward programs: its logits and
+    verdict equal the whole probe's bit for bit, and until the rest is compiled no backward,
+    loss-head, norm or update program exists."""
+    from nasjax.train import segmented
+
+    segmented.clear_programs()
+    built = _built_kinds(monkeypatch)
+    for n, program in enumerate((primer_ez_program(2, 32, 64), _blowup_program())):
+        spec = program_model_spec(program, base_dim=16, d_model=32, n_layers=2, vocab_size=VOCAB, max_len=LEN)
+        mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+        trainer = Trainer(spec, _train_cfg(), mesh, shd.DEFAULT_RULES, 0, LEN, op_by_op=True)
+        state = trainer.init_state()
+        batch = step_probe_batch(spec.vocab_size, BATCH, LEN, seed=0)
+        built.clear()
+        first = trainer.probe_forward(state.params, batch)
+        assert set(first) == {"last_logits", "finite"} and first["last_logits"].shape == (BATCH, VOCAB)
+        assert built and not {"backward", "head", "norm", "update"} & set(built), built
+        assert trainer.memory_bytes() == {}  # nothing of the step is compiled yet
+        whole = trainer.probe(state.params, batch)  # compiles the rest
+        # the first model compiles all kinds; the second shares the head, norm and updates
+        assert {"backward"} | ({"head", "norm", "update"} if n == 0 else set()) <= set(built), built
+        assert bool(first["finite"]) == bool(whole["finite"])
+        np.testing.assert_array_equal(first["last_logits"], whole["last_logits"])
+        assert trainer.memory_bytes()["peak"] > 0
+    assert bool(first["finite"]) is False  # the blow-up overflows
+
+
+def test_a_candidate_non_finite_at_init_fails_before_its_backward_compiles(search_config, tmp_path, monkeypatch):
+    from nasjax.search.evaluate import NON_FINITE, CandidateFailed
+    from nasjax.train import segmented
+    from tests.test_compile_ahead import _evaluator
+
+    cfg = search_config()
+    tokenizer, evaluator = _evaluator(cfg, tmp_path / "eval")
+    assert evaluator.probe_steps
+    segmented.clear_programs()
+    built = _built_kinds(monkeypatch)
+    spec = program_model_spec(
+        _blowup_program(),
+        base_dim=16,
+        d_model=32,
+        n_layers=1,
+        vocab_size=tokenizer.vocab_size,
+        max_len=cfg.data.seq_len,
+    )
+    with pytest.raises(CandidateFailed) as failed:
+        evaluator.check(spec)
+    assert (failed.value.stage, failed.value.reason) == ("probe", NON_FINITE)
+    assert built and not {"backward", "head", "norm", "update"} & set(built), built

@@ -228,15 +228,23 @@ class Trainer:
     def _context(self):
         return _Ctx(self.mesh, self.rules)
 
-    def compile(self, state: TrainState, batch: dict) -> float:
+    def compile(self, state: TrainState, batch: dict, forward_only: bool = False) -> float:
         """AOT-compiles the train step for this batch layout; returns seconds.
 
         ``state`` and ``batch`` may be concrete arrays or ``jax.ShapeDtypeStruct`` s (what
         :meth:`precompile` passes): only shapes, dtypes and shardings enter the program.
+        ``forward_only`` (``train.segmented`` only): just the forward programs that
+        :meth:`probe_forward` runs; a later call without it compiles the rest.
         """
         keys = tuple(sorted(batch))
         if self._compiled_train is not None and keys == self._batch_keys:
             return 0.0
+        if forward_only:
+            if self._segments is None:
+                raise TrainConfigError("Trainer.compile(forward_only=True) needs train.segmented=true")
+            dt = self._segments.compile(state, batch, forward_only=True)
+            self.compile_seconds += dt
+            return dt
         if self._segments is not None:  # train.segmented: pieces shared across models
             dt = self._segments.compile(state, batch)
             self._compiled_train, self._batch_keys = self._segments.step, keys
@@ -285,6 +293,17 @@ class Trainer:
         if self._compiled_train is None or tuple(sorted(batch)) != self._batch_keys:
             self.compile(self.restore_target(), abstract_batch(batch))
         return self._segments.probe(params, batch)
+
+    def probe_forward(self, params, host_batch: dict) -> dict:
+        """The probe's first stage (``train.segmented``; :meth:`SegmentedSteps.probe_forward`):
+        the last position's logits and whether all logits are finite, from the train step's
+        forward programs alone (compiled here if needed, without the backward and updates).
+        """
+        if self._segments is None:
+            raise TrainConfigError("Trainer.probe_forward runs the segmented train step; set train.segmented=true")
+        batch = shd.shard_batch(host_batch, self.mesh)
+        self.compile(self.restore_target(), abstract_batch(batch), forward_only=True)
+        return self._segments.probe_forward(params, batch)
 
     def memory_bytes(self) -> dict:
         """XLA's memory analysis of the compiled train step (bytes per device), {} if unknown.

@@ -456,8 +456,12 @@ class SegmentedSteps:
         return program
 
     # ------------------------------------------------------------------ plans
-    def _plan(self, abstract_params, batch: dict, train: bool) -> dict:
-        """Compiles (or finds) every piece for this batch layout; returns them in step order."""
+    def _plan(self, abstract_params, batch: dict, train: bool, forward_only: bool = False) -> dict:
+        """Compiles (or finds) every piece for this batch layout; returns them in step order.
+
+        ``forward_only`` (train plans): the forward programs the probe's first stage runs
+        (the embedding's pair, the layers' forwards, the probe head), without the program
+        layers' backwards, the loss head and the norm; :meth:`_complete` adds them."""
         extra = sorted(set(batch) - set(LM_BATCH_KEYS))
         if extra or not set(LM_BATCH_KEYS) <= set(batch):
             raise ValueError(
@@ -477,7 +481,7 @@ class SegmentedSteps:
             p_layer = seg.layer_params(abstract_params, i)
             program = seg.program_block(i) if self.pieces != "layer" else None
             if program is not None:
-                layer = ProgramLayer(self, program, seg.program_params(p_layer), x, train=train)
+                layer = ProgramLayer(self, program, seg.program_params(p_layer), x, train=train and not forward_only)
                 layers.append((layer.forward, layer.backward, layer.y_info, layer))
             else:
                 forward = lambda p, h, i=i: seg.layer(i, p, h)  # noqa: E731
@@ -490,6 +494,23 @@ class SegmentedSteps:
             head = self._get(("eval_head", *head_key), loss, head_b, x, targets, weights)
             return {"embed": embed, "layers": layers, "head": head}
 
+        probe_key = ("probe_head", seg.template_key(), _layout(head_p), _layout(x))
+        probe_head = (probe_key, head_p, x)  # compiled on the first probe (search.probe=steps)
+        plan = {"embed": embed, "layers": layers, "probe_head": probe_head}
+        plan["pending"] = (head_key, head_p, x, targets, weights)
+        if not forward_only:
+            self._complete(plan)
+        return plan
+
+    def _complete(self, plan: dict) -> None:
+        """Adds what a forward-only train plan lacks: the program layers' backward programs,
+        the loss head (value and gradients) and the norm."""
+        head_key, head_p, x, targets, weights = plan.pop("pending")
+        for layer in plan["layers"]:
+            if isinstance(layer[3], ProgramLayer):
+                layer[3].build_backward()
+        loss, head_b = self._on_buffers(self._loss, head_p), self._buffers(head_p)
+
         def head_grads(p, h, t, w):
             (loss_sum, weight_sum), (g_p, g_h) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, h, t, w)
             own = {k: v for k, v in g_p.items() if k != "embed"}
@@ -497,14 +518,11 @@ class SegmentedSteps:
 
         rep = shd.replicated(self.mesh)
         head_sh = (rep, rep, jax.tree.map(lambda a: a.sharding, head_b), x.sharding, rep)
-        head = self._get(("head", *head_key), head_grads, head_b, x, targets, weights, out_shardings=head_sh)
-        probe_key = ("probe_head", seg.template_key(), _layout(head_p), _layout(x))
-        probe_head = (probe_key, head_p, x)  # compiled on the first probe (search.probe=steps)
-        scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(self.mesh))
-        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(self.mesh))
-        n_sums = seg.n_layers + 2
-        norm = self._get(("norm", self.opt_key, n_sums), self._norm, (scalar,) * n_sums, scalar, scalar, step)
-        return {"embed": embed, "layers": layers, "head": head, "norm": norm, "probe_head": probe_head}
+        plan["head"] = self._get(("head", *head_key), head_grads, head_b, x, targets, weights, out_shardings=head_sh)
+        scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+        n_sums = self.seg.n_layers + 2
+        plan["norm"] = self._get(("norm", self.opt_key, n_sums), self._norm, (scalar,) * n_sums, scalar, scalar, step)
 
     def _loss(self, head_params, x, targets, weights):
         loss_sum, weight_sum = losses.token_cross_entropy(self.seg.logits(head_params, x), targets, weights)
@@ -568,13 +586,20 @@ class SegmentedSteps:
         return optax.apply_updates(p, updates), view
 
     # ------------------------------------------------------------------ public
-    def compile(self, abstract_state: TrainState, batch: dict) -> float:
-        """Builds (or finds) the train pieces for this batch layout, updates included; returns seconds."""
+    def compile(self, abstract_state: TrainState, batch: dict, forward_only: bool = False) -> float:
+        """Builds (or finds) the train pieces for this batch layout, updates included; returns seconds.
+
+        ``forward_only``: only what :meth:`probe_forward` runs (a candidate whose outputs
+        are not finite at initialisation then fails without compiling its backward and
+        update programs); a later call without it completes the plan."""
         t0 = self.compile_seconds
         layout = _layout(_abstract(batch))
+        shaped = self.shaped_state if self.flat else abstract_state  # flat: ``abstract_state`` may hold buffers
         if self._train is None or self._train[0] != layout:
-            shaped = self.shaped_state if self.flat else abstract_state  # flat: ``abstract_state`` may hold buffers
-            plan = self._plan(shaped.params, batch, train=True)
+            self._train = (layout, self._plan(shaped.params, batch, train=True, forward_only=True))
+        plan = self._train[1]
+        if not forward_only and "slots" not in plan:
+            self._complete(plan)
             buffers = self._map_state(_abstract(shaped), self._buffers) if self.flat else shaped
             params = _abstract(buffers.params)
             inner = _abstract(self._inner_state(buffers.opt_state))
@@ -583,9 +608,12 @@ class SegmentedSteps:
             decay = [self._decays and len(a.shape) >= 2 for a in jax.tree.leaves(shaped.params)] if self.flat else None
             plan["updates"] = self._update_groups(jax.tree.leaves(params), views, decay)
             plan["slots"] = slots
-            self._train = (layout, plan)
             self.memory = self._memory(plan, buffers)
         return self.compile_seconds - t0
+
+    def compiled(self, batch: dict) -> bool:
+        """Whether the whole train step (not only the probe's forward) is compiled for this batch layout."""
+        return self._train is not None and self._train[0] == _layout(_abstract(batch)) and "slots" in self._train[1]
 
     def compile_eval(self, abstract_params: Callable[[], Any], batch: dict) -> float:
         """Finds (or compiles) the eval pieces for this batch layout; returns seconds.
@@ -603,7 +631,7 @@ class SegmentedSteps:
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One train step; returns the state in this trainer's layout (:meth:`pack_state`)."""
-        if self._train is None:
+        if self._train is None or "slots" not in self._train[1]:
             self.compile(state, batch)
         if not self.is_packed(state):  # a fit's state already is (Trainer.fit packs it once)
             state = self.pack_state(state)
@@ -654,9 +682,37 @@ class SegmentedSteps:
         causality from it). A candidate probed this way compiles nothing beyond its
         training pieces: its checks run on programs it trains with anyway.
         """
-        if self._train is None or self._train[0] != _layout(_abstract(batch)):
+        if not self.compiled(batch):
             raise ValueError("SegmentedSteps.probe: compile the train pieces for this batch layout first")
         plan = self._train[1]
+        head = self._probe_head(plan)
+        params = self.pack_params(params)
+        with self._serial:
+            out = self._forward_backward(plan, params, batch)
+            last, finite = self._run(head, self.seg.head_params(params), out["x"])
+            host = jax.device_get({"last_logits": last, "finite": finite, "input_grads": out["g_x"]})
+        return {k: np.asarray(v) for k, v in host.items()}
+
+    def probe_forward(self, params, batch: dict) -> dict:
+        """The probe's first stage: the forward alone through the train step's forward
+        programs (:meth:`compile` with ``forward_only`` builds just those). Returns host
+        arrays ``last_logits`` and ``finite``, the values :meth:`probe` returns for them."""
+        if self._train is None or self._train[0] != _layout(_abstract(batch)):
+            raise ValueError("SegmentedSteps.probe_forward: compile the forward pieces for this batch layout first")
+        plan = self._train[1]
+        head = self._probe_head(plan)
+        params = self.pack_params(params)
+        seg, run = self.seg, self._run
+        with self._serial:
+            x, _ = run(plan["embed"][0], params["embed"], batch["inputs"])
+            for i, layer in enumerate(plan["layers"]):
+                x, _ = run(layer[0], seg.layer_params(params, i), x)
+            last, finite = run(head, seg.head_params(params), x)
+            host = jax.device_get({"last_logits": last, "finite": finite})
+        return {k: np.asarray(v) for k, v in host.items()}
+
+    def _probe_head(self, plan: dict):
+        """The shared forward-only head of the probe: the last position's logits and whether all are finite."""
         key, abstract_head_params, abstract_x = plan["probe_head"]
         logits_of = self._on_buffers(self.seg.logits, abstract_head_params)
 
@@ -664,13 +720,7 @@ class SegmentedSteps:
             logits = logits_of(p, x)
             return logits[:, -1, :], jnp.all(jnp.isfinite(logits))
 
-        head = self._get(key, probe_head, self._buffers(abstract_head_params), abstract_x)
-        params = self.pack_params(params)
-        with self._serial:
-            out = self._forward_backward(plan, params, batch)
-            last, finite = self._run(head, self.seg.head_params(params), out["x"])
-            host = jax.device_get({"last_logits": last, "finite": finite, "input_grads": out["g_x"]})
-        return {k: np.asarray(v) for k, v in host.items()}
+        return self._get(key, probe_head, self._buffers(abstract_head_params), abstract_x)
 
     def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         plan, run = self._train[1], self._run
@@ -825,14 +875,14 @@ class ProgramLayer:
             patterns.append(tuple(s in seen for s in external))
             seen.update(external)
         patterns.reverse()
-        self._pieces = []
+        self._pieces, self._patterns = [], patterns
         states, self.flags = {0: abstract_x}, {0: ()}  # state -> abstract value, branch axes
-        for (steps, external, exports), pattern in zip(wiring, patterns):
+        for steps, external, exports in wiring:
             piece = _Piece(self, steps, external, exports, abstract_params, tuple(states[s] for s in external))
             states.update(zip(exports, piece.out_info))
             self._pieces.append(piece)
-            if train:
-                piece.backward_program(pattern)
+        if train:
+            self.build_backward()
         self.y_info = states[final]
         self._final = final
         learned = {st.path for st in self.tape if st.path}
@@ -844,6 +894,11 @@ class ProgramLayer:
             k: jax.device_put(np.zeros(b.shape, b.dtype), b.sharding) for k, b in owner._buffers(dead).items()
         }
         self._zero = jax.device_put(np.float32(0.0), self._rep)
+
+    def build_backward(self) -> None:
+        """Compiles (or finds) every piece's backward program for the train step."""
+        for piece, pattern in zip(self._pieces, self._patterns):
+            piece.backward_program(pattern)
 
     @property
     def pairs(self) -> list[tuple[Any, Any]]:
