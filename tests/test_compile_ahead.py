@@ -142,32 +142,45 @@ def test_probe_on_steps_hands_its_trainer_to_training_and_matches_the_model_prob
     assert list(steps._probed) == passed[-steps._ahead_keep :]
 
 
-def test_steps_probe_asks_the_forward_mode_test_when_its_gradients_are_not_finite(search_config, tmp_path, monkeypatch):
-    """0 * inf (an infinite derivative meeting a zero cotangent) makes reverse-mode
-    gradients NaN in causal models too: such a probe decides causality with the model
-    probe's forward-mode test instead of calling it a leak."""
+def test_steps_probe_asks_the_forward_mode_test_when_its_changed_outputs_are_not_finite(
+    search_config, tmp_path, monkeypatch
+):
+    """When the outputs of the batch with a changed future are not finite (a causal model
+    can give 0 * inf where a mask multiplies an overflowing future value), the probe decides
+    causality with the model probe's forward-mode test instead of calling it a leak."""
     from nasjax.measure import probe as probe_mod
     from nasjax.search import evaluate
     from nasjax.train.loop import Trainer
 
     tokenizer, steps = _evaluator(search_config(**{"search.probe": "steps"}), tmp_path / "s")
     spec = _specs(search_config(), tokenizer.vocab_size, 1)[0]
-    real_probe, asked = Trainer.probe, []
+    real_forward, asked, calls = Trainer.probe_forward, [], []
 
-    def nan_gradients(self, params, batch):
-        out = real_probe(self, params, batch)
-        out["input_grads"] = out["input_grads"] * np.nan
+    def nan_when_changed(self, params, batch):
+        out = real_forward(self, params, batch)
+        calls.append(1)
+        if len(calls) == 2:  # the second forward: the changed batch
+            out["x"] = out["x"] * np.nan
         return out
 
     def counted_model_probe(*a, **k):
         asked.append(1)
         return probe_mod.probe_model(*a, **k)
 
-    monkeypatch.setattr(Trainer, "probe", nan_gradients)
+    monkeypatch.setattr(Trainer, "probe_forward", nan_when_changed)
     monkeypatch.setattr(evaluate, "probe_model", counted_model_probe)
     check = steps.check(spec)  # the vanilla seed: causal, so it passes
-    assert asked == [1] and check.output_hash
+    assert calls == [1, 1] and asked == [1] and check.output_hash
 
+    weights = np.ones((2, 8))
+    weights[:, 5:] = 0
+    first = {"last_logits": np.ones((2, 5)), "finite": True, "x": np.ones((2, 8, 4))}
+    undecided = probe_mod.probe_from_forward(first, {"x": np.full((2, 8, 4), np.nan)}, weights)
+    assert undecided.causality_undecided and undecided.causal_leak is None and undecided.output_hash
+    # a non-finite change after the probed positions decides nothing: only positions <= t_r are compared
+    future_only = np.ones((2, 8, 4))
+    future_only[:, 5:] = np.inf
+    assert probe_mod.probe_from_forward(first, {"x": future_only}, weights).causal_leak == 0.0
     undecided = probe_mod.probe_from_steps(
         {"last_logits": np.ones((2, 5)), "finite": True, "input_grads": np.full((2, 8, 4), np.nan)}, 8
     )

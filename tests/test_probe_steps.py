@@ -11,7 +11,7 @@ from nasjax import sharding as shd
 from nasjax.config import apply_overrides, load_config_file
 from nasjax.genome.primer import primer_ez_program, program_model_spec, vanilla_program
 from nasjax.genome.program import Instruction
-from nasjax.measure.probe import probe_from_steps, probe_model, step_probe_batch
+from nasjax.measure.probe import future_changed, probe_from_forward, probe_from_steps, probe_model, step_probe_batch
 from nasjax.models import get_spec
 from nasjax.train.loop import TrainConfigError, Trainer
 
@@ -41,6 +41,18 @@ def steps_probe(spec, devices=1, pieces="subprogram"):
         spec.d_model,
     )
     return probe_from_steps(out, LEN, seed=0), trainer
+
+
+def forward_probe(spec, devices=1):
+    """The search's probe (two forwards through the train step's forward programs)."""
+    mesh = shd.make_mesh((devices, 1, 1), devices=jax.devices()[:devices])
+    trainer = Trainer(spec, _train_cfg(), mesh, shd.DEFAULT_RULES, 0, LEN, op_by_op=True)
+    state = trainer.init_state()
+    batch = step_probe_batch(spec.vocab_size, BATCH, LEN, seed=0)
+    first = trainer.probe_forward(state.params, batch)
+    changed = trainer.probe_forward(state.params, future_changed(batch, spec.vocab_size))
+    assert set(first) == {"last_logits", "finite", "x"} and first["x"].shape == (BATCH, LEN, spec.d_model)
+    return probe_from_forward(first, changed, batch["weights"], seed=0)
 
 
 def _gpt2(**kw):
@@ -188,7 +200,7 @@ def test_forward_stage_gives_the_probes_values_and_compiles_no_backward(monkeypa
         batch = step_probe_batch(spec.vocab_size, BATCH, LEN, seed=0)
         built.clear()
         first = trainer.probe_forward(state.params, batch)
-        assert set(first) == {"last_logits", "finite"} and first["last_logits"].shape == (BATCH, VOCAB)
+        assert set(first) == {"last_logits", "finite", "x"} and first["last_logits"].shape == (BATCH, VOCAB)
         assert built and not {"backward", "head", "norm", "update"} & set(built), built
         assert trainer.memory_bytes() == {}  # nothing of the step is compiled yet
         whole = trainer.probe(state.params, batch)  # compiles the rest
@@ -222,3 +234,63 @@ def test_a_candidate_non_finite_at_init_fails_before_its_backward_compiles(searc
         evaluator.check(spec)
     assert (failed.value.stage, failed.value.reason) == ("probe", NON_FINITE)
     assert built and not {"backward", "head", "norm", "update"} & set(built), built
+
+
+def test_future_changed_changes_every_token_after_each_rows_position_and_nothing_before():
+    batch = step_probe_batch(VOCAB, 5, LEN, seed=0)
+    changed = future_changed(batch, VOCAB)
+    after = batch["weights"] == 0  # the positions after t_r
+    assert after.any() and (~after).any()
+    assert (changed["inputs"][after] != batch["inputs"][after]).all()
+    assert (changed["inputs"][~after] == batch["inputs"][~after]).all()
+    assert changed["inputs"].dtype == np.int32 and changed["inputs"].min() >= 0 and changed["inputs"].max() < VOCAB
+    assert changed["targets"] is batch["targets"] and changed["weights"] is batch["weights"]
+
+
+def test_forward_probe_passes_a_causal_model_and_fails_a_leaking_one(monkeypatch):
+    from nasjax.layers import attention
+    from nasjax.train import segmented
+
+    causal = forward_probe(_gpt2())
+    assert causal.finite and causal.causal_leak == 0.0 and causal.causal
+    segmented.clear_programs()
+    monkeypatch.setattr(attention, "causal_mask", lambda length: np.ones((length, length), bool))
+    try:
+        leaky = forward_probe(_gpt2())
+    finally:
+        segmented.clear_programs()
+    assert leaky.finite and leaky.causal_leak > 1e-3 and not leaky.causal
+
+
+def test_forward_probe_agrees_with_the_model_probe_and_hashes_as_the_steps_probe():
+    """Finite and causal alike on the seeds and on a program that overflows; the FEC hashes
+    are the steps probe's (the same logits); eight devices give the one-device verdict."""
+    for program in (vanilla_program(2, 32, 64), primer_ez_program(2, 32, 64), _blowup_program()):
+        spec = program_model_spec(program, base_dim=16, d_model=32, n_layers=1, vocab_size=VOCAB, max_len=LEN)
+        fwd = forward_probe(spec)
+        steps, _ = steps_probe(spec)
+        model = probe_model(spec, seq_len=LEN, op_by_op=True)
+        assert (fwd.finite, fwd.causal) == (model.finite, model.causal), (fwd, model)
+        assert (fwd.output_hash, fwd.output_hash_alt) == (steps.output_hash, steps.output_hash_alt)
+    eight = forward_probe(_gpt2(), devices=8)
+    assert eight.finite and eight.causal_leak == 0.0
+
+
+def test_the_check_compiles_no_backward_and_training_compiles_the_rest(search_config, tmp_path, monkeypatch):
+    """A candidate that passes the check has compiled its forward programs only; its
+    training then compiles the backwards, loss head, norm and updates, and trains."""
+    from nasjax.train import segmented
+    from tests.test_compile_ahead import _evaluator
+
+    cfg = search_config()
+    tokenizer, evaluator = _evaluator(cfg, tmp_path / "eval")
+    segmented.clear_programs()
+    built = _built_kinds(monkeypatch)
+    spec = program_model_spec(
+        primer_ez_program(2, 32, 64), base_dim=16, d_model=32, n_layers=1, vocab_size=tokenizer.vocab_size, max_len=32
+    )
+    check = evaluator.check(spec)
+    assert check.output_hash and built and not {"backward", "head", "norm", "update"} & set(built), built
+    outcome = evaluator.train(spec, [None] * evaluator.n_hurdles)
+    assert {"backward", "head", "norm", "update"} <= set(built), built
+    assert np.isfinite(outcome.fitness) and outcome.steps > 0 and outcome.memory_bytes > 0

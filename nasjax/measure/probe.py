@@ -16,6 +16,12 @@ interpreter), initialises it with a fixed key, and in one jitted call computes
   logits along random noise added to the input embeddings of the positions s > t (the
   ``perturbations`` hook of the model): any change of an output at a position <= t is a
   causal leak. The leak is reported relative to the largest change at positions > t.
+
+With ``train.segmented`` a search probes on the candidate's train-step programs instead
+(``search.probe=steps``): :func:`probe_from_forward` (two forwards, the second with the
+future of each row changed; what the search runs) and :func:`probe_from_steps` (one
+forward and backward, causality from the loss gradient; kept for comparison,
+``benchmarks/probe_agreement.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ __all__ = [
     "probe_model",
     "step_probe_batch",
     "probe_from_steps",
+    "future_changed",
+    "probe_from_forward",
     "LEAK_TOLERANCE",
     "FAST_COMPILE",
     "compile_for_one_run",
@@ -95,7 +103,8 @@ class ProbeResult:
     seconds: float
     output_hash_alt: str | None = None
     # probe_from_steps: the reverse-mode gradients were not finite (0 * inf where a
-    # derivative is infinite, e.g. sqrt at 0), so they cannot show causality either way
+    # derivative is infinite, e.g. sqrt at 0), so they cannot show causality either way;
+    # probe_from_forward: the outputs of the changed batch were not finite
     causality_undecided: bool = False
 
     @property
@@ -213,6 +222,50 @@ def step_probe_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0, w
         "targets": probe_tokens(vocab_size, batch, seq_len, seed + 1),
         "weights": weights,
     }
+
+
+def future_changed(batch: dict, vocab_size: int, seed: int = 0) -> dict:
+    """``batch`` (a :func:`step_probe_batch`) with every input token after row r's probed
+    position t_r replaced by a different one, the positions <= t_r unchanged: a causal
+    model's outputs at positions <= t_r are then the same, bit for bit
+    (:func:`probe_from_forward`)."""
+    inputs = np.asarray(batch["inputs"])
+    rows = np.asarray(batch["weights"]).sum(axis=1).astype(np.int64) - 1
+    future = np.arange(inputs.shape[1])[None, :] > rows[:, None]
+    shift = np.random.default_rng(seed + 11).integers(1, max(vocab_size, 2), size=inputs.shape)
+    changed = np.where(future, (inputs + shift) % max(vocab_size, 2), inputs).astype(inputs.dtype)
+    return {**batch, "inputs": changed}
+
+
+def probe_from_forward(
+    first: dict, changed: dict, weights, digits: int = 3, seed: int = 0, seconds: float = 0.0
+) -> ProbeResult:
+    """The verdicts of :func:`probe_model` from two forwards through the train-step pieces.
+
+    ``first``: :meth:`nasjax.train.segmented.SegmentedSteps.probe_forward`'s host arrays
+    for a :func:`step_probe_batch` batch (``last_logits``, ``finite``, ``x``: the last
+    layer's outputs [B, L, D]); ``changed``: the same for :func:`future_changed` of it;
+    ``weights``: the batch's weights (row r covers the positions <= t_r). Finiteness: all
+    logits of the first batch. Causality by a change of the future: row r's outputs at the
+    positions <= t_r must not move when every input after t_r changes. The leak is the
+    largest change there relative to the largest output there (0.0 for a causal model:
+    its outputs at those positions are computed from the same values by the same
+    program). A change that is not finite decides nothing (``causality_undecided``; the
+    caller asks :func:`probe_model`). The FEC hashes: the last position's logits, as in
+    :func:`probe_from_steps`.
+    """
+    last = np.asarray(first["last_logits"], np.float64)
+    finite = bool(first["finite"]) and bool(np.isfinite(last).all())
+    hashes = _output_hashes(last[:, None, :], digits, seed) if finite else (None, None)
+    past = (np.asarray(weights) > 0)[:, :, None]  # [B, L, 1]: the positions <= t_r
+    x, y = np.asarray(first["x"], np.float64), np.asarray(changed["x"], np.float64)
+    a, b = np.where(past, x, 0.0), np.where(past, y, 0.0)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return ProbeResult(finite, None, hashes[0], seconds, hashes[1], causality_undecided=True)
+    leak_abs = float(np.max(np.abs(a - b)))
+    scale = float(np.max(np.abs(a)))
+    leak = leak_abs / max(scale, 1e-30) if leak_abs > 0 else 0.0
+    return ProbeResult(finite, leak, hashes[0], seconds, hashes[1])
 
 
 def _row_positions(batch: int, seq_len: int) -> np.ndarray:

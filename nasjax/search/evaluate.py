@@ -40,7 +40,13 @@ from nasjax import compile_meter
 from nasjax import sharding as shd
 from nasjax.hostmem import release_free_memory
 from nasjax.measure.params import count_params
-from nasjax.measure.probe import LEAK_TOLERANCE, probe_from_steps, probe_model, step_probe_batch
+from nasjax.measure.probe import (
+    LEAK_TOLERANCE,
+    future_changed,
+    probe_from_forward,
+    probe_model,
+    step_probe_batch,
+)
 from nasjax.search.evolution import hurdle_budgets, hurdle_steps
 from nasjax.spec import ModelSpec
 from nasjax.train import segmented
@@ -457,11 +463,19 @@ class TrainingEvaluator:
         return batch
 
     def _check_on_steps(self, spec: ModelSpec) -> CheckResult:
-        """The parameter bound, then the probe on the candidate's own train-step pieces.
+        """The parameter bound, then the probe on the forward programs of the candidate's
+        own train step.
 
-        The trainer, its initial state (op by op, as for training) and its compiled train
-        pieces are kept for :meth:`train`. A compile error fails the candidate at stage
-        ``compile``, as it would have in training.
+        Only the forward programs compile here: two forwards, on the probe batch and on
+        the same batch with every token after each row's probed position changed, give
+        finiteness, causality (:func:`~nasjax.measure.probe.probe_from_forward`) and the
+        FEC hashes. The trainer, its initial state (op by op, as for training) and its
+        compiled forward programs are kept for :meth:`train`, which compiles the rest of
+        the step (backwards, loss head, updates). A candidate that fails here, or that
+        the search then finds functionally equivalent to an earlier one (28 and 45 of 200
+        candidates in two default searches), never compiles its backward and update programs.
+        A compile error fails the candidate at stage ``compile``, as it would have in
+        training.
         """
         params = check_param_bound(spec, self.cfg)
         t0 = time.perf_counter()
@@ -472,32 +486,27 @@ class TrainingEvaluator:
             except Exception as e:  # shape errors of a malformed program surface when tracing
                 raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
             batch = self._step_probe_batch(spec.vocab_size)
-            sharded = shd.shard_batch(batch, self.mesh)
-            # Two stages: the forward programs first, so that a candidate whose outputs are
-            # not finite at initialisation (~10% of a default search's candidates) fails
-            # before its backward and update programs compile; then the rest of the step.
-            t_compile = 0.0
-            for forward_only in (True, False):
-                t1 = time.perf_counter()
-                try:
-                    trainer.compile(state, sharded, forward_only=forward_only)
-                except Exception as e:
-                    raise CandidateFailed("compile", _short(e)) from None
-                t_compile += time.perf_counter() - t1
-                try:
-                    out = (trainer.probe_forward if forward_only else trainer.probe)(state.params, batch)
-                except Exception as e:
-                    raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
-                if forward_only and not (bool(out["finite"]) and np.isfinite(out["last_logits"]).all()):
+            t_compile = time.perf_counter()
+            try:
+                trainer.compile(state, shd.shard_batch(batch, self.mesh), forward_only=True)
+            except Exception as e:
+                raise CandidateFailed("compile", _short(e)) from None
+            t_compile = time.perf_counter() - t_compile
+            try:
+                first = trainer.probe_forward(state.params, batch)
+                if not (bool(first["finite"]) and np.isfinite(first["last_logits"]).all()):
                     raise CandidateFailed("probe", NON_FINITE)
+                changed = trainer.probe_forward(state.params, future_changed(batch, spec.vocab_size))
+            except CandidateFailed:
+                raise
+            except Exception as e:
+                raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
         finally:
             if self._count_check_for_clearing():  # bound the per-op programs' memory (the init's)
                 jax.clear_caches()
                 release_free_memory()
-        probe = probe_from_steps(out, self.seq_len, seed=int(self.cfg.seed))
-        if not probe.finite:
-            raise CandidateFailed("probe", NON_FINITE)
-        if probe.causality_undecided:  # non-finite gradients: the forward-mode test decides
+        probe = probe_from_forward(first, changed, batch["weights"], seed=int(self.cfg.seed))
+        if probe.causality_undecided:  # the changed batch's outputs are not finite: the forward-mode test decides
             try:
                 model_probe = probe_model(
                     spec,
@@ -513,7 +522,7 @@ class TrainingEvaluator:
         if not probe.causal:
             raise CandidateFailed(
                 "probe",
-                f"causal leak: outputs depend on later positions (relative gradient {probe.causal_leak:.3g} > "
+                f"causal leak: outputs depend on later positions (relative change {probe.causal_leak:.3g} > "
                 f"{LEAK_TOLERANCE:g})",
             )
         with self._ahead_lock:

@@ -696,7 +696,9 @@ class SegmentedSteps:
     def probe_forward(self, params, batch: dict) -> dict:
         """The probe's first stage: the forward alone through the train step's forward
         programs (:meth:`compile` with ``forward_only`` builds just those). Returns host
-        arrays ``last_logits`` and ``finite``, the values :meth:`probe` returns for them."""
+        arrays ``last_logits`` and ``finite`` (the values :meth:`probe` returns for them)
+        and ``x``, the last layer's outputs [B, L, D]
+        (:func:`nasjax.measure.probe.probe_from_forward` reads causality from two of them)."""
         if self._train is None or self._train[0] != _layout(_abstract(batch)):
             raise ValueError("SegmentedSteps.probe_forward: compile the forward pieces for this batch layout first")
         plan = self._train[1]
@@ -708,7 +710,7 @@ class SegmentedSteps:
             for i, layer in enumerate(plan["layers"]):
                 x, _ = run(layer[0], seg.layer_params(params, i), x)
             last, finite = run(head, seg.head_params(params), x)
-            host = jax.device_get({"last_logits": last, "finite": finite})
+            host = jax.device_get({"last_logits": last, "finite": finite, "x": x})
         return {k: np.asarray(v) for k, v in host.items()}
 
     def _probe_head(self, plan: dict):
