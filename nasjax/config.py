@@ -107,11 +107,13 @@ search.positions          learned | sinusoidal | none (program blocks have no re
 search.max_params         reject candidates with more parameters (0 = no bound)
 search.max_memory_bytes   reject candidates whose compiled train step needs more per device (0 = none)
 search.probe_batch        sequences in the causality / finiteness / equivalence probe (search.probe=model)
-search.probe              (primer) auto | steps | model: where the probe runs. steps: on the candidate's
-                          own train-step pieces (train.segmented), one forward and backward on a fixed
-                          batch of the training layout, so it compiles nothing that training does not
-                          compile anyway; model: the whole model op by op (search.op_by_op) or as one
-                          program; auto = steps with train.segmented in a one-process search, else model
+search.probe              (primer) auto | steps | model: where the probe runs. steps: on the forward
+                          programs of the candidate's own train step (train.segmented), two forwards on a
+                          fixed batch of the training layout (causality: the batch again with each row's
+                          future tokens changed), so it compiles nothing that training does not compile
+                          anyway and the backward compiles only for candidates that train; model: the
+                          whole model op by op (search.op_by_op) or as one program; auto = steps with
+                          train.segmented in a one-process search, else model
 search.val_batches        validation batches that define the fitness (0 = whole split)
 search.fec                reuse results of functionally equivalent candidates
 search.clear_caches       drop compiled programs after each candidate and return freed heap to the OS (long searches)
