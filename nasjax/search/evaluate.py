@@ -117,10 +117,11 @@ def probe_on_steps(cfg) -> bool:
     ``steps``: a candidate's probe runs on the forward programs of its own train step
     (``train.segmented``, :meth:`nasjax.train.segmented.SegmentedSteps.probe_forward`):
     two forwards on a fixed batch of the training layout (:meth:`_check_on_steps`). Its
-    checks then compile nothing that training does not compile anyway, where the op-by-op probe compiled ~7 per-op programs per
-    new candidate (~0.25 s on this CPU, a quarter of a tiny search's compiling:
-    docs/benchmarks.md). The verdicts are those of the model probe; the equivalence
-    hashes come from another batch, so the two kinds never match each other.
+    checks then compile nothing that training does not compile anyway, where the op-by-op
+    probe compiled ~7 per-op programs per new candidate (~0.25 s on this CPU, a quarter of
+    a tiny search's compiling: docs/benchmarks.md). The verdicts are those of the model
+    probe; the equivalence hashes come from another batch, so the two kinds never match
+    each other.
     ``auto``: steps with ``train.segmented`` in a one-process search, else model.
     """
     text = str(cfg.search.get("probe", "auto")).strip().lower()
