@@ -111,9 +111,9 @@ search.probe              (primer) auto | steps | model: where the probe runs. s
                           programs of the candidate's own train step (train.segmented), two forwards on a
                           fixed batch of the training layout (causality: the batch again with each row's
                           future tokens changed), so it compiles nothing that training does not compile
-                          anyway and the backward compiles only for candidates that train; model: the
-                          whole model op by op (search.op_by_op) or as one program; auto = steps with
-                          train.segmented in a one-process search, else model
+                          anyway and the layers' backwards compile only for candidates that train;
+                          model: the whole model op by op (search.op_by_op) or as one program;
+                          auto = steps with train.segmented in a one-process search, else model
 search.val_batches        validation batches that define the fitness (0 = whole split)
 search.fec                reuse results of functionally equivalent candidates
 search.clear_caches       drop compiled programs after each candidate and return freed heap to the OS (long searches)

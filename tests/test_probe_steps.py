@@ -4,6 +4,7 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -53,6 +54,10 @@ def forward_probe(spec, devices=1):
     changed = trainer.probe_forward(state.params, future_changed(batch, spec.vocab_size))
     assert set(first) == {"last_logits", "finite", "x"} and first["x"].shape == (BATCH, LEN, spec.d_model)
     return probe_from_forward(first, changed, batch["weights"], seed=0)
+
+
+def _program_spec(program, n_layers=1):
+    return program_model_spec(program, base_dim=16, d_model=32, n_layers=n_layers, vocab_size=VOCAB, max_len=LEN)
 
 
 def _gpt2(**kw):
@@ -169,7 +174,9 @@ def _blowup_program():
 
 
 def _built_kinds(monkeypatch):
-    """Records the kind of every piece compiled from now on ("backward" for a layer piece's backward)."""
+    """Records the kind of every piece compiled from now on: "backward" for a program layer
+    piece's backward, else the key's kind ("instruction" for a program layer piece's
+    forward; a pair such as the embedding's, forward and backward, is one "embed")."""
     from nasjax.train import segmented
 
     built, real = [], segmented._program
@@ -272,8 +279,65 @@ def test_forward_probe_agrees_with_the_model_probe_and_hashes_as_the_steps_probe
         model = probe_model(spec, seq_len=LEN, op_by_op=True)
         assert (fwd.finite, fwd.causal) == (model.finite, model.causal), (fwd, model)
         assert (fwd.output_hash, fwd.output_hash_alt) == (steps.output_hash, steps.output_hash_alt)
-    eight = forward_probe(_gpt2(), devices=8)
+    one, eight = forward_probe(_gpt2()), forward_probe(_gpt2(), devices=8)
     assert eight.finite and eight.causal_leak == 0.0
+    assert one.output_hash == eight.output_hash or one.output_hash_alt == eight.output_hash_alt
+
+
+def test_forward_probe_finds_a_leak_inside_a_program_layer(monkeypatch):
+    """A Primer program whose attention-like ops see the future (the lower-triangle mask of
+    T_MAT_MUL / MAT_MUL patched to all ones) leaks in its program-layer pieces."""
+    from nasjax.layers import program as program_layers
+    from nasjax.train import segmented
+
+    spec = _program_spec(vanilla_program(2, 32, 64))
+    assert forward_probe(spec).causal_leak == 0.0
+    segmented.clear_programs()
+    monkeypatch.setattr(program_layers, "_lower_triangle", lambda length, width: jnp.ones((length, width), bool))
+    try:
+        leaky = forward_probe(spec)
+        model = probe_model(spec, seq_len=LEN, op_by_op=True)
+    finally:
+        segmented.clear_programs()
+    assert leaky.finite and leaky.causal_leak > 1e-3 and not leaky.causal and not model.causal
+
+
+def test_future_changed_reads_the_probed_positions_from_any_weights_dtype():
+    batch = step_probe_batch(VOCAB, 4, 1024, seed=0, weights_dtype=jnp.bfloat16)  # sums stop at 256 in bfloat16
+    changed = future_changed(batch, VOCAB)
+    past = np.asarray(batch["weights"], np.float32) > 0
+    assert (changed["inputs"][past] == batch["inputs"][past]).all()
+    assert (changed["inputs"][~past] != batch["inputs"][~past]).all()
+
+
+def test_an_interrupted_completion_can_be_retried_and_a_forward_plan_never_replaces_a_whole_one(monkeypatch):
+    from nasjax.train.loop import abstract_batch
+    from nasjax.train.segmented import SegmentedSteps
+
+    spec = _program_spec(primer_ez_program(2, 32, 64))
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    trainer = Trainer(spec, _train_cfg(), mesh, shd.DEFAULT_RULES, 0, LEN, op_by_op=True)
+    state = trainer.init_state()
+    batch = shd.shard_batch(step_probe_batch(VOCAB, BATCH, LEN, seed=0), mesh)
+    trainer.compile(state, batch, forward_only=True)
+    real, calls = SegmentedSteps._update_groups, []
+
+    def fails_once(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("an update program that did not compile")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(SegmentedSteps, "_update_groups", fails_once)
+    with pytest.raises(RuntimeError, match="did not compile"):
+        trainer.compile(state, batch)
+    trainer.compile(state, batch)  # retried: the plan completes
+    assert trainer.memory_bytes()["peak"] > 0 and len(calls) == 2
+    state, metrics = trainer.step(state, step_probe_batch(VOCAB, BATCH, LEN, seed=1))
+    assert np.isfinite(float(metrics["loss"]))
+    other = abstract_batch(shd.shard_batch(step_probe_batch(VOCAB, BATCH // 2, LEN, seed=0), mesh))
+    with pytest.raises(ValueError, match="compiled for another batch layout"):
+        trainer._segments.compile(trainer.restore_target(), other, forward_only=True)
 
 
 def test_the_check_compiles_no_backward_and_training_compiles_the_rest(search_config, tmp_path, monkeypatch):
@@ -291,6 +355,8 @@ def test_the_check_compiles_no_backward_and_training_compiles_the_rest(search_co
     )
     check = evaluator.check(spec)
     assert check.output_hash and built and not {"backward", "head", "norm", "update"} & set(built), built
+    built.clear()
     outcome = evaluator.train(spec, [None] * evaluator.n_hurdles)
     assert {"backward", "head", "norm", "update"} <= set(built), built
+    assert "instruction" not in built and "embed" not in built  # training runs the check's forward programs
     assert np.isfinite(outcome.fitness) and outcome.steps > 0 and outcome.memory_bytes > 0

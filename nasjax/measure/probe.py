@@ -45,6 +45,7 @@ __all__ = [
     "probe_from_steps",
     "future_changed",
     "probe_from_forward",
+    "logits_finite",
     "LEAK_TOLERANCE",
     "FAST_COMPILE",
     "compile_for_one_run",
@@ -230,8 +231,7 @@ def future_changed(batch: dict, vocab_size: int, seed: int = 0) -> dict:
     model's outputs at positions <= t_r are then the same, bit for bit
     (:func:`probe_from_forward`)."""
     inputs = np.asarray(batch["inputs"])
-    rows = np.asarray(batch["weights"]).sum(axis=1).astype(np.int64) - 1
-    future = np.arange(inputs.shape[1])[None, :] > rows[:, None]
+    future = ~(np.asarray(batch["weights"]) > 0)  # row r's weights cover the positions <= t_r
     shift = np.random.default_rng(seed + 11).integers(1, max(vocab_size, 2), size=inputs.shape)
     changed = np.where(future, (inputs + shift) % max(vocab_size, 2), inputs).astype(inputs.dtype)
     return {**batch, "inputs": changed}
@@ -248,24 +248,40 @@ def probe_from_forward(
     ``weights``: the batch's weights (row r covers the positions <= t_r). Finiteness: all
     logits of the first batch. Causality by a change of the future: row r's outputs at the
     positions <= t_r must not move when every input after t_r changes. The leak is the
-    largest change there relative to the largest output there (0.0 for a causal model:
-    its outputs at those positions are computed from the same values by the same
-    program). A change that is not finite decides nothing (``causality_undecided``; the
+    largest change there relative to the largest (finite) change at the positions after
+    t_r, as :func:`probe_model` relates its derivatives, or to the largest output at
+    positions <= t_r when nothing after t_r moved (0.0 for a causal model: its outputs at
+    those positions are computed from the same values by the same program). A change
+    that is not finite at positions <= t_r decides nothing (``causality_undecided``; the
     caller asks :func:`probe_model`). The FEC hashes: the last position's logits, as in
     :func:`probe_from_steps`.
     """
-    last = np.asarray(first["last_logits"], np.float64)
-    finite = bool(first["finite"]) and bool(np.isfinite(last).all())
-    hashes = _output_hashes(last[:, None, :], digits, seed) if finite else (None, None)
+    finite, hashes = _finite_and_hashes(first, digits, seed)
     past = (np.asarray(weights) > 0)[:, :, None]  # [B, L, 1]: the positions <= t_r
     x, y = np.asarray(first["x"], np.float64), np.asarray(changed["x"], np.float64)
     a, b = np.where(past, x, 0.0), np.where(past, y, 0.0)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return ProbeResult(finite, None, hashes[0], seconds, hashes[1], causality_undecided=True)
     leak_abs = float(np.max(np.abs(a - b)))
-    scale = float(np.max(np.abs(a)))
-    leak = leak_abs / max(scale, 1e-30) if leak_abs > 0 else 0.0
-    return ProbeResult(finite, leak, hashes[0], seconds, hashes[1])
+    if leak_abs == 0:
+        return ProbeResult(finite, 0.0, hashes[0], seconds, hashes[1])
+    with np.errstate(invalid="ignore"):
+        moved = np.where(past, 0.0, np.abs(x - y))
+    moved = float(np.max(np.where(np.isfinite(moved), moved, 0.0)))
+    scale = moved if moved > 0 else float(np.max(np.abs(a)))
+    return ProbeResult(finite, leak_abs / max(scale, 1e-30), hashes[0], seconds, hashes[1])
+
+
+def logits_finite(out: dict) -> bool:
+    """Whether a probe's logits are all finite (its ``finite`` flag and its last-position logits)."""
+    return bool(out["finite"]) and bool(np.isfinite(np.asarray(out["last_logits"])).all())
+
+
+def _finite_and_hashes(out: dict, digits: int, seed: int) -> tuple[bool, tuple]:
+    """(all logits finite, the two FEC hashes of the last position's logits or Nones)."""
+    finite = logits_finite(out)
+    last = np.asarray(out["last_logits"], np.float64)
+    return finite, (_output_hashes(last[:, None, :], digits, seed) if finite else (None, None))
 
 
 def _row_positions(batch: int, seq_len: int) -> np.ndarray:
@@ -288,10 +304,8 @@ def probe_from_steps(out: dict, seq_len: int, digits: int = 3, seed: int = 0, se
     (``causality_undecided``; the caller runs :func:`probe_model` for the verdict). The
     FEC hashes: the last position's logits of every row, as in :func:`probe_model`.
     """
-    last = np.asarray(out["last_logits"], np.float64)
-    finite = bool(out["finite"]) and bool(np.isfinite(last).all())
+    finite, hashes = _finite_and_hashes(out, digits, seed)
     grads = np.abs(np.asarray(out["input_grads"], np.float64))
-    hashes = _output_hashes(last[:, None, :], digits, seed) if finite else (None, None)
     if not np.isfinite(grads).all():
         # An infinite derivative (sqrt or log at 0, ...) times a zero cotangent is NaN, in
         # causal models too: these gradients decide nothing, and the caller asks the

@@ -34,7 +34,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
-import numpy as np
 
 from nasjax import compile_meter
 from nasjax import sharding as shd
@@ -43,6 +42,7 @@ from nasjax.measure.params import count_params
 from nasjax.measure.probe import (
     LEAK_TOLERANCE,
     future_changed,
+    logits_finite,
     probe_from_forward,
     probe_model,
     step_probe_batch,
@@ -331,6 +331,7 @@ class TrainingEvaluator:
         self.probe_steps = probe_on_steps(cfg)
         self._probed: collections.OrderedDict[ModelSpec, tuple] = collections.OrderedDict()
         self._probe_batch: dict | None = None
+        self._changed_batch: dict | None = None  # the probe batch with each row's future changed
 
     def budget_text(self) -> str:
         unit = "s" if self.by_time else " steps"
@@ -445,7 +446,7 @@ class TrainingEvaluator:
             self._take_compiled(spec)
             raise CandidateFailed(
                 "probe",
-                f"causal leak: outputs depend on later positions (relative gradient {probe.causal_leak:.3g} > "
+                f"causal leak: outputs depend on later positions (relative derivative {probe.causal_leak:.3g} > "
                 f"{LEAK_TOLERANCE:g})",
             )
         return CheckResult(params, probe.output_hash, probe.seconds, probe.output_hash_alt)
@@ -463,6 +464,16 @@ class TrainingEvaluator:
                 self._probe_batch = batch
         return batch
 
+    def _changed_probe_batch(self, batch: dict, vocab_size: int) -> dict:
+        """The probe batch with each row's future changed (:func:`future_changed`), built once."""
+        with self._val_lock:
+            changed = self._changed_batch
+        if changed is None:
+            changed = future_changed(batch, vocab_size, int(self.cfg.seed))
+            with self._val_lock:
+                self._changed_batch = changed
+        return changed
+
     def _check_on_steps(self, spec: ModelSpec) -> CheckResult:
         """The parameter bound, then the probe on the forward programs of the candidate's
         own train step.
@@ -472,9 +483,11 @@ class TrainingEvaluator:
         finiteness, causality (:func:`~nasjax.measure.probe.probe_from_forward`) and the
         FEC hashes. The trainer, its initial state (op by op, as for training) and its
         compiled forward programs are kept for :meth:`train`, which compiles the rest of
-        the step (backwards, loss head, updates). A candidate that fails here, or that
-        the search then finds functionally equivalent to an earlier one (28 and 45 of 200
-        candidates in two default searches), never compiles its backward and update programs.
+        the step (the program layers' backwards, loss head, norm, updates). A candidate
+        that fails here, or that the search then finds functionally equivalent to an
+        earlier one (28 and 45 of 200 candidates in two default searches), never compiles
+        those. (Pairs, the embedding's and whole layers' with
+        ``train.segmented_pieces=layer``, compile forward and backward together.)
         A compile error fails the candidate at stage ``compile``, as it would have in
         training.
         """
@@ -495,9 +508,9 @@ class TrainingEvaluator:
             t_compile = time.perf_counter() - t_compile
             try:
                 first = trainer.probe_forward(state.params, batch)
-                if not (bool(first["finite"]) and np.isfinite(first["last_logits"]).all()):
+                if not logits_finite(first):
                     raise CandidateFailed("probe", NON_FINITE)
-                changed = trainer.probe_forward(state.params, future_changed(batch, spec.vocab_size))
+                changed = trainer.probe_forward(state.params, self._changed_probe_batch(batch, spec.vocab_size))
             except CandidateFailed:
                 raise
             except Exception as e:

@@ -295,14 +295,15 @@ class Trainer:
         return self._segments.probe(params, batch)
 
     def probe_forward(self, params, host_batch: dict) -> dict:
-        """The probe's first stage (``train.segmented``; :meth:`SegmentedSteps.probe_forward`):
-        the last position's logits and whether all logits are finite, from the train step's
-        forward programs alone (compiled here if needed, without the backward and updates).
+        """The search's probe (``train.segmented``; :meth:`SegmentedSteps.probe_forward`): the
+        last position's logits, whether all logits are finite and the last layer's outputs,
+        from the train step's forward programs alone (compiled here if needed, without the
+        program layers' backwards and the updates).
         """
         if self._segments is None:
             raise TrainConfigError("Trainer.probe_forward runs the segmented train step; set train.segmented=true")
         batch = shd.shard_batch(host_batch, self.mesh)
-        self.compile(self.restore_target(), abstract_batch(batch), forward_only=True)
+        self.compile_seconds += self._segments.compile(self.restore_target(), abstract_batch(batch), forward_only=True)
         return self._segments.probe_forward(params, batch)
 
     def memory_bytes(self) -> dict:

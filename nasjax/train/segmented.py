@@ -459,9 +459,10 @@ class SegmentedSteps:
     def _plan(self, abstract_params, batch: dict, train: bool, forward_only: bool = False) -> dict:
         """Compiles (or finds) every piece for this batch layout; returns them in step order.
 
-        ``forward_only`` (train plans): the forward programs the probe's first stage runs
-        (the embedding's pair, the layers' forwards, the probe head), without the program
-        layers' backwards, the loss head and the norm; :meth:`_complete` adds them."""
+        ``forward_only`` (train plans): the forward programs the probe runs (the embedding's
+        pair, the layers' forwards, the probe head), without the program layers' backwards,
+        the loss head and the norm; :meth:`_complete` adds them. Pairs (the embedding, whole
+        layers with ``train.segmented_pieces=layer``) compile forward and backward together."""
         extra = sorted(set(batch) - set(LM_BATCH_KEYS))
         if extra or not set(LM_BATCH_KEYS) <= set(batch):
             raise ValueError(
@@ -505,7 +506,7 @@ class SegmentedSteps:
     def _complete(self, plan: dict) -> None:
         """Adds what a forward-only train plan lacks: the program layers' backward programs,
         the loss head (value and gradients) and the norm."""
-        head_key, head_p, x, targets, weights = plan.pop("pending")
+        head_key, head_p, x, targets, weights = plan["pending"]  # removed once all is built: a failure can retry
         for layer in plan["layers"]:
             if isinstance(layer[3], ProgramLayer):
                 layer[3].build_backward()
@@ -523,6 +524,7 @@ class SegmentedSteps:
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
         n_sums = self.seg.n_layers + 2
         plan["norm"] = self._get(("norm", self.opt_key, n_sums), self._norm, (scalar,) * n_sums, scalar, scalar, step)
+        del plan["pending"]
 
     def _loss(self, head_params, x, targets, weights):
         loss_sum, weight_sum = losses.token_cross_entropy(self.seg.logits(head_params, x), targets, weights)
@@ -596,10 +598,15 @@ class SegmentedSteps:
         layout = _layout(_abstract(batch))
         shaped = self.shaped_state if self.flat else abstract_state  # flat: ``abstract_state`` may hold buffers
         if self._train is None or self._train[0] != layout:
+            if forward_only and self._train is not None and "slots" in self._train[1]:
+                raise ValueError(
+                    "SegmentedSteps.compile(forward_only=True): the train step is compiled for another batch layout"
+                )
             self._train = (layout, self._plan(shaped.params, batch, train=True, forward_only=True))
         plan = self._train[1]
         if not forward_only and "slots" not in plan:
-            self._complete(plan)
+            if "pending" in plan:
+                self._complete(plan)
             buffers = self._map_state(_abstract(shaped), self._buffers) if self.flat else shaped
             params = _abstract(buffers.params)
             inner = _abstract(self._inner_state(buffers.opt_state))
@@ -704,12 +711,9 @@ class SegmentedSteps:
         plan = self._train[1]
         head = self._probe_head(plan)
         params = self.pack_params(params)
-        seg, run = self.seg, self._run
         with self._serial:
-            x, _ = run(plan["embed"][0], params["embed"], batch["inputs"])
-            for i, layer in enumerate(plan["layers"]):
-                x, _ = run(layer[0], seg.layer_params(params, i), x)
-            last, finite = run(head, seg.head_params(params), x)
+            x = self._forward(plan, params, batch["inputs"])
+            last, finite = self._run(head, self.seg.head_params(params), x)
             host = jax.device_get({"last_logits": last, "finite": finite, "x": x})
         return {k: np.asarray(v) for k, v in host.items()}
 
@@ -787,12 +791,18 @@ class SegmentedSteps:
                 jax.block_until_ready(out)
         return out
 
-    def _evaluate(self, plan, params, batch: dict) -> dict:
+    def _forward(self, plan, params, inputs):
+        """The last layer's outputs through ``plan``'s forward programs (residuals dropped)."""
         seg, run = self.seg, self._run
-        x, _ = run(plan["embed"][0], params["embed"], batch["inputs"])
+        x, _ = run(plan["embed"][0], params["embed"], inputs)
         for i, layer in enumerate(plan["layers"]):
             x, _ = run(layer[0], seg.layer_params(params, i), x)
-        loss_sum, weight_sum = run(plan["head"], seg.head_params(params), x, batch["targets"], batch["weights"])
+        return x
+
+    def _evaluate(self, plan, params, batch: dict) -> dict:
+        x = self._forward(plan, params, batch["inputs"])
+        head_params = self.seg.head_params(params)
+        loss_sum, weight_sum = self._run(plan["head"], head_params, x, batch["targets"], batch["weights"])
         return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": jnp.zeros((), jnp.float32)}
 
     # ------------------------------------------------------------------ memory
