@@ -330,8 +330,7 @@ class TrainingEvaluator:
         # train() takes them (the newest few, like compile-ahead's entries)
         self.probe_steps = probe_on_steps(cfg)
         self._probed: collections.OrderedDict[ModelSpec, tuple] = collections.OrderedDict()
-        self._probe_batch: dict | None = None
-        self._changed_batch: dict | None = None  # the probe batch with each row's future changed
+        self._probe_batches: tuple[dict, dict] | None = None
 
     def budget_text(self) -> str:
         unit = "s" if self.by_time else " steps"
@@ -451,28 +450,21 @@ class TrainingEvaluator:
             )
         return CheckResult(params, probe.output_hash, probe.seconds, probe.output_hash_alt)
 
-    def _step_probe_batch(self, vocab_size: int) -> dict:
-        """The fixed probe batch, in the training batches' layout (built once: a search's
-        candidates share their vocabulary)."""
+    def _step_probe_batches(self, vocab_size: int) -> tuple[dict, dict]:
+        """The fixed probe batch, in the training batches' layout, and the same batch with
+        each row's future changed (:func:`future_changed`); built once: a search's
+        candidates share their vocabulary."""
         with self._val_lock:
-            batch = self._probe_batch
-        if batch is None:
+            batches = self._probe_batches
+        if batches is None:
             layout = self._batch_layouts()[0]
             size, length = layout["inputs"].shape
-            batch = step_probe_batch(vocab_size, size, length, int(self.cfg.seed), layout["weights"].dtype)
+            seed = int(self.cfg.seed)
+            batch = step_probe_batch(vocab_size, size, length, seed, layout["weights"].dtype)
+            batches = (batch, future_changed(batch, vocab_size, seed))
             with self._val_lock:
-                self._probe_batch = batch
-        return batch
-
-    def _changed_probe_batch(self, batch: dict, vocab_size: int) -> dict:
-        """The probe batch with each row's future changed (:func:`future_changed`), built once."""
-        with self._val_lock:
-            changed = self._changed_batch
-        if changed is None:
-            changed = future_changed(batch, vocab_size, int(self.cfg.seed))
-            with self._val_lock:
-                self._changed_batch = changed
-        return changed
+                self._probe_batches = batches
+        return batches
 
     def _check_on_steps(self, spec: ModelSpec) -> CheckResult:
         """The parameter bound, then the probe on the forward programs of the candidate's
@@ -499,7 +491,7 @@ class TrainingEvaluator:
                 state = trainer.init_state()
             except Exception as e:  # shape errors of a malformed program surface when tracing
                 raise CandidateFailed("probe", f"the probe failed: {_short(e)}") from None
-            batch = self._step_probe_batch(spec.vocab_size)
+            batch, changed_batch = self._step_probe_batches(spec.vocab_size)
             t_compile = time.perf_counter()
             try:
                 trainer.compile(state, shd.shard_batch(batch, self.mesh), forward_only=True)
@@ -510,7 +502,7 @@ class TrainingEvaluator:
                 first = trainer.probe_forward(state.params, batch)
                 if not logits_finite(first):
                     raise CandidateFailed("probe", NON_FINITE)
-                changed = trainer.probe_forward(state.params, self._changed_probe_batch(batch, spec.vocab_size))
+                changed = trainer.probe_forward(state.params, changed_batch)
             except CandidateFailed:
                 raise
             except Exception as e:

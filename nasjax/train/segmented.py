@@ -456,13 +456,13 @@ class SegmentedSteps:
         return program
 
     # ------------------------------------------------------------------ plans
-    def _plan(self, abstract_params, batch: dict, train: bool, forward_only: bool = False) -> dict:
-        """Compiles (or finds) every piece for this batch layout; returns them in step order.
+    def _plan(self, abstract_params, batch: dict, train: bool) -> dict:
+        """Compiles (or finds) the pieces for this batch layout; returns them in step order.
 
-        ``forward_only`` (train plans): the forward programs the probe runs (the embedding's
-        pair, the layers' forwards, the probe head), without the program layers' backwards,
-        the loss head and the norm; :meth:`_complete` adds them. Pairs (the embedding, whole
-        layers with ``train.segmented_pieces=layer``) compile forward and backward together."""
+        A train plan holds the forward programs the probe runs (the embedding's pair, the
+        layers' forwards, the probe head), not yet the program layers' backwards, the loss
+        head and the norm: :meth:`_complete` adds them. Pairs (the embedding, whole layers
+        with ``train.segmented_pieces=layer``) compile forward and backward together."""
         extra = sorted(set(batch) - set(LM_BATCH_KEYS))
         if extra or not set(LM_BATCH_KEYS) <= set(batch):
             raise ValueError(
@@ -482,7 +482,7 @@ class SegmentedSteps:
             p_layer = seg.layer_params(abstract_params, i)
             program = seg.program_block(i) if self.pieces != "layer" else None
             if program is not None:
-                layer = ProgramLayer(self, program, seg.program_params(p_layer), x, train=train and not forward_only)
+                layer = ProgramLayer(self, program, seg.program_params(p_layer), x)
                 layers.append((layer.forward, layer.backward, layer.y_info, layer))
             else:
                 forward = lambda p, h, i=i: seg.layer(i, p, h)  # noqa: E731
@@ -497,14 +497,11 @@ class SegmentedSteps:
 
         probe_key = ("probe_head", seg.template_key(), _layout(head_p), _layout(x))
         probe_head = (probe_key, head_p, x)  # compiled on the first probe (search.probe=steps)
-        plan = {"embed": embed, "layers": layers, "probe_head": probe_head}
-        plan["pending"] = (head_key, head_p, x, targets, weights)
-        if not forward_only:
-            self._complete(plan)
-        return plan
+        pending = (head_key, head_p, x, targets, weights)  # for _complete
+        return {"embed": embed, "layers": layers, "probe_head": probe_head, "pending": pending}
 
     def _complete(self, plan: dict) -> None:
-        """Adds what a forward-only train plan lacks: the program layers' backward programs,
+        """Adds what a train plan from :meth:`_plan` lacks: the program layers' backward programs,
         the loss head (value and gradients) and the norm."""
         head_key, head_p, x, targets, weights = plan["pending"]  # removed once all is built: a failure can retry
         for layer in plan["layers"]:
@@ -591,9 +588,9 @@ class SegmentedSteps:
     def compile(self, abstract_state: TrainState, batch: dict, forward_only: bool = False) -> float:
         """Builds (or finds) the train pieces for this batch layout, updates included; returns seconds.
 
-        ``forward_only``: only what :meth:`probe_forward` runs (a candidate whose outputs
-        are not finite at initialisation then fails without compiling its backward and
-        update programs); a later call without it completes the plan."""
+        ``forward_only``: only what :meth:`probe_forward` runs (a candidate that fails its
+        probe, or that a search reuses, then never compiles its program layers' backwards
+        and its updates); a later call without it completes the plan."""
         t0 = self.compile_seconds
         layout = _layout(_abstract(batch))
         shaped = self.shaped_state if self.flat else abstract_state  # flat: ``abstract_state`` may hold buffers
@@ -602,7 +599,7 @@ class SegmentedSteps:
                 raise ValueError(
                     "SegmentedSteps.compile(forward_only=True): the train step is compiled for another batch layout"
                 )
-            self._train = (layout, self._plan(shaped.params, batch, train=True, forward_only=True))
+            self._train = (layout, self._plan(shaped.params, batch, train=True))
         plan = self._train[1]
         if not forward_only and "slots" not in plan:
             if "pending" in plan:
@@ -691,14 +688,10 @@ class SegmentedSteps:
         """
         if not self.compiled(batch):
             raise ValueError("SegmentedSteps.probe: compile the train pieces for this batch layout first")
-        plan = self._train[1]
-        head = self._probe_head(plan)
-        params = self.pack_params(params)
+        plan, params = self._train[1], self.pack_params(params)
         with self._serial:
             out = self._forward_backward(plan, params, batch)
-            last, finite = self._run(head, self.seg.head_params(params), out["x"])
-            host = jax.device_get({"last_logits": last, "finite": finite, "input_grads": out["g_x"]})
-        return {k: np.asarray(v) for k, v in host.items()}
+            return self._probe_outputs(plan, params, out["x"], input_grads=out["g_x"])
 
     def probe_forward(self, params, batch: dict) -> dict:
         """The probe's first stage: the forward alone through the train step's forward
@@ -708,13 +701,16 @@ class SegmentedSteps:
         (:func:`nasjax.measure.probe.probe_from_forward` reads causality from two of them)."""
         if self._train is None or self._train[0] != _layout(_abstract(batch)):
             raise ValueError("SegmentedSteps.probe_forward: compile the forward pieces for this batch layout first")
-        plan = self._train[1]
-        head = self._probe_head(plan)
-        params = self.pack_params(params)
+        plan, params = self._train[1], self.pack_params(params)
         with self._serial:
             x = self._forward(plan, params, batch["inputs"])
-            last, finite = self._run(head, self.seg.head_params(params), x)
-            host = jax.device_get({"last_logits": last, "finite": finite, "x": x})
+            return self._probe_outputs(plan, params, x, x=x)
+
+    def _probe_outputs(self, plan: dict, params, x, /, **extra) -> dict:
+        """Host arrays: the probe head's ``last_logits`` and ``finite`` on the last layer's
+        outputs ``x``, with ``extra`` arrays."""
+        last, finite = self._run(self._probe_head(plan), self.seg.head_params(params), x)
+        host = jax.device_get({"last_logits": last, "finite": finite, **extra})
         return {k: np.asarray(v) for k, v in host.items()}
 
     def _probe_head(self, plan: dict):
@@ -857,7 +853,7 @@ class ProgramLayer:
       subtree (ShapeDtypeStructs with shardings); abstract_x: the layer input's.
     """
 
-    def __init__(self, owner: SegmentedSteps, program, abstract_params, abstract_x, train: bool = True):
+    def __init__(self, owner: SegmentedSteps, program, abstract_params, abstract_x):
         from flax import traverse_util
 
         from nasjax.layers.program import program_tape, tape_groups
@@ -893,8 +889,6 @@ class ProgramLayer:
             piece = _Piece(self, steps, external, exports, abstract_params, tuple(states[s] for s in external))
             states.update(zip(exports, piece.out_info))
             self._pieces.append(piece)
-        if train:
-            self.build_backward()
         self.y_info = states[final]
         self._final = final
         learned = {st.path for st in self.tape if st.path}
