@@ -515,6 +515,15 @@ def test_initializers_give_flax_values_op_by_op_and_traced(shape):
             assert a.shape == b.shape and a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
     assert [ours.size_class(n) for n in (1, 7, 8, 9, 100, 4096, 4097)] == [1, 7, 8, 10, 112, 4096, 5120]
+    big = ours.DRAW_COARSE_MAX
+    assert [ours.draw_class(n) for n in (1, 4096, 4097, 16385, big, big + 1)] == [
+        4096,
+        4096,
+        16384,
+        65536,
+        big,
+        ours.size_class(big + 1),
+    ]
 
 
 @pytest.mark.parametrize("batch_shape", [(2, 3), (4,)])

@@ -9,11 +9,11 @@ without that:
 
 * ``normal``: with JAX's partitionable threefry (the default), the draw of a shape is
   the row-major prefix of a longer 1-D draw from the same key, bit for bit. Run op by
-  op (a concrete key), the sampler therefore draws a 1-D array of a size class
-  (:func:`size_class`: at most 25% more than needed, a few dozen classes in all) and the
-  host cuts, reshapes and scales it; under ``vmap`` alone (branched parameters) the
-  batched sampler draws the size class and jax cuts it; under jit (or ``eval_shape``)
-  it is Flax's own expression, which XLA fuses;
+  op (a concrete key), the sampler therefore draws a 1-D array of a draw class
+  (:func:`draw_class`) and the host cuts, reshapes and scales it; under ``vmap`` alone
+  (branched parameters) the batched sampler draws and scales the draw class in one
+  program and jax cuts it; under jit (or ``eval_shape``) it is Flax's own expression,
+  which XLA fuses;
 * ``zeros``, ``ones``, ``constant``: filled on the host when run op by op.
 
 The values equal ``flax.linen.initializers``' exactly (``tests/test_layers.py``); with a
@@ -23,17 +23,19 @@ draw.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["normal", "zeros", "ones", "constant", "size_class"]
+__all__ = ["normal", "zeros", "ones", "constant", "size_class", "draw_class"]
 
 
 def size_class(n: int) -> int:
-    """The smallest m * 2**e >= n with m in 4..7 (n itself below 8): the 1-D draw size."""
+    """The smallest m * 2**e >= n with m in 4..7 (n itself below 8): at most 25% more than
+    ``n`` (the flat layout's buffer sizes, :func:`nasjax.train.segmented.flat_size`)."""
     if n < 8:
         return max(n, 1)
     e = max(0, math.ceil(math.log2(n)) - 3)
@@ -42,6 +44,35 @@ def size_class(n: int) -> int:
             if m * 2**e >= n:
                 return m * 2**e
         e += 1
+
+
+# The sampler's 1-D draw sizes up to DRAW_COARSE_MAX: 4**k, from DRAW_MIN. A sampler
+# compiles in ~0.2 s on a 2-core CPU whatever its size, and draws 65,536 normals in ~0.6 ms:
+# a draw class is a compile that later candidates skip, and drawing up to 4x more than a
+# leaf needs costs them less than a millisecond. Above DRAW_COARSE_MAX (large models,
+# few leaves) the draw is the size class, at most 25% more. A default tiny Primer search's
+# leaves fell into 13 size classes and fall into 5 draw classes (docs/benchmarks.md, stop 27).
+DRAW_MIN = 4096
+DRAW_COARSE_MAX = 1 << 20
+
+
+def draw_class(n: int) -> int:
+    """The 1-D draw size of :func:`normal` for a leaf of ``n`` elements (``n`` > 0)."""
+    if n > DRAW_COARSE_MAX:
+        return size_class(n)
+    m = DRAW_MIN
+    while m < n:
+        m *= 4
+    return m
+
+
+@functools.partial(jax.jit, static_argnames=("n", "dtype"))
+def _scaled_draw(key, scale, n: int, dtype):
+    """``random.normal(key, (n,), dtype) * scale`` as one program (the vmapped path: one
+    compile per (branches, draw class) rather than a sampler and a product). The barrier
+    keeps XLA from folding the scale into the sampler's own last product, which changes
+    the rounding of some values (measured: 2 of 9 differed in the last bit)."""
+    return jax.lax.optimization_barrier(jax.random.normal(key, (n,), dtype)) * scale
 
 
 def _under_jit() -> bool:
@@ -83,12 +114,12 @@ def normal(stddev: float = 1e-2, dtype=jnp.float32):
         n = math.prod(shape)
         if n and _op_by_op(key, out_sharding) and _prefix_consistent(key):
             if not isinstance(key, jax.core.Tracer):
-                draw = np.asarray(jax.random.normal(key, (size_class(n),), dtype))
+                draw = np.asarray(jax.random.normal(key, (draw_class(n),), dtype))
                 return jnp.asarray(draw[:n].reshape(shape) * np.asarray(stddev, dtype))
-            # vmapped (branched parameters): the batched sampler and the scaling per size
+            # vmapped (branched parameters): the batched sampler and the scaling per draw
             # class, then per-shape slicing (the same values: each key's draw is a prefix,
             # and scaling is elementwise, so scaling before the cut changes no bit)
-            draw = jax.random.normal(key, (size_class(n),), dtype) * jnp.array(stddev, dtype)
+            draw = _scaled_draw(key, jnp.array(stddev, dtype), n=draw_class(n), dtype=jnp.dtype(dtype))
             return draw[:n].reshape(shape)
         return jax.random.normal(key, shape, dtype, out_sharding=out_sharding) * jnp.array(stddev, dtype)
 
