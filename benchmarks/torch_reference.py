@@ -14,6 +14,11 @@ eager PyTorch idiom: forward, mean token cross-entropy, backward, global-norm cl
 at 1.0, AdamW (b1 0.9, b2 0.98, eps 1e-9, no weight decay: nasjax's defaults).
 Nothing here is tuned for speed beyond what a plain script does; that is the point
 of the reference.
+
+``--device=cuda`` runs it on a GPU (steps timed to ``torch.cuda.synchronize``);
+``--dtype=bfloat16`` computes under ``torch.autocast`` in bfloat16 with float32
+parameters and optimizer state, as nasjax's ``dtype=bfloat16`` (bfloat16 activations,
+float32 parameters).
 """
 
 from __future__ import annotations
@@ -128,12 +133,16 @@ class TorchDecoder(nn.Module):
         return self.ln_f(x) @ self.embed.weight.T
 
 
-def make_step(model, lr: float = 1e-3):
+def make_step(model, lr: float = 1e-3, dtype: str = "float32"):
+    """The eager train step; ``dtype="bfloat16"``: the forward and loss under autocast."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0)
+    device_type = next(model.parameters()).device.type
+    low = dtype == "bfloat16"
 
     def step(inputs, targets):
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=low):
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -143,32 +152,56 @@ def make_step(model, lr: float = 1e-3):
     return step
 
 
-def matmul_peak(n: int, repeats: int = 10) -> float:
+def device_of(name: str) -> torch.device:
+    """``name`` (cpu, cuda, cuda:N, auto: cuda where torch sees a GPU) as a torch device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device={name}: this torch ({torch.__version__}) sees no CUDA GPU")
+    return device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(n: int, repeats: int = 10, device: str | torch.device = "cpu", dtype: str = "float32") -> float:
+    """Best FLOP/s of an m x m product, m in (n/2, n, 2n), on ``device`` in ``dtype``."""
+    device = torch.device(device)
     best = 0.0
     for m in (n // 2, n, 2 * n):
-        a = torch.ones(m, m)
+        a = torch.ones(m, m, device=device, dtype=getattr(torch, dtype))
         a @ a
+        _sync(device)
         for _ in range(repeats):
             t0 = time.perf_counter()
             a @ a
+            _sync(device)
             best = max(best, 2 * m**3 / (time.perf_counter() - t0))
     return best
 
 
-def make_stepper(spec, batch: int, seq_len: int, threads: int):
-    """The reference's step on random tokens: (run(n) -> n step times in s, info)."""
+def make_stepper(spec, batch: int, seq_len: int, threads: int, device: str = "cpu", dtype: str = "float32"):
+    """The reference's step on random tokens: (run(n) -> n step times in s, info).
+
+    ``device``: a torch device name (``device_of``); ``dtype``: float32 or bfloat16
+    (autocast, float32 parameters)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = TorchDecoder(spec, seq_len)
-    step = make_step(model)
+    device = device_of(str(device))
+    model = TorchDecoder(spec, seq_len).to(device)
+    step = make_step(model, dtype=dtype)
     x = torch.as_tensor(np.random.default_rng(0).integers(0, spec.vocab_size, size=(batch, seq_len + 1)))
-    inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    inputs, targets = x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)
 
     def run(n):
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
             step(inputs, targets)
+            _sync(device)
             times.append(time.perf_counter() - t0)
         return times
 
@@ -176,9 +209,11 @@ def make_stepper(spec, batch: int, seq_len: int, threads: int):
     return run, {"params": sum(p.numel() for p in model.parameters())}
 
 
-def bench(spec, batch: int, seq_len: int, steps: int, threads: int) -> dict:
+def bench(
+    spec, batch: int, seq_len: int, steps: int, threads: int, device: str = "cpu", dtype: str = "float32"
+) -> dict:
     """Median step time of the reference on random tokens (2 warm-up steps)."""
-    run, info = make_stepper(spec, batch, seq_len, threads)
+    run, info = make_stepper(spec, batch, seq_len, threads, device, dtype)
     step_s = statistics.median(run(steps))
     return {"params": info["params"], "step_ms": step_s * 1e3, "tok_s": batch * seq_len / step_s}
 
@@ -194,13 +229,16 @@ def main():
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
     spec = get_spec(args.model, args.size, vocab_size=262 if args.size == "tiny" else 32768, max_len=args.seq_len)
-    out = bench(spec, args.batch, args.seq_len, args.steps, args.threads)
+    out = bench(spec, args.batch, args.seq_len, args.steps, args.threads, args.device, args.dtype)
     want = count_params(spec)["total"]
     print(
         f"{args.model} {args.size}: params {out['params']:,} (nasjax {want:,}), step {out['step_ms']:.1f} ms, "
-        f"{out['tok_s']:,.0f} tokens/s, torch {torch.__version__}, {args.threads} threads"
+        f"{out['tok_s']:,.0f} tokens/s, torch {torch.__version__}, {device_of(args.device)}, {args.dtype}, "
+        f"{args.threads} threads"
     )
     if out["params"] != want:
         raise SystemExit(f"parameter count differs from nasjax's ({out['params']} vs {want}): not the same model")

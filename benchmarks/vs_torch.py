@@ -13,6 +13,14 @@ median tokens/s of both over all their steps, the median over rounds of the per-
 ratio nasjax / PyTorch (with its lowest and highest round), and MFU against each
 framework's own measured matmul peak. ``--widths`` replaces the zoo sizes
 by 4-layer, 4-head models of those d_model (d_ff 4 d), byte vocabulary.
+
+On a GPU (``--device=cuda``; ``auto``, the default, takes the GPU when both JAX and
+PyTorch see one) both run there, PyTorch's steps timed to ``torch.cuda.synchronize``;
+``--dtype=bfloat16`` runs nasjax with bfloat16 activations and PyTorch under autocast
+(float32 parameters in both), and the matmul peaks in that dtype. ``--sizes=base`` adds
+the ~110M-parameter zoo models (batch 8 x 512), for the GPU.
+
+    python benchmarks/vs_torch.py --device=cuda --dtype=bfloat16 --sizes=small,base
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from nasjax import sharding as shd  # noqa: E402
 from nasjax.measure.flops import flops_per_token  # noqa: E402
 from nasjax.models import get_spec  # noqa: E402
 
-SIZES = {"tiny": (16, 128, 262), "small": (8, 256, 32768)}
+SIZES = {"tiny": (16, 128, 262), "small": (8, 256, 32768), "base": (8, 512, 32768)}
 
 
 def specs(args):
@@ -59,17 +67,29 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="steps per framework per round")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="auto", help="PyTorch's device: cpu, cuda[:N], auto (cuda where JAX has a GPU)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
     hostmem.for_training()  # the heap setting of `nasjax train`, before jax starts its backend
     torch.set_num_threads(args.threads)
-    jax_peak = train_throughput.measure_matmul_peak(jnp.float32, 1024)
-    torch_peak = torch_reference.matmul_peak(1024)
+    backend = jax.default_backend()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
+    device = torch_reference.device_of(device)
+    if (device.type == "cuda") != (backend == "gpu"):
+        raise SystemExit(
+            f"PyTorch on {device}, JAX on {backend}: not the same hardware (set --device or JAX_PLATFORMS)"
+        )
+    n = 8192 if device.type == "cuda" else 1024
+    jax_peak = train_throughput.measure_matmul_peak(jnp.dtype(args.dtype), n)
+    torch_peak = torch_reference.matmul_peak(n, device=device, dtype=args.dtype)
     print(
         f"# {jax.devices()[0].device_kind} x{jax.device_count()} | jax {jax.__version__} | torch {torch.__version__}"
-        f" | {args.threads} threads | float32"
+        f" on {device} | {args.threads} threads | {args.dtype}"
     )
     print(
-        f"# matmul peak (best of 512, 1024, 2048 square): jax {jax_peak / 1e9:.0f} GFLOP/s, "
+        f"# matmul peak (best of {n // 2}, {n}, {2 * n} square): jax {jax_peak / 1e9:.0f} GFLOP/s, "
         f"torch {torch_peak / 1e9:.0f} GFLOP/s\n"
     )
     mesh = shd.make_mesh((-1, 1, 1))
@@ -79,8 +99,8 @@ def main():
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, size, spec, batch, seq in specs(args):
-        j_run, j = train_throughput.make_stepper(spec, batch, seq, "float32", mesh, shd.DEFAULT_RULES)
-        t_run, t = torch_reference.make_stepper(spec, batch, seq, args.threads)
+        j_run, j = train_throughput.make_stepper(spec, batch, seq, args.dtype, mesh, shd.DEFAULT_RULES)
+        t_run, t = torch_reference.make_stepper(spec, batch, seq, args.threads, device, args.dtype)
         if t["params"] != j["params"]:
             raise SystemExit(f"{name} {size}: parameter counts differ ({j['params']} vs {t['params']})")
         j_times, t_times, ratios = [], [], []
