@@ -23,7 +23,10 @@ B. (``--search``) The default LTS search (``configs/search/lts.py:cpu``) run to 
    wall time, architectures measured, compile share (the journal's summed
    ``xla_compile_seconds``, every XLA compile of the measurement jobs as JAX reports it,
    and its ``compile_seconds``, the measurement's own compile timing, each over the
-   summed iteration seconds: the evaluation time), architectures per hour, front size.
+   summed iteration seconds: the evaluation time; both include what was compiled ahead
+   for the iterations' populations, ``lts.compile_threads``: its compile events summed
+   over the threads, and its wall time), architectures per hour, front size.
+   ``--compile_threads=1,auto`` runs sub-layer searches with those settings instead.
    Same quality: every front member of every search is then measured again with
    ``programs=model`` (``--remeasure_repeats`` timed runs) in one process, and each
    front's hypervolume is computed from those common measurements (objectives
@@ -97,10 +100,11 @@ def part_a(n: int, seed: int) -> None:
         )
 
 
-def run_search(programs: str, workdir: str) -> dict:
+def run_search(overrides: dict, workdir: str) -> dict:
     cache = tempfile.mkdtemp(prefix="nasjax_xla_")
     cmd = [sys.executable, "-m", "nasjax.cli", "search", f"--config={ROOT}/configs/search/lts.py:cpu"]
-    cmd += [f"--workdir={workdir}", f"--config.compile_cache_dir={cache}", f"--config.lts.programs={programs}"]
+    cmd += [f"--workdir={workdir}", f"--config.compile_cache_dir={cache}"]
+    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -122,7 +126,7 @@ def hypervolume(points, ref, samples: int = 200_000, seed: int = 0) -> float:
     return float(dominated.mean() * ref ** pts.shape[1])
 
 
-def part_b(workroot: str, repeats: int, reuse: bool = False) -> None:
+def part_b(workroot: str, repeats: int, reuse: bool = False, threads: str = "") -> None:
     import jax
     import numpy as np
 
@@ -134,26 +138,36 @@ def part_b(workroot: str, repeats: int, reuse: bool = False) -> None:
 
     cfg = load_config_file(os.path.join(ROOT, "configs/search/lts.py:cpu"))
     space = StackSpace.from_config(cfg.lts.space)
+    if threads:  # sub-layer searches, one per lts.compile_threads value
+        settings = {f"sublayers, compile_threads={t}": {"lts.compile_threads": t} for t in threads.split(",")}
+    else:
+        settings = {s: {"lts.programs": s} for s in SETTINGS}
     results = {}
-    for s in SETTINGS:
-        work = os.path.join(workroot, s)
+    for s, overrides in settings.items():
+        work = os.path.join(workroot, s.replace(", ", "_").replace("=", ""))
         if reuse and os.path.exists(os.path.join(work, "journal.jsonl")):
             info = {"wall": float("nan")}
         else:
             shutil.rmtree(work, ignore_errors=True)
-            info = run_search(s, work)
+            info = run_search(overrides, work)
         recs = read_journal(os.path.join(work, "journal.jsonl"), log=lambda *a: None)
         measured = [r for r in recs if r["event"] == "measured"]
+        iterations = [r for r in recs if r["event"] == "iteration"]
         info["measured"] = measured
-        info["seconds"] = sum(float(r["seconds"]) for r in recs if r["event"] == "iteration")
+        info["seconds"] = sum(float(r["seconds"]) for r in iterations)
+        # what was compiled ahead for each iteration's population (lts.compile_threads) counts too
+        info["compile"] = sum(float(r.get("compile_seconds") or 0) for r in measured)
+        info["compile"] += sum(float(r.get("precompile_seconds") or 0) for r in iterations)
+        info["xla"] = sum(float(r.get("xla_compile_seconds") or 0) for r in measured)
+        info["xla"] += sum(float(r.get("precompile_xla_seconds") or 0) for r in iterations)
         info["front"] = front_records(measured, cfg.lts.selection, cfg.lts.memory)
         results[s] = info
-        print(f"search with programs={s}: {info['wall']:.0f} s", flush=True)
+        print(f"search {s}: {info['wall']:.0f} s", flush=True)
 
     # every front member measured again with one protocol, in this process
     jax.config.update("jax_enable_compilation_cache", False)
     common = {}
-    for s in SETTINGS:
+    for s in settings:
         for r in results[s]["front"]:
             if r["key"] not in common:
                 spec = space.decode(StackGenome.from_dict(r["genome"]), vocab_size=262, max_len=int(cfg.lts.seq_len))
@@ -171,11 +185,9 @@ def part_b(workroot: str, repeats: int, reuse: bool = False) -> None:
         "| its share | architectures/hour | front size | front hypervolume (common re-measurement) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for s in SETTINGS:
+    for s in settings:
         info = results[s]
-        m, secs = info["measured"], info["seconds"]
-        comp = sum(float(r.get("compile_seconds") or 0) for r in m)
-        xla = sum(float(r.get("xla_compile_seconds") or 0) for r in m)
+        m, secs, comp, xla = info["measured"], info["seconds"], info["compile"], info["xla"]
         hv = hypervolume([norm[r["key"]] for r in info["front"]], 1.1)
         print(
             f"| {s} | {info['wall']:.0f} | {len(m)} | {secs:.1f} | {xla:.1f} | {100 * xla / secs:.0f}% | {comp:.1f} "
@@ -191,12 +203,17 @@ def main():
     p.add_argument("--workdir", default="", help="where part B's searches go (default: a temporary directory)")
     p.add_argument("--remeasure_repeats", type=int, default=30)
     p.add_argument("--reuse", action="store_true", help="part B: keep searches already in --workdir")
+    p.add_argument(
+        "--compile_threads",
+        default="",
+        help="part B: sub-layer searches with these lts.compile_threads values (e.g. 1,auto) instead of the settings",
+    )
     args = p.parse_args()
     if args.architectures:
         part_a(args.architectures, args.seed)
     if args.search:
         workroot = args.workdir or tempfile.mkdtemp(prefix="nasjax_lts_programs_")
-        part_b(workroot, args.remeasure_repeats, args.reuse)
+        part_b(workroot, args.remeasure_repeats, args.reuse, args.compile_threads)
         print(json.dumps({"workdir": workroot}))
 
 

@@ -159,8 +159,10 @@ programs (what a measurement compiles and times: sublayers, the default: the for
 chain of attention / FFN sub-layer programs compiled once per process and shared by every
 architecture | layers: the same with whole layers | model: one program per architecture,
 compiled for each; ``nasjax.measure.hardware``), max_pieces (compiled pieces kept, 256),
-proxies (comma-separated zero-cost proxies to record, '' = none), max_latency_s and
-max_memory_bytes (constraints, 0 = none), vocab_size (0 = the tokenizer's),
+compile_threads (auto | N: the pieces an iteration's population lacks are compiled on N
+threads before any of it is timed; auto = min(8, usable cores), 1 = off), proxies
+(comma-separated zero-cost proxies to record, '' = none), max_latency_s and max_memory_bytes
+(constraints, 0 = none), vocab_size (0 = the tokenizer's),
 validate_architectures (``nasjax lts-validate``), and ``lts.space.*`` (n_layer, d_model,
 d_inner, n_head choices, d_inner_ratio, min_params / max_params on decoder params).
 """
@@ -387,6 +389,10 @@ def lts_config() -> ml_collections.ConfigDict:
     # of one program per architecture (docs/benchmarks.md: ranks agree with model).
     c.programs = "sublayers"
     c.max_pieces = 256
+    # Population-level compiling: the pieces an iteration's population lacks are compiled on
+    # this many threads before any of it is timed ("auto": min(8, usable cores); 1: off,
+    # each piece compiles when first measured). Inline and threads engines only.
+    c.compile_threads = "auto"
     c.proxies = ""
     c.max_latency_s = 0.0
     c.max_memory_bytes = 0

@@ -156,6 +156,11 @@ class ProgramCache:
         with self._lock:
             return len(self._items)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is held (a lookup only: its place in the LRU order is unchanged)."""
+        with self._lock:
+            return key in self._items
+
     def __iter__(self) -> Iterator[Hashable]:
         with self._lock:
             return iter(list(self._items))

@@ -182,6 +182,42 @@ def test_piece_registry_is_bounded():
         hardware.clear_pieces()
 
 
+@pytest.mark.parametrize("programs", ["sublayers", "layers"])
+def test_precompiled_pieces_are_the_ones_measurements_compile(programs):
+    """precompile_pieces (an LTS population's pieces, compiled on threads ahead of its
+    measurements) compiles exactly what measuring the specs would: afterwards their
+    measurements compile nothing; a second call compiles nothing; one thread, the
+    ``model`` setting or a spec that cannot be cut does nothing; at most half the
+    registry's bound is compiled ahead."""
+    from nasjax.measure import hardware
+
+    specs = [_lts_spec([128, 192], [2, 4]), _lts_spec([192, 320], [4, 2]), _lts_spec([96], [2], d_model=32)]
+    hardware.clear_pieces()
+    try:
+        for noop in (dict(threads=1), dict(programs="model")):
+            kwargs = {"programs": programs, "threads": 2, **noop}
+            assert hardware.precompile_pieces(specs, 16, **kwargs)["pieces"] == 0 and len(hardware._PIECES) == 0
+        expected = sum(measure_hardware(s, seq_len=16, repeats=1, programs=programs).compiled_pieces for s in specs)
+        hardware.clear_pieces()
+        bert = get_spec("bert", "tiny", vocab_size=64, max_len=64)  # an MLM head: not cut, skipped
+        ahead = hardware.precompile_pieces(specs + [bert], 16, programs=programs, threads=2)
+        assert (
+            ahead["pieces"] == expected == len(hardware._PIECES) and ahead["seconds"] > 0 and ahead["xla_seconds"] > 0
+        )
+        for spec in specs:
+            m = measure_hardware(spec, seq_len=16, repeats=1, warmup=0, programs=programs)
+            assert m.compiled_pieces == 0 and m.latency_s > 0
+        assert hardware.precompile_pieces(specs, 16, programs=programs, threads=2)["pieces"] == 0
+        hardware.clear_pieces()
+        hardware.set_max_pieces(4)
+        assert hardware.precompile_pieces(specs, 16, programs=programs, threads=2)["pieces"] == 2
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            hardware.precompile_pieces(specs, 16, threads=0)
+    finally:
+        hardware.set_max_pieces(hardware.DEFAULT_MAX_PIECES)
+        hardware.clear_pieces()
+
+
 def test_pieces_refuse_models_they_cannot_cut():
     spec = get_spec("bert", "tiny", vocab_size=64, max_len=64)  # an MLM head
     with pytest.raises(ValueError, match="cuts the forward into pieces.*head 'mlm'"):

@@ -55,7 +55,9 @@ def test_lts_search_exports_and_resumes_without_remeasuring(lts_config, tmp_path
     from nasjax.spec import load_spec
 
     work = tmp_path / "lts"
-    summary = run_search(lts_config(**{"search.iterations": 1}), str(work), log=lambda *a: None)
+    summary = run_search(
+        lts_config(**{"search.iterations": 1, "lts.compile_threads": "2"}), str(work), log=lambda *a: None
+    )
     assert summary.status == "finished"
     recs = read_journal(str(work / "journal.jsonl"))
     measured = [r for r in recs if r["event"] == "measured"]
@@ -63,7 +65,12 @@ def test_lts_search_exports_and_resumes_without_remeasuring(lts_config, tmp_path
     for r in measured:  # analytic decoder params == counted (eval_shape) params
         assert r["decoder_params"] == r["counted_decoder_params"]
         assert r["latency_s"] > 0 and r["peak_memory_bytes"] > 0
-    assert len([r for r in recs if r["event"] == "iteration"]) == 2
+    iterations = [r for r in recs if r["event"] == "iteration"]
+    assert len(iterations) == 2
+    # the population's pieces were compiled ahead on threads (lts.compile_threads=2), so the
+    # first iteration's measurements compiled none of their own
+    assert iterations[0]["precompiled_pieces"] > 0 and iterations[0]["precompile_seconds"] > 0
+    assert sum(r["compiled_pieces"] for r in measured if r["iteration"] == 0) == 0
 
     # exports: front CSV/JSON, one trainable spec per member, plots
     front = json.loads((work / "pareto.json").read_text())["front"]
@@ -152,6 +159,8 @@ def test_lts_settings_are_checked_before_measuring(lts_config, tmp_path):
     for key, value, message in (
         ("lts.programs", "kernels", "lts.programs: expected one of model, sublayers, layers, got 'kernels'"),
         ("lts.max_pieces", 0, "lts.max_pieces: expected an int >= 1, got 0"),
+        ("lts.compile_threads", "0", "lts.compile_threads: expected auto or an int >= 1, got 0"),
+        ("lts.compile_threads", "many", "lts.compile_threads: expected auto or an int >= 1, got 'many'"),
     ):
         with pytest.raises(EngineError, match=message):
             run_search(lts_config(**{key: value}), str(tmp_path / key), log=lambda *a: None)

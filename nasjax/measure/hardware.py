@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -284,11 +285,10 @@ def _piece(key: tuple, fn, *args) -> tuple[Any, float]:
     return _PIECES.get(key, lambda: jax.jit(fn).lower(*args).compile())
 
 
-def _piece_chain(spec: ModelSpec, params, tokens, device, unit: str) -> _Forward:
-    """The forward as a chain of pieces shared across architectures (module docstring).
+def _chain_plan(spec: ModelSpec, params, unit: str) -> list[tuple[tuple, Any, Any]]:
+    """The forward's pieces in execution order: (key, function, parameter subtree).
 
-    ``unit``: ``sublayers`` (attention and FFN sub-layers) or ``layers``.
-    """
+    ``params``: arrays or ShapeDtypeStructs; ``unit``: ``sublayers`` or ``layers``."""
     from nasjax.models.transformer import Segments
 
     spec = spec.replace(dropout_rate=0.0, attention_dropout_rate=0.0)  # inference: dropout is off anyway
@@ -296,11 +296,7 @@ def _piece_chain(spec: ModelSpec, params, tokens, device, unit: str) -> _Forward
     if problem:
         raise ValueError(f"programs={unit!r} cuts the forward into pieces, which this model does not allow: {problem}")
     seg = Segments(spec)
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    where = (device.platform, device.id)
     template = seg.template_key()
-
-    # (key, function, parameter subtree) in execution order
     plan = [(("embed", template), seg.embed, params["embed"])]
     for i in range(seg.n_layers):
         layer_params = seg.layer_params(params, i)
@@ -311,10 +307,123 @@ def _piece_chain(spec: ModelSpec, params, tokens, device, unit: str) -> _Forward
             fn = lambda p, x, i=i, part=part: seg.sublayer(i, part, p, x)  # noqa: E731
             plan.append((("sublayer", seg.sublayer_key(i, part)), fn, seg.sublayer_params(layer_params, part)))
     plan.append((("logits", template), seg.logits, seg.head_params(params)))
+    return plan
 
+
+# A piece's output (shape, dtype) by its full key, for precompile_pieces (traced once per
+# key; cleared beyond _MAX_OUT_SHAPES entries).
+_OUT_SHAPES: dict = {}
+_OUT_SHAPES_LOCK = threading.Lock()
+_MAX_OUT_SHAPES = 4096
+
+
+def _piece_output(full_key: tuple, fn, p, x, sharding):
+    """The abstract output of the piece under ``full_key`` (as the compiled piece gives it)."""
+    with _OUT_SHAPES_LOCK:
+        out = _OUT_SHAPES.get(full_key)
+    if out is None:
+        out = jax.eval_shape(fn, p, x)
+        with _OUT_SHAPES_LOCK:
+            if len(_OUT_SHAPES) >= _MAX_OUT_SHAPES:
+                _OUT_SHAPES.clear()
+            _OUT_SHAPES[full_key] = out
+    return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sharding)
+
+
+def precompile_pieces(
+    specs: list[ModelSpec],
+    seq_len: int,
+    batch: int = 1,
+    device=None,
+    programs: str = "sublayers",
+    threads: int = 2,
+) -> dict:
+    """Compiles, ``threads`` at a time, the pieces that measuring ``specs`` would compile.
+
+    Population-level compiling (issue 8): an LTS iteration knows its whole population
+    before it measures any of it. The pieces its architectures lack (the same keys
+    :func:`measure_hardware` would compile, from the parameters' shapes alone) are
+    compiled here on a thread pool, while nothing is being timed; the measurements that
+    follow find them in the registry. XLA:CPU spreads one compile over ~1.5 cores, so two
+    threads gain little on a 2-core machine and more where cores are many
+    (docs/benchmarks.md, stop 27). At most half the registry's bound (``lts.max_pieces``)
+    is compiled ahead, in the population's order, so nothing compiled here is dropped
+    before it is used; the rest compiles when measured, as before.
+
+    ``programs="model"`` (no shared pieces) or ``threads`` < 2: nothing is done.
+    A spec that cannot be cut into pieces is skipped (its measurement reports it).
+
+    Returns {"pieces": compiled, "seconds": the compiles' wall time, "xla_seconds": JAX's
+    compile events summed over the threads (:mod:`nasjax.compile_meter`; above the wall
+    time when threads share cores), "plan_seconds": finding the missing pieces (the
+    parameters' shapes, which the measurements then find cached, and each new piece's
+    output shape)}.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nasjax import compile_meter
+    from nasjax.measure.params import param_tree_shapes
+
+    if programs not in PROGRAMS:
+        raise ValueError(f"programs must be one of {', '.join(map(repr, PROGRAMS))}, got {programs!r}")
+    threads = _check_int(threads, "threads", 1)
+    out = {"pieces": 0, "seconds": 0.0, "xla_seconds": 0.0, "plan_seconds": 0.0}
+    if programs == "model" or threads < 2 or not specs:
+        return out
+    t0 = time.perf_counter()
+    device = jax.devices()[0] if device is None else device
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    where = (device.platform, device.id)
+    budget = max(1, _PIECES.limits["all"] // 2)
+    todo: dict[tuple, tuple] = {}
+    for spec in specs:
+        try:
+            shapes = param_tree_shapes(spec)
+            params = jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding),
+                shapes,
+                is_leaf=lambda v: isinstance(v, tuple),
+            )
+            x = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=sharding)
+            for key, fn, p in _chain_plan(spec, params, programs):
+                full_key = (*key, _layout(p), _layout(x), where)
+                if full_key not in todo and full_key not in _PIECES and len(todo) < budget:
+                    todo[full_key] = (fn, p, x)
+                x = _piece_output(full_key, fn, p, x, sharding)
+        except Exception:  # noqa: BLE001 - not measurable as pieces: its measurement says why
+            continue
+    out["plan_seconds"] = time.perf_counter() - t0
+    if not todo:
+        return out
+    compile_meter.install()
+    t0 = time.perf_counter()
+
+    def build(item) -> float:
+        full_key, (fn, p, x) = item
+        before = compile_meter.thread_seconds()
+        try:
+            _piece(full_key, fn, p, x)
+        except Exception:  # noqa: BLE001 - the measurement compiles it again and reports the error
+            pass
+        return compile_meter.thread_seconds() - before
+
+    with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="nasjax-lts-compile") as pool:
+        xla = list(pool.map(build, todo.items()))
+    out.update(pieces=len(todo), seconds=time.perf_counter() - t0, xla_seconds=float(sum(xla)))
+    return out
+
+
+def _piece_chain(spec: ModelSpec, params, tokens, device, unit: str) -> _Forward:
+    """The forward as a chain of pieces shared across architectures (module docstring).
+
+    ``unit``: ``sublayers`` (attention and FFN sub-layers) or ``layers``.
+    """
+
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    where = (device.platform, device.id)
     steps, seconds, compiled, analyses = [], 0.0, 0, []
     x = tokens
-    for k, (key, fn, p) in enumerate(plan):
+    for k, (key, fn, p) in enumerate(_chain_plan(spec, params, unit)):
         full_key = (*key, _layout(p), _layout(x), where)
         program, dt = _piece(full_key, fn, p, x)
         seconds += dt

@@ -33,7 +33,10 @@ Journal events: ``measured`` (id, key, iteration, origin, genome, decoder_params
 total_params, latency_s, latency_std_s, peak_memory_bytes, device_peak_bytes, flops,
 compile_seconds, compiled_pieces, proxies), ``failed`` (same plus stage, reason: a latency or memory cap
 from the config, or a measurement error), ``iteration`` (iteration, population keys,
-front ids). Random draws come from ``default_rng([seed, iteration])``; on resume every
+front ids, seconds; with the inline and threads engines also precompiled_pieces,
+precompile_seconds, precompile_xla_seconds and precompile_plan_seconds: the pieces compiled ahead for the
+population on ``lts.compile_threads`` threads, which its measurements' own
+``compile_seconds`` no longer include). Random draws come from ``default_rng([seed, iteration])``; on resume every
 population is regenerated from the replayed measurements, and an architecture whose
 key is in the journal is never measured again.
 """
@@ -41,6 +44,7 @@ key is in the journal is never measured again.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -110,8 +114,9 @@ class LTSState:
         return out
 
 
-def measurement_settings(lts) -> tuple[str, int]:
-    """``lts.programs`` and ``lts.max_pieces``, checked (ValueError naming the setting)."""
+def measurement_settings(lts) -> tuple[str, int, int]:
+    """``lts.programs``, ``lts.max_pieces`` and ``lts.compile_threads`` (as a thread count,
+    :func:`compile_threads`), checked (ValueError naming the setting)."""
     from nasjax.measure import hardware
 
     programs = str(lts.get("programs", "model"))
@@ -120,7 +125,26 @@ def measurement_settings(lts) -> tuple[str, int]:
     max_pieces = lts.get("max_pieces", hardware.DEFAULT_MAX_PIECES)
     if isinstance(max_pieces, bool) or not isinstance(max_pieces, int) or max_pieces < 1:
         raise ValueError(f"lts.max_pieces: expected an int >= 1, got {max_pieces!r}")
-    return programs, max_pieces
+    return programs, max_pieces, compile_threads(lts)
+
+
+MAX_COMPILE_THREADS = 8
+
+
+def compile_threads(lts) -> int:
+    """``lts.compile_threads`` (auto | an int >= 1) as a thread count; ValueError naming it."""
+    value = lts.get("compile_threads", "auto")
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return max(1, min(MAX_COMPILE_THREADS, cores))
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"lts.compile_threads: expected auto or an int >= 1, got {value!r}")
+    return value
 
 
 class LTSMeasurer:
@@ -132,8 +156,17 @@ class LTSMeasurer:
 
         self.lts = cfg.lts
         self.proxies = tuple(p.strip() for p in str(self.lts.proxies).split(",") if p.strip())
-        self.programs, max_pieces = measurement_settings(self.lts)
+        self.programs, max_pieces, self.compile_threads = measurement_settings(self.lts)
         hardware.set_max_pieces(max_pieces)
+
+    def precompile(self, specs: list) -> dict:
+        """Compiles the pieces that measuring ``specs`` in this process would compile, on
+        ``lts.compile_threads`` threads (:func:`nasjax.measure.hardware.precompile_pieces`)."""
+        from nasjax.measure import hardware
+
+        return hardware.precompile_pieces(
+            specs, int(self.lts.seq_len), int(self.lts.batch), programs=self.programs, threads=self.compile_threads
+        )
 
     def measure_job(self, spec, payload: dict) -> dict:
         from nasjax.measure import hardware
@@ -236,6 +269,24 @@ class _Search:
             self.state.measured.append(rec)
         return rec
 
+    def precompile(self, pop: list[tuple[StackGenome, str]]) -> dict:
+        """Compiles ahead the pieces of ``pop``'s architectures not yet measured (LTSMeasurer.precompile)."""
+        specs = []
+        for genome, _ in pop:
+            if genome.key() in self.state.by_key or self.space.check(genome) is not None:
+                continue
+            try:
+                specs.append(self.spec(genome))
+            except Exception:  # noqa: BLE001 - prepare() journals it as a failure
+                continue
+        ahead = self.measurer.precompile(specs)
+        if ahead["pieces"]:
+            self.log(
+                f"compiled {ahead['pieces']} pieces ahead for {len(specs)} architectures in {ahead['seconds']:.1f}s "
+                f"({self.measurer.compile_threads} threads; finding them {ahead['plan_seconds']:.1f}s)"
+            )
+        return ahead
+
     # ------------------------------------------------------------------ populations
     def _unseen(self, make, n: int, seen: set[str]) -> list[tuple[StackGenome, str]]:
         out, attempts = [], 0
@@ -290,6 +341,8 @@ class _Search:
 
 def run_lts(ctx) -> Any:
     """The LTS driver for :func:`nasjax.search.run.run_search`."""
+    import jax
+
     from nasjax.search.engine import Job, make_engine
     from nasjax.search.lts_results import export_lts
     from nasjax.search.run import SearchSummary
@@ -307,10 +360,13 @@ def run_lts(ctx) -> Any:
     status = "finished"
     with StopFlag() as stop:
         engine = make_engine(cfg, ctx.tokenizer, search.measurer, should_stop=lambda: stop.stop, log=log)
+        # the measurer runs in this process: an iteration's pieces can be compiled ahead here
+        in_process = str(cfg.get("engine", "inline") or "inline") in ("inline", "threads") and jax.process_count() == 1
         try:
             for iteration in range(done, n_iter + 1):
                 pop = search.population(iteration)
                 t0 = time.perf_counter()
+                ahead = search.precompile(pop) if in_process else None
                 todo, done_now, running = list(pop), 0, 0
                 while (todo or running) and not (stop.stop or ctx.time_is_up()):
                     while todo and engine.busy() < engine.capacity:
@@ -340,6 +396,16 @@ def run_lts(ctx) -> Any:
                     population=[g.key() for g, _ in pop],
                     front=[r["id"] for r in front],
                     seconds=time.perf_counter() - t0,
+                    **(
+                        {}
+                        if ahead is None
+                        else {
+                            "precompiled_pieces": ahead["pieces"],
+                            "precompile_seconds": ahead["seconds"],
+                            "precompile_xla_seconds": ahead["xla_seconds"],
+                            "precompile_plan_seconds": ahead["plan_seconds"],
+                        }
+                    ),
                 )
                 search.state.iterations.append(rec)
         except KeyboardInterrupt:
@@ -357,7 +423,8 @@ def run_lts(ctx) -> Any:
         cache_hits=0,
         best_id=None,
         best_fitness=None,
-        compile_seconds=sum(float(r.get("compile_seconds") or 0) for r in search.state.measured),
+        compile_seconds=sum(float(r.get("compile_seconds") or 0) for r in search.state.measured)
+        + sum(float(r.get("precompile_seconds") or 0) for r in search.state.iterations),
         train_seconds=0.0,
         probe_seconds=0.0,
         wall_seconds=time.perf_counter() - ctx.t_start,

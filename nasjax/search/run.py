@@ -101,6 +101,8 @@ RESUMABLE_KEYS = (
     "collective_timeout_s",
     # how many compiled LTS pieces a process keeps: memory only, the measurements are alike
     "lts.max_pieces",
+    # how many threads compile an LTS population's pieces ahead: the same programs, timed alike
+    "lts.compile_threads",
     # how many bytes of compiled step pieces a process keeps: memory and recompiles only
     "train.segmented_max_mb",
 )
