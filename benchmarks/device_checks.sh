@@ -7,17 +7,21 @@
 #
 #   bash benchmarks/device_checks.sh --fetch
 #
-# Then one call of the device tool, carrying .whl (timeout_s leaving time to rerun):
+# Then one call of the device tool, carrying .whl, with timeout_s=600 (the default steps'
+# limits add up to 560 s, within one command's 600; a device session has 15 minutes in
+# all, starts included):
 #
 #   bash benchmarks/device_checks.sh env throughput vs_torch search
-#   bash benchmarks/device_checks.sh tests
+#
+# and, if time is left, a second call: bash benchmarks/device_checks.sh tests
 #
 # Steps (each under its own time limit; its log goes to $OUT/STEP.log, or to the folder
-# given as DEVICE_CHECKS_OUT, and its tail to stdout):
-#   env         versions, the devices JAX and PyTorch see, nasjax imports      (60 s)
-#   throughput  train_throughput.py, bfloat16, tiny/small/base: tokens/s, MFU  (240 s)
-#   vs_torch    vs_torch.py on the GPU, bfloat16, small and base              (240 s)
-#   search      the default tiny Primer search, 30 evaluations, on the GPU     (240 s)
+# given as DEVICE_CHECKS_OUT, and its tail to stdout; the search's journal is copied there
+# too). The script's exit status is the worst step's.
+#   env         versions, the devices JAX and PyTorch see, nasjax imports      (40 s)
+#   throughput  train_throughput.py, bfloat16, tiny/small/base: tokens/s, MFU  (200 s)
+#   vs_torch    vs_torch.py on the GPU, bfloat16, small and base              (200 s)
+#   search      the default tiny Primer search, 30 evaluations, on the GPU     (120 s)
 #   tests       the whole suite on that machine's CPU (JAX 0.11), 8 workers    (540 s)
 # With no step named: env throughput vs_torch search.
 set -uo pipefail
@@ -49,6 +53,7 @@ else
 fi
 export PYTHONUNBUFFERED=1
 
+WORST=0
 step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2 start rc
   shift 2
@@ -58,12 +63,13 @@ step() {  # step NAME LIMIT_S COMMAND...
   rc=$?
   tail -n 40 "$OUTDIR/$name.log"
   echo "=== $name: rc $rc in $(($(date +%s) - start)) s"
+  [[ $rc -le $WORST ]] || WORST=$rc
 }
 
 run_step() {
   case "$1" in
     env)
-      step env 60 bash -c 'nvidia-smi -L; python3 -c "
+      step env 40 bash -c 'nvidia-smi -L; python3 -c "
 import sys, jax, flax, optax
 print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__)
 print(\"jax devices:\", jax.devices())
@@ -76,13 +82,15 @@ import nasjax.cli, nasjax.search.run, nasjax.train.loop
 print(\"nasjax imports\")
 "' ;;
     throughput)
-      step throughput 240 python3 benchmarks/train_throughput.py --dtype=bfloat16 --sizes=tiny,small,base --steps=20 ;;
-    vs_torch)
-      step vs_torch 240 python3 benchmarks/vs_torch.py --device=cuda --dtype=bfloat16 --sizes=small,base --rounds=5 ;;
+      step throughput 200 python3 benchmarks/train_throughput.py --dtype=bfloat16 --sizes=tiny,small,base --steps=20 ;;
+    vs_torch)  # JAX allocates on demand, so PyTorch finds GPU memory too
+      step vs_torch 200 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 benchmarks/vs_torch.py --device=cuda \
+        --dtype=bfloat16 --sizes=small,base --rounds=5 ;;
     search)
       rm -rf /tmp/nasjax_gpu_search
-      step search 240 python3 -m nasjax.cli search --config=configs/search/primer.py:tiny \
-        --workdir=/tmp/nasjax_gpu_search --config.search.max_evaluations=30 ;;
+      step search 120 python3 -m nasjax.cli search --config=configs/search/primer.py:tiny \
+        --workdir=/tmp/nasjax_gpu_search --config.search.max_evaluations=30
+      cp /tmp/nasjax_gpu_search/journal.jsonl "$OUTDIR/search_journal.jsonl" 2>/dev/null ;;
     tests)
       step tests 540 env JAX_PLATFORMS=cpu python3 -m pytest -n 8 -q -p no:cacheprovider tests ;;
     *)
@@ -97,3 +105,4 @@ for s in "${steps[@]}"; do
   case "$s" in env | throughput | vs_torch | search | tests) ;; *) echo "error: unknown step '$s' (env, throughput, vs_torch, search, tests)" >&2; exit 2 ;; esac
 done
 for s in "${steps[@]}"; do run_step "$s"; done
+exit "$WORST"

@@ -23,9 +23,10 @@ B. (``--search``) The default LTS search (``configs/search/lts.py:cpu``) run to 
    wall time, architectures measured, compile share (the journal's summed
    ``xla_compile_seconds``, every XLA compile of the measurement jobs as JAX reports it,
    and its ``compile_seconds``, the measurement's own compile timing, each over the
-   summed iteration seconds: the evaluation time; both include what was compiled ahead
-   for the iterations' populations, ``lts.compile_threads``: its compile events summed
-   over the threads, and its wall time), architectures per hour, front size.
+   summed iteration seconds: the evaluation time; both over measured and capped
+   architectures, and both include the ``precompiled`` records, what was compiled ahead
+   for the iterations' populations with ``lts.compile_threads``: its compile events
+   summed over the threads, and its wall time), architectures per hour, front size.
    ``--compile_threads=1,auto`` runs sub-layer searches with those settings instead.
    Same quality: every front member of every search is then measured again with
    ``programs=model`` (``--remeasure_repeats`` timed runs) in one process, and each
@@ -152,14 +153,14 @@ def part_b(workroot: str, repeats: int, reuse: bool = False, threads: str = "") 
             info = run_search(overrides, work)
         recs = read_journal(os.path.join(work, "journal.jsonl"), log=lambda *a: None)
         measured = [r for r in recs if r["event"] == "measured"]
-        iterations = [r for r in recs if r["event"] == "iteration"]
+        archs = [r for r in recs if r["event"] in ("measured", "failed")]  # a capped one compiled too
+        ahead = [r for r in recs if r["event"] == "precompiled"]  # lts.compile_threads
         info["measured"] = measured
-        info["seconds"] = sum(float(r["seconds"]) for r in iterations)
-        # what was compiled ahead for each iteration's population (lts.compile_threads) counts too
-        info["compile"] = sum(float(r.get("compile_seconds") or 0) for r in measured)
-        info["compile"] += sum(float(r.get("precompile_seconds") or 0) for r in iterations)
-        info["xla"] = sum(float(r.get("xla_compile_seconds") or 0) for r in measured)
-        info["xla"] += sum(float(r.get("precompile_xla_seconds") or 0) for r in iterations)
+        info["seconds"] = sum(float(r["seconds"]) for r in recs if r["event"] == "iteration")
+        info["compile"] = sum(float(r.get("compile_seconds") or 0) for r in archs)
+        info["compile"] += sum(float(r["seconds"]) for r in ahead)
+        info["xla"] = sum(float(r.get("xla_compile_seconds") or 0) for r in archs)
+        info["xla"] += sum(float(r["xla_seconds"]) for r in ahead)
         info["front"] = front_records(measured, cfg.lts.selection, cfg.lts.memory)
         results[s] = info
         print(f"search {s}: {info['wall']:.0f} s", flush=True)

@@ -160,7 +160,7 @@ chain of attention / FFN sub-layer programs compiled once per process and shared
 architecture | layers: the same with whole layers | model: one program per architecture,
 compiled for each; ``nasjax.measure.hardware``), max_pieces (compiled pieces kept, 256),
 compile_threads (auto | N: the pieces an iteration's population lacks are compiled on N
-threads before any of it is timed; auto = min(8, usable cores), 1 = off), proxies
+threads before any of it is timed; auto = min(8, usable cores), 1 on a GPU; 1 = off), proxies
 (comma-separated zero-cost proxies to record, '' = none), max_latency_s and max_memory_bytes
 (constraints, 0 = none), vocab_size (0 = the tokenizer's),
 validate_architectures (``nasjax lts-validate``), and ``lts.space.*`` (n_layer, d_model,
@@ -390,8 +390,9 @@ def lts_config() -> ml_collections.ConfigDict:
     c.programs = "sublayers"
     c.max_pieces = 256
     # Population-level compiling: the pieces an iteration's population lacks are compiled on
-    # this many threads before any of it is timed ("auto": min(8, usable cores); 1: off,
-    # each piece compiles when first measured). Inline and threads engines only.
+    # this many threads before any of it is timed ("auto": min(8, usable cores), 1 on a GPU,
+    # whose compiles time kernels; 1: off, each piece compiles when first measured). Inline
+    # engine only (the processes and ray engines' workers compile their own pieces).
     c.compile_threads = "auto"
     c.proxies = ""
     c.max_latency_s = 0.0

@@ -161,6 +161,14 @@ class ProgramCache:
         with self._lock:
             return key in self._items
 
+    def touch(self, key: Hashable) -> bool:
+        """Whether ``key`` is held; if so it becomes the most recently used (as a hit would)."""
+        with self._lock:
+            if key not in self._items:
+                return False
+            self._items.move_to_end(key)
+            return True
+
     def __iter__(self) -> Iterator[Hashable]:
         with self._lock:
             return iter(list(self._items))

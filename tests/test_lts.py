@@ -65,12 +65,14 @@ def test_lts_search_exports_and_resumes_without_remeasuring(lts_config, tmp_path
     for r in measured:  # analytic decoder params == counted (eval_shape) params
         assert r["decoder_params"] == r["counted_decoder_params"]
         assert r["latency_s"] > 0 and r["peak_memory_bytes"] > 0
-    iterations = [r for r in recs if r["event"] == "iteration"]
-    assert len(iterations) == 2
-    # the population's pieces were compiled ahead on threads (lts.compile_threads=2), so the
-    # first iteration's measurements compiled none of their own
-    assert iterations[0]["precompiled_pieces"] > 0 and iterations[0]["precompile_seconds"] > 0
+    assert len([r for r in recs if r["event"] == "iteration"]) == 2
+    # the population's pieces were compiled ahead on threads (lts.compile_threads=2), journaled
+    # before its measurements, which then compiled none of their own
+    ahead = [r for r in recs if r["event"] == "precompiled"]
+    assert ahead[0]["iteration"] == 0 and ahead[0]["pieces"] > 0 and ahead[0]["seconds"] > 0
+    assert ahead[0]["seq"] < min(r["seq"] for r in measured)
     assert sum(r["compiled_pieces"] for r in measured if r["iteration"] == 0) == 0
+    assert summary.compile_seconds >= sum(r["seconds"] for r in ahead)
 
     # exports: front CSV/JSON, one trainable spec per member, plots
     front = json.loads((work / "pareto.json").read_text())["front"]
@@ -165,3 +167,23 @@ def test_lts_settings_are_checked_before_measuring(lts_config, tmp_path):
         with pytest.raises(EngineError, match=message):
             run_search(lts_config(**{key: value}), str(tmp_path / key), log=lambda *a: None)
         assert not (tmp_path / key / "journal.jsonl").exists()  # refused before the journal
+
+
+def test_compile_threads_setting(monkeypatch):
+    """lts.compile_threads: auto is min(8, usable cores) on a CPU and 1 on a GPU (whose
+    compiles time kernels); a count is taken as it is; anything else is refused by name."""
+    import jax
+    import ml_collections
+
+    from nasjax.search.lts import MAX_COMPILE_THREADS, compile_threads
+
+    def lts(value):
+        return ml_collections.ConfigDict({"compile_threads": value})
+
+    assert 1 <= compile_threads(lts("auto")) <= MAX_COMPILE_THREADS
+    assert compile_threads(lts("3")) == compile_threads(lts(3)) == 3
+    for bad in ("0", "-1", "many", 0, True):
+        with pytest.raises(ValueError, match="lts.compile_threads: expected auto or an int >= 1"):
+            compile_threads(lts(bad))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert compile_threads(lts("auto")) == 1 and compile_threads(lts("4")) == 4

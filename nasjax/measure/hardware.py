@@ -65,6 +65,7 @@ import dataclasses
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -337,6 +338,7 @@ def precompile_pieces(
     device=None,
     programs: str = "sublayers",
     threads: int = 2,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Compiles, ``threads`` at a time, the pieces that measuring ``specs`` would compile.
 
@@ -344,16 +346,19 @@ def precompile_pieces(
     before it measures any of it. The pieces its architectures lack (the same keys
     :func:`measure_hardware` would compile, from the parameters' shapes alone) are
     compiled here on a thread pool, while nothing is being timed; the measurements that
-    follow find them in the registry. XLA:CPU spreads one compile over ~1.5 cores, so two
-    threads gain little on a 2-core machine and more where cores are many
-    (docs/benchmarks.md, stop 27). At most half the registry's bound (``lts.max_pieces``)
-    is compiled ahead, in the population's order, so nothing compiled here is dropped
-    before it is used; the rest compiles when measured, as before.
+    follow find them in the registry. On a 2-core CPU two threads cut the compiles' wall
+    time by about a third for LTS's small pieces (docs/benchmarks.md, stop 27); where
+    cores are many, more. The pieces the population needs that the registry already holds
+    become its most recently used, and new pieces are compiled, in the population's order,
+    only while they and those fit the registry's bound (``lts.max_pieces``): compiling
+    ahead evicts nothing the population uses. A population that needs more pieces than
+    the bound compiles the rest when measured, as before.
 
     ``programs="model"`` (no shared pieces) or ``threads`` < 2: nothing is done.
     A spec that cannot be cut into pieces is skipped (its measurement reports it).
+    ``should_stop``: once it returns True, the pieces not yet started are skipped.
 
-    Returns {"pieces": compiled, "seconds": the compiles' wall time, "xla_seconds": JAX's
+    Returns {"pieces": compiled (or skipped after a stop), "seconds": the compiles' wall time, "xla_seconds": JAX's
     compile events summed over the threads (:mod:`nasjax.compile_meter`; above the wall
     time when threads share cores), "plan_seconds": finding the missing pieces (the
     parameters' shapes, which the measurements then find cached, and each new piece's
@@ -374,8 +379,9 @@ def precompile_pieces(
     device = jax.devices()[0] if device is None else device
     sharding = jax.sharding.SingleDeviceSharding(device)
     where = (device.platform, device.id)
-    budget = max(1, _PIECES.limits["all"] // 2)
+    limit = _PIECES.limits["all"]
     todo: dict[tuple, tuple] = {}
+    present: set[tuple] = set()
     for spec in specs:
         try:
             shapes = param_tree_shapes(spec)
@@ -387,7 +393,11 @@ def precompile_pieces(
             x = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=sharding)
             for key, fn, p in _chain_plan(spec, params, programs):
                 full_key = (*key, _layout(p), _layout(x), where)
-                if full_key not in todo and full_key not in _PIECES and len(todo) < budget:
+                if full_key in todo or full_key in present:
+                    pass
+                elif _PIECES.touch(full_key):
+                    present.add(full_key)
+                elif len(todo) + len(present) < limit:
                     todo[full_key] = (fn, p, x)
                 x = _piece_output(full_key, fn, p, x, sharding)
         except Exception:  # noqa: BLE001 - not measurable as pieces: its measurement says why
@@ -400,6 +410,8 @@ def precompile_pieces(
 
     def build(item) -> float:
         full_key, (fn, p, x) = item
+        if should_stop is not None and should_stop():
+            return 0.0
         before = compile_meter.thread_seconds()
         try:
             _piece(full_key, fn, p, x)

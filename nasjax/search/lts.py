@@ -32,11 +32,11 @@ lower convex hull of (latency, -P), the variant the seed text describes.
 Journal events: ``measured`` (id, key, iteration, origin, genome, decoder_params,
 total_params, latency_s, latency_std_s, peak_memory_bytes, device_peak_bytes, flops,
 compile_seconds, compiled_pieces, proxies), ``failed`` (same plus stage, reason: a latency or memory cap
-from the config, or a measurement error), ``iteration`` (iteration, population keys,
-front ids, seconds; with the inline and threads engines also precompiled_pieces,
-precompile_seconds, precompile_xla_seconds and precompile_plan_seconds: the pieces compiled ahead for the
-population on ``lts.compile_threads`` threads, which its measurements' own
-``compile_seconds`` no longer include). Random draws come from ``default_rng([seed, iteration])``; on resume every
+from the config, or a measurement error), ``precompiled`` (iteration, pieces, seconds,
+xla_seconds, plan_seconds: the pieces compiled ahead for an iteration's population on
+``lts.compile_threads`` threads, written before its measurements, whose own
+``compile_seconds`` do not include them; inline engine), ``iteration`` (iteration,
+population keys, front ids, seconds). Random draws come from ``default_rng([seed, iteration])``; on resume every
 population is regenerated from the replayed measurements, and an architecture whose
 key is in the journal is never measured again.
 """
@@ -94,6 +94,7 @@ class LTSState:
     by_key: dict[str, dict] = dataclasses.field(default_factory=dict)  # measured or failed, by genome key
     measured: list[dict] = dataclasses.field(default_factory=list)
     iterations: list[dict] = dataclasses.field(default_factory=list)
+    precompiled: list[dict] = dataclasses.field(default_factory=list)  # pieces compiled ahead, per iteration
     next_id: int = 0
 
     def replay(self, records: list[dict]) -> None:
@@ -105,6 +106,8 @@ class LTSState:
                     self.measured.append(rec)
             elif rec["event"] == "iteration":
                 self.iterations.append(rec)
+            elif rec["event"] == "precompiled":
+                self.precompiled.append(rec)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -132,9 +135,17 @@ MAX_COMPILE_THREADS = 8
 
 
 def compile_threads(lts) -> int:
-    """``lts.compile_threads`` (auto | an int >= 1) as a thread count; ValueError naming it."""
+    """``lts.compile_threads`` (auto | an int >= 1) as a thread count; ValueError naming it.
+
+    ``auto``: min(8, usable cores), except on a GPU, where XLA times candidate kernels
+    while it compiles (autotuning) and compiles sharing the GPU would disturb those
+    timings: 1 there."""
     value = lts.get("compile_threads", "auto")
     if isinstance(value, str) and value.strip().lower() == "auto":
+        import jax
+
+        if jax.default_backend() == "gpu":
+            return 1
         try:
             cores = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
@@ -159,13 +170,18 @@ class LTSMeasurer:
         self.programs, max_pieces, self.compile_threads = measurement_settings(self.lts)
         hardware.set_max_pieces(max_pieces)
 
-    def precompile(self, specs: list) -> dict:
+    def precompile(self, specs: list, should_stop=None) -> dict:
         """Compiles the pieces that measuring ``specs`` in this process would compile, on
         ``lts.compile_threads`` threads (:func:`nasjax.measure.hardware.precompile_pieces`)."""
         from nasjax.measure import hardware
 
         return hardware.precompile_pieces(
-            specs, int(self.lts.seq_len), int(self.lts.batch), programs=self.programs, threads=self.compile_threads
+            specs,
+            int(self.lts.seq_len),
+            int(self.lts.batch),
+            programs=self.programs,
+            threads=self.compile_threads,
+            should_stop=should_stop,
         )
 
     def measure_job(self, spec, payload: dict) -> dict:
@@ -269,8 +285,9 @@ class _Search:
             self.state.measured.append(rec)
         return rec
 
-    def precompile(self, pop: list[tuple[StackGenome, str]]) -> dict:
-        """Compiles ahead the pieces of ``pop``'s architectures not yet measured (LTSMeasurer.precompile)."""
+    def precompile(self, pop: list[tuple[StackGenome, str]], iteration: int, should_stop=None) -> None:
+        """Compiles ahead the pieces of ``pop``'s architectures not yet measured
+        (LTSMeasurer.precompile) and journals what it did (a ``precompiled`` record)."""
         specs = []
         for genome, _ in pop:
             if genome.key() in self.state.by_key or self.space.check(genome) is not None:
@@ -279,13 +296,16 @@ class _Search:
                 specs.append(self.spec(genome))
             except Exception:  # noqa: BLE001 - prepare() journals it as a failure
                 continue
-        ahead = self.measurer.precompile(specs)
-        if ahead["pieces"]:
-            self.log(
-                f"compiled {ahead['pieces']} pieces ahead for {len(specs)} architectures in {ahead['seconds']:.1f}s "
-                f"({self.measurer.compile_threads} threads; finding them {ahead['plan_seconds']:.1f}s)"
-            )
-        return ahead
+        ahead = self.measurer.precompile(specs, should_stop)
+        self.measure_seconds += ahead["seconds"] + ahead["plan_seconds"]  # for the progress line's rate
+        if not ahead["pieces"]:
+            return
+        self.log(
+            f"compiled {ahead['pieces']} pieces ahead for {len(specs)} architectures in {ahead['seconds']:.1f}s "
+            f"({self.measurer.compile_threads} threads; finding them {ahead['plan_seconds']:.1f}s)"
+        )
+        rec = self.ctx.journal.append("precompiled", iteration=iteration, **ahead)
+        self.state.precompiled.append(rec)
 
     # ------------------------------------------------------------------ populations
     def _unseen(self, make, n: int, seen: set[str]) -> list[tuple[StackGenome, str]]:
@@ -361,12 +381,13 @@ def run_lts(ctx) -> Any:
     with StopFlag() as stop:
         engine = make_engine(cfg, ctx.tokenizer, search.measurer, should_stop=lambda: stop.stop, log=log)
         # the measurer runs in this process: an iteration's pieces can be compiled ahead here
-        in_process = str(cfg.get("engine", "inline") or "inline") in ("inline", "threads") and jax.process_count() == 1
+        in_process = str(cfg.get("engine", "inline") or "inline") == "inline" and jax.process_count() == 1
         try:
             for iteration in range(done, n_iter + 1):
                 pop = search.population(iteration)
                 t0 = time.perf_counter()
-                ahead = search.precompile(pop) if in_process else None
+                if in_process and not (stop.stop or ctx.time_is_up()):
+                    search.precompile(pop, iteration, lambda: stop.stop or ctx.time_is_up())
                 todo, done_now, running = list(pop), 0, 0
                 while (todo or running) and not (stop.stop or ctx.time_is_up()):
                     while todo and engine.busy() < engine.capacity:
@@ -396,16 +417,6 @@ def run_lts(ctx) -> Any:
                     population=[g.key() for g, _ in pop],
                     front=[r["id"] for r in front],
                     seconds=time.perf_counter() - t0,
-                    **(
-                        {}
-                        if ahead is None
-                        else {
-                            "precompiled_pieces": ahead["pieces"],
-                            "precompile_seconds": ahead["seconds"],
-                            "precompile_xla_seconds": ahead["xla_seconds"],
-                            "precompile_plan_seconds": ahead["plan_seconds"],
-                        }
-                    ),
                 )
                 search.state.iterations.append(rec)
         except KeyboardInterrupt:
@@ -424,7 +435,7 @@ def run_lts(ctx) -> Any:
         best_id=None,
         best_fitness=None,
         compile_seconds=sum(float(r.get("compile_seconds") or 0) for r in search.state.measured)
-        + sum(float(r.get("precompile_seconds") or 0) for r in search.state.iterations),
+        + sum(float(r.get("seconds") or 0) for r in search.state.precompiled),
         train_seconds=0.0,
         probe_seconds=0.0,
         wall_seconds=time.perf_counter() - ctx.t_start,
