@@ -208,9 +208,17 @@ def test_precompiled_pieces_are_the_ones_measurements_compile(programs):
             m = measure_hardware(spec, seq_len=16, repeats=1, warmup=0, programs=programs)
             assert m.compiled_pieces == 0 and m.latency_s > 0
         assert hardware.precompile_pieces(specs, 16, programs=programs, threads=2)["pieces"] == 0
+        # the bound: new pieces fit it (here 4), and the pieces a population needs that the
+        # registry holds are kept (refreshed), not evicted by what is compiled ahead
         hardware.clear_pieces()
         hardware.set_max_pieces(4)
-        assert hardware.precompile_pieces(specs, 16, programs=programs, threads=2)["pieces"] == 2
+        assert hardware.precompile_pieces(specs, 16, programs=programs, threads=2)["pieces"] == 4
+        hardware.clear_pieces()
+        measure_hardware(specs[0], seq_len=16, repeats=1, programs=programs)
+        held = set(hardware._PIECES)
+        assert len(held) == 4
+        assert hardware.precompile_pieces(specs[::-1], 16, programs=programs, threads=2)["pieces"] == 0
+        assert set(hardware._PIECES) == held
         with pytest.raises(ValueError, match="threads must be >= 1"):
             hardware.precompile_pieces(specs, 16, threads=0)
     finally:

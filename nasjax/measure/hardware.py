@@ -379,9 +379,7 @@ def precompile_pieces(
     device = jax.devices()[0] if device is None else device
     sharding = jax.sharding.SingleDeviceSharding(device)
     where = (device.platform, device.id)
-    limit = _PIECES.limits["all"]
-    todo: dict[tuple, tuple] = {}
-    present: set[tuple] = set()
+    needed: dict[tuple, tuple] = {}  # the population's pieces, in the order it uses them
     for spec in specs:
         try:
             shapes = param_tree_shapes(spec)
@@ -393,15 +391,14 @@ def precompile_pieces(
             x = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=sharding)
             for key, fn, p in _chain_plan(spec, params, programs):
                 full_key = (*key, _layout(p), _layout(x), where)
-                if full_key in todo or full_key in present:
-                    pass
-                elif _PIECES.touch(full_key):
-                    present.add(full_key)
-                elif len(todo) + len(present) < limit:
-                    todo[full_key] = (fn, p, x)
+                needed.setdefault(full_key, (fn, p, x))
                 x = _piece_output(full_key, fn, p, x, sharding)
         except Exception:  # noqa: BLE001 - not measurable as pieces: its measurement says why
             continue
+    # those held become the most recently used; new ones only while both fit the bound
+    present = {k for k in needed if _PIECES.touch(k)}
+    room = max(0, _PIECES.limits["all"] - len(present))
+    todo = dict([(k, v) for k, v in needed.items() if k not in present][:room])
     out["plan_seconds"] = time.perf_counter() - t0
     if not todo:
         return out
