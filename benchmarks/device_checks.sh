@@ -41,6 +41,11 @@ if [[ "${1:-}" == "--fetch" ]]; then
   exit 0
 fi
 
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(env throughput vs_torch search)
+for s in "${steps[@]}"; do
+  case "$s" in env | throughput | vs_torch | search | tests) ;; *) echo "error: unknown step '$s' (env, throughput, vs_torch, search, tests)" >&2; exit 2 ;; esac
+done
 OUTDIR="${DEVICE_CHECKS_OUT:-${OUT:-/tmp/nasjax_device_checks}}"
 mkdir -p "$OUTDIR"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -93,16 +98,8 @@ print(\"nasjax imports\")
       cp /tmp/nasjax_gpu_search/journal.jsonl "$OUTDIR/search_journal.jsonl" 2>/dev/null ;;
     tests)
       step tests 540 env JAX_PLATFORMS=cpu python3 -m pytest -n 8 -q -p no:cacheprovider tests ;;
-    *)
-      echo "error: unknown step '$1' (env, throughput, vs_torch, search, tests)" >&2
-      return 2 ;;
-  esac
+  esac  # names are checked before any step runs
 }
 
-steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(env throughput vs_torch search)
-for s in "${steps[@]}"; do
-  case "$s" in env | throughput | vs_torch | search | tests) ;; *) echo "error: unknown step '$s' (env, throughput, vs_torch, search, tests)" >&2; exit 2 ;; esac
-done
 for s in "${steps[@]}"; do run_step "$s"; done
 exit "$WORST"

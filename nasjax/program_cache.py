@@ -156,11 +156,6 @@ class ProgramCache:
         with self._lock:
             return len(self._items)
 
-    def __contains__(self, key: Hashable) -> bool:
-        """Whether ``key`` is held (a lookup only: its place in the LRU order is unchanged)."""
-        with self._lock:
-            return key in self._items
-
     def touch(self, key: Hashable) -> bool:
         """Whether ``key`` is held; if so it becomes the most recently used (as a hit would)."""
         with self._lock:

@@ -197,6 +197,8 @@ def test_precompiled_pieces_are_the_ones_measurements_compile(programs):
         for noop in (dict(threads=1), dict(programs="model")):
             kwargs = {"programs": programs, "threads": 2, **noop}
             assert hardware.precompile_pieces(specs, 16, **kwargs)["pieces"] == 0 and len(hardware._PIECES) == 0
+        stopped = hardware.precompile_pieces(specs, 16, programs=programs, threads=2, should_stop=lambda: True)
+        assert stopped["pieces"] == 0 and len(hardware._PIECES) == 0  # a stop skips what has not started
         expected = sum(measure_hardware(s, seq_len=16, repeats=1, programs=programs).compiled_pieces for s in specs)
         hardware.clear_pieces()
         bert = get_spec("bert", "tiny", vocab_size=64, max_len=64)  # an MLM head: not cut, skipped

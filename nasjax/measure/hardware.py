@@ -280,6 +280,12 @@ def _whole_model(model, params, tokens) -> _Forward:
     )
 
 
+def _full_key(key: tuple, p, x, where: tuple) -> tuple:
+    """A piece's registry key: what it computes (``key``), its parameters' and input's
+    layouts, and the device; measurements and :func:`precompile_pieces` both use it."""
+    return (*key, _layout(p), _layout(x), where)
+
+
 def _piece(key: tuple, fn, *args) -> tuple[Any, float]:
     """The compiled piece under ``key`` (compiled from ``fn`` and ``args`` on a miss), and
     the seconds this call spent compiling it (0 on a hit)."""
@@ -358,8 +364,8 @@ def precompile_pieces(
     A spec that cannot be cut into pieces is skipped (its measurement reports it).
     ``should_stop``: once it returns True, the pieces not yet started are skipped.
 
-    Returns {"pieces": compiled (or skipped after a stop), "seconds": the compiles' wall time, "xla_seconds": JAX's
-    compile events summed over the threads (:mod:`nasjax.compile_meter`; above the wall
+    Returns {"pieces": how many were compiled, "seconds": the compiles' wall time,
+    "xla_seconds": JAX's compile events summed over the threads (:mod:`nasjax.compile_meter`; above the wall
     time when threads share cores), "plan_seconds": finding the missing pieces (the
     parameters' shapes, which the measurements then find cached, and each new piece's
     output shape)}.
@@ -390,7 +396,7 @@ def precompile_pieces(
             )
             x = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=sharding)
             for key, fn, p in _chain_plan(spec, params, programs):
-                full_key = (*key, _layout(p), _layout(x), where)
+                full_key = _full_key(key, p, x, where)
                 needed.setdefault(full_key, (fn, p, x))
                 x = _piece_output(full_key, fn, p, x, sharding)
         except Exception:  # noqa: BLE001 - not measurable as pieces: its measurement says why
@@ -405,10 +411,10 @@ def precompile_pieces(
     compile_meter.install()
     t0 = time.perf_counter()
 
-    def build(item) -> float:
+    def build(item) -> float | None:  # JAX's compile seconds; None when skipped after a stop
         full_key, (fn, p, x) = item
         if should_stop is not None and should_stop():
-            return 0.0
+            return None
         before = compile_meter.thread_seconds()
         try:
             _piece(full_key, fn, p, x)
@@ -417,8 +423,8 @@ def precompile_pieces(
         return compile_meter.thread_seconds() - before
 
     with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="nasjax-lts-compile") as pool:
-        xla = list(pool.map(build, todo.items()))
-    out.update(pieces=len(todo), seconds=time.perf_counter() - t0, xla_seconds=float(sum(xla)))
+        xla = [s for s in pool.map(build, todo.items()) if s is not None]
+    out.update(pieces=len(xla), seconds=time.perf_counter() - t0, xla_seconds=float(sum(xla)))
     return out
 
 
@@ -427,13 +433,12 @@ def _piece_chain(spec: ModelSpec, params, tokens, device, unit: str) -> _Forward
 
     ``unit``: ``sublayers`` (attention and FFN sub-layers) or ``layers``.
     """
-
     sharding = jax.sharding.SingleDeviceSharding(device)
     where = (device.platform, device.id)
     steps, seconds, compiled, analyses = [], 0.0, 0, []
     x = tokens
     for k, (key, fn, p) in enumerate(_chain_plan(spec, params, unit)):
-        full_key = (*key, _layout(p), _layout(x), where)
+        full_key = _full_key(key, p, x, where)
         program, dt = _piece(full_key, fn, p, x)
         seconds += dt
         compiled += dt > 0
