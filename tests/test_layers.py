@@ -1,5 +1,7 @@
 """Layer tests: each block against an independent NumPy / closed-form reference."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -524,6 +526,55 @@ def test_initializers_give_flax_values_op_by_op_and_traced(shape):
         big,
         ours.size_class(big + 1),
     ]
+
+
+def _init_under_vmaps(f, shape, keys, axes=(0,)):
+    """``f`` (an initializer) under one vmap per entry of ``axes`` (outermost first)."""
+    fn = functools.partial(lambda k, f, shape: f(k, shape, jnp.float32), f=f, shape=shape)
+    for axis in reversed(axes):
+        fn = jax.vmap(fn, in_axes=axis)
+    return fn(keys)
+
+
+def test_vmapped_initializers_give_flax_values_and_compile_nothing_per_shape():
+    """Under vmap without jit (branched parameters): Flax's values bit for bit, nested and
+    with the batch axis anywhere; a key array or raw keys take Flax's path (and its
+    error); a new shape of a draw class seen before compiles no program (the cut and the
+    fills are made on the host, :func:`nasjax.layers.init._fill_on_host`)."""
+    import flax.linen as nn
+
+    from nasjax.layers import init as ours
+
+    keys = jax.random.split(jax.random.key(11), 6).reshape(3, 2)
+    raw = jax.random.split(jax.random.PRNGKey(3), 4)
+    pairs = [(ours.normal(0.02), nn.initializers.normal(0.02)), (ours.constant(0.3), nn.initializers.constant(0.3))]
+    for shape in [(3,), (64, 128), (2, 2, 16, 9)]:
+        for mine, ref in pairs:
+            for batch, in_axes in ((keys, (0, 0)), (keys, (1, 0)), (raw, (0,))):
+                a = np.asarray(_init_under_vmaps(mine, shape, batch, in_axes))
+                b = np.asarray(_init_under_vmaps(ref, shape, batch, in_axes))
+                assert a.shape == b.shape and a.dtype == b.dtype
+                np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="single key"):
+        jax.vmap(lambda k: ours.normal(0.02)(k, (4,), jnp.float32), in_axes=1)(keys)
+
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        branches = jax.random.split(jax.random.key(5), 4)
+        for i, shape in enumerate([(64, 128), (32, 200), (8192,), (4, 2, 1000)]):  # one draw class (16,384)
+            for f in (ours.normal(0.02), ours.constant(0.5)):
+                _init_under_vmaps(f, shape, branches).block_until_ready()
+            if i == 0:
+                compiled.clear()  # the class's sampler for 4 branches is compiled once
+        assert compiled == []
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 @pytest.mark.parametrize("batch_shape", [(2, 3), (4,)])

@@ -10,11 +10,18 @@ without that:
 * ``normal``: with JAX's partitionable threefry (the default), the draw of a shape is
   the row-major prefix of a longer 1-D draw from the same key, bit for bit. Run op by
   op (a concrete key), the sampler therefore draws a 1-D array of a draw class
-  (:func:`draw_class`) and the host cuts, reshapes and scales it; under ``vmap`` alone
-  (branched parameters) the batched sampler draws and scales the draw class in one
-  program and jax cuts it; under jit (or ``eval_shape``) it is Flax's own expression,
-  which XLA fuses;
+  (:func:`draw_class`) and the host cuts, reshapes and scales it; under jit (or
+  ``eval_shape``) it is Flax's own expression, which XLA fuses;
 * ``zeros``, ``ones``, ``constant``: filled on the host when run op by op.
+
+Under ``vmap`` without jit (the branched parameters of a Primer program, ``nn.vmap``
+over concrete keys), jax would run the cut, the reshape and the broadcast of a constant
+as per-shape programs of the batched values: ~16 of the ~50 init programs a default
+search compiled after its first candidate (docs/benchmarks.md, stop 28). There the
+initializer is a :func:`jax.custom_batching.custom_vmap` function whose rule receives the
+batched keys themselves, concrete, and computes the batched leaf as above: one sampler
+program per (key batch shape, draw class), the cut and the fill on the host. Nested
+vmaps are taken one level further out each (:func:`_host_batched`).
 
 The values equal ``flax.linen.initializers``' exactly (``tests/test_layers.py``); with a
 non-threefry key or a non-partitionable threefry, ``normal`` falls back to the per-shape
@@ -67,12 +74,15 @@ def draw_class(n: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("n", "dtype"))
-def _scaled_draw(key, scale, n: int, dtype):
-    """``random.normal(key, (n,), dtype) * scale`` as one program (the vmapped path: one
-    compile per (branches, draw class) rather than a sampler and a product). The barrier
-    keeps XLA from folding the scale into the sampler's own last product, which changes
-    the rounding of some values (measured: 2 of 9 differed in the last bit)."""
-    return jax.lax.optimization_barrier(jax.random.normal(key, (n,), dtype)) * scale
+def _scaled_draw(keys, scale, n: int, dtype):
+    """``random.normal(key, (n,), dtype) * scale`` for every key of a key array of any
+    shape B, as one program with output B + (n,) (the vmapped path: one compile per (key
+    batch shape, draw class) rather than a sampler and a product). The barrier keeps XLA
+    from folding the scale into the sampler's own last product, which changes the
+    rounding of some values (measured: 2 of 9 differed in the last bit)."""
+    flat = keys.reshape(-1)
+    draws = jax.vmap(lambda k: jax.lax.optimization_barrier(jax.random.normal(k, (n,), dtype)))(flat)
+    return (draws * scale).reshape(keys.shape + (n,))
 
 
 def _under_jit() -> bool:
@@ -91,6 +101,66 @@ def _op_by_op(key, out_sharding) -> bool:
     if out_sharding is not None:
         return False
     return not isinstance(key, jax.core.Tracer) or not _under_jit()
+
+
+def _vmap_depth(key) -> int | None:
+    """How many vmaps batch ``key`` when under them is a concrete typed key array (0:
+    the key is concrete); None for any other tracer (jit, grad), a raw ``uint32`` key
+    under vmap, or a JAX whose batch tracers this does not know."""
+    try:
+        from jax._src.interpreters.batching import BatchTracer
+    except ImportError:  # pragma: no cover - another JAX layout
+        return None if isinstance(key, jax.core.Tracer) else 0
+    depth = 0
+    while isinstance(key, BatchTracer):
+        key, depth = getattr(key, "val", None), depth + 1
+    if key is None or isinstance(key, jax.core.Tracer):
+        return None
+    if depth == 0:
+        return 0
+    return depth if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else None
+
+
+# The batched functions of :func:`_host_batched`, by (depth, leaf, shape, dtype): a
+# handful per search (branch counts times parameter shapes); bounded all the same.
+@functools.lru_cache(maxsize=4096)
+def _batched_leaf(depth: int, leaf: tuple, shape: tuple, dtype) -> jax.custom_batching.custom_vmap:
+    """The initializer's leaf as a function of a key array of ``depth`` dims (its unbatched
+    meaning: ``depth`` nested vmaps of the initializer), whose vmap rule computes the
+    batched leaf from concrete keys (:func:`_fill_on_host`), or, when the keys are batched
+    once more, defers to the function of one more dim."""
+
+    @jax.custom_batching.custom_vmap
+    def leaf_of(key):
+        # Traced by custom_vmap only for the output's type: every call of this function is
+        # under a vmap (:func:`_host_batched`), so the rule below gives its values.
+        return jnp.zeros(key.shape + shape, dtype)
+
+    @leaf_of.def_vmap
+    def rule(axis_size, in_batched, key):
+        del axis_size, in_batched
+        if isinstance(key, jax.core.Tracer):  # batched by an outer vmap too
+            return _batched_leaf(depth + 1, leaf, shape, dtype)(key), True
+        return jax.device_put(_fill_on_host(key, leaf, shape, dtype)), True
+
+    return leaf_of
+
+
+def _fill_on_host(keys, leaf: tuple, shape: tuple, dtype) -> np.ndarray:
+    """The leaves of a concrete key array of any shape B, as one array of shape B + shape:
+    ``("normal", stddev)`` draws one draw class per key in one program and cuts it on the
+    host; ``("constant", value)`` is filled on the host."""
+    batch = tuple(keys.shape)
+    if leaf[0] == "constant":
+        return np.full(batch + shape, leaf[1], dtype)
+    n = math.prod(shape)
+    draws = np.asarray(_scaled_draw(keys, np.asarray(leaf[1], dtype), n=draw_class(n), dtype=jnp.dtype(dtype)))
+    return draws[..., :n].reshape(batch + shape)
+
+
+def _host_batched(key, leaf: tuple, shape: tuple, dtype):
+    """The leaf for ``key``, batched by one or more vmaps over concrete keys."""
+    return _batched_leaf(0, leaf, tuple(int(d) for d in shape), jnp.dtype(dtype))(key)
 
 
 def _prefix_consistent(key) -> bool:
@@ -113,14 +183,15 @@ def normal(stddev: float = 1e-2, dtype=jnp.float32):
     def _normal(key, shape, dtype, out_sharding):
         n = math.prod(shape)
         if n and _op_by_op(key, out_sharding) and _prefix_consistent(key):
-            if not isinstance(key, jax.core.Tracer):
+            depth = _vmap_depth(key) if jnp.ndim(key) == 0 else None  # a key array: flax's error
+            if depth == 0:
                 draw = np.asarray(jax.random.normal(key, (draw_class(n),), dtype))
-                return jnp.asarray(draw[:n].reshape(shape) * np.asarray(stddev, dtype))
-            # vmapped (branched parameters): the batched sampler and the scaling per draw
-            # class, then per-shape slicing (the same values: each key's draw is a prefix,
-            # and scaling is elementwise, so scaling before the cut changes no bit)
-            draw = _scaled_draw(key, jnp.array(stddev, dtype), n=draw_class(n), dtype=jnp.dtype(dtype))
-            return draw[:n].reshape(shape)
+                return jax.device_put(draw[:n].reshape(shape) * np.asarray(stddev, dtype))
+            if depth is not None:
+                # vmapped (branched parameters): the batched sampler and the scaling per
+                # draw class, the cut on the host (the same values: each key's draw is a
+                # prefix, and scaling is elementwise, so scaling before the cut changes no bit)
+                return _host_batched(key, ("normal", float(stddev)), shape, dtype)
         return jax.random.normal(key, shape, dtype, out_sharding=out_sharding) * jnp.array(stddev, dtype)
 
     return init
@@ -132,7 +203,9 @@ def constant(value, dtype=jnp.float32):
     def init(key, shape, dtype=dtype, out_sharding=None):
         dtype = jnp.float32 if dtype is None else dtype
         if _op_by_op(key, out_sharding):
-            return jnp.asarray(np.full(tuple(shape), value, dtype))
+            if _vmap_depth(key):  # vmapped: filled batched on the host, not broadcast per shape
+                return _host_batched(key, ("constant", np.asarray(value, dtype).item()), shape, dtype)
+            return jax.device_put(np.full(tuple(shape), value, dtype))
         return jnp.full(shape, value, dtype, device=out_sharding)
 
     return init
