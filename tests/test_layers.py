@@ -557,6 +557,40 @@ def test_vmapped_initializers_give_flax_values_and_compile_nothing_per_shape():
                 np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="single key"):
         jax.vmap(lambda k: ours.normal(0.02)(k, (4,), jnp.float32), in_axes=1)(keys)
+    # a key array under vmap: Flax's shape for a constant (the key is not read)
+    ref_const = nn.initializers.constant(0.3)
+    for axes in ((0,), (1,)):
+        a = _init_under_vmaps(ours.constant(0.3), (4,), keys, axes)
+        b = _init_under_vmaps(ref_const, (4,), keys, axes)
+        assert a.shape == b.shape == (keys.shape[axes[0]], 4)
+
+    # a key that the vmap does not batch but wraps in its tracer (the output of a custom_jvp
+    # function): jax would run the custom_vmap body, not its rule; Flax's values all the same
+    @jax.custom_jvp
+    def passed(k):
+        return k
+
+    passed.defjvp(lambda primals, tangents: (primals[0], tangents[0]))
+    one_key = jax.random.key(4)
+    for mine, ref in pairs:
+        a, b = (
+            np.asarray(jax.vmap(lambda x, f=f: f(passed(one_key), (5, 3), jnp.float32) + 0 * x)(jnp.ones(2)))
+            for f in (mine, ref)
+        )
+        np.testing.assert_array_equal(a, b)
+    # signed zeros and bfloat16 keep Flax's bits (the cache of batched functions tells -0.0 from 0.0)
+    branches = jax.random.split(jax.random.key(6), 4)
+    for mine, ref in [
+        (ours.constant(0.0), nn.initializers.constant(0.0)),
+        (ours.constant(-0.0), nn.initializers.constant(-0.0)),
+        (ours.normal(-0.0), nn.initializers.normal(-0.0)),
+        (ours.normal(0.0), nn.initializers.normal(0.0)),
+    ]:
+        a, b = (np.asarray(_init_under_vmaps(f, (6, 7), branches)) for f in (mine, ref))
+        assert a.tobytes() == b.tobytes()
+    for mine, ref in pairs:
+        a, b = (np.asarray(jax.vmap(lambda k, f=f: f(k, (33, 65), jnp.bfloat16))(branches)) for f in (mine, ref))
+        assert a.dtype == b.dtype == jnp.bfloat16 and a.tobytes() == b.tobytes()
 
     compiled = []
 

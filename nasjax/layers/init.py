@@ -105,14 +105,18 @@ def _op_by_op(key, out_sharding) -> bool:
 
 def _vmap_depth(key) -> int | None:
     """How many vmaps batch ``key`` when under them is a concrete typed key array (0:
-    the key is concrete); None for any other tracer (jit, grad), a raw ``uint32`` key
-    under vmap, or a JAX whose batch tracers this does not know."""
+    the key is concrete); None for any other tracer (jit, grad), a batch tracer whose
+    value the vmap does not batch (``batch_dim`` None: jax would evaluate the
+    custom_vmap function's body instead of its rule), a raw ``uint32`` key under vmap, or
+    a JAX whose batch tracers this does not know."""
     try:
         from jax._src.interpreters.batching import BatchTracer
     except ImportError:  # pragma: no cover - another JAX layout
         return None if isinstance(key, jax.core.Tracer) else 0
     depth = 0
     while isinstance(key, BatchTracer):
+        if getattr(key, "batch_dim", None) is None:  # a value the vmap does not batch: no rule would run
+            return None
         key, depth = getattr(key, "val", None), depth + 1
     if key is None or isinstance(key, jax.core.Tracer):
         return None
@@ -132,8 +136,9 @@ def _batched_leaf(depth: int, leaf: tuple, shape: tuple, dtype) -> jax.custom_ba
 
     @jax.custom_batching.custom_vmap
     def leaf_of(key):
-        # Traced by custom_vmap only for the output's type: every call of this function is
-        # under a vmap (:func:`_host_batched`), so the rule below gives its values.
+        # Traced by custom_vmap only for the output's type: this function is called only
+        # with a key that a vmap batches (:func:`_vmap_depth`), so the rule below gives
+        # its values.
         return jnp.zeros(key.shape + shape, dtype)
 
     @leaf_of.def_vmap
@@ -158,9 +163,13 @@ def _fill_on_host(keys, leaf: tuple, shape: tuple, dtype) -> np.ndarray:
     return draws[..., :n].reshape(batch + shape)
 
 
-def _host_batched(key, leaf: tuple, shape: tuple, dtype):
-    """The leaf for ``key``, batched by one or more vmaps over concrete keys."""
-    return _batched_leaf(0, leaf, tuple(int(d) for d in shape), jnp.dtype(dtype))(key)
+def _host_batched(key, kind: str, value, shape: tuple, dtype):
+    """The leaf for ``key``, batched by one or more vmaps over concrete keys. The cache key
+    holds the value's bytes too (``0.0 == -0.0`` as Python floats, and NaN != NaN)."""
+    dtype = jnp.dtype(dtype)
+    exact = np.asarray(value, dtype)
+    leaf = (kind, exact.item(), exact.tobytes())
+    return _batched_leaf(0, leaf, tuple(int(d) for d in shape), dtype)(key)
 
 
 def _prefix_consistent(key) -> bool:
@@ -191,7 +200,7 @@ def normal(stddev: float = 1e-2, dtype=jnp.float32):
                 # vmapped (branched parameters): the batched sampler and the scaling per
                 # draw class, the cut on the host (the same values: each key's draw is a
                 # prefix, and scaling is elementwise, so scaling before the cut changes no bit)
-                return _host_batched(key, ("normal", float(stddev)), shape, dtype)
+                return _host_batched(key, "normal", stddev, shape, dtype)
         return jax.random.normal(key, shape, dtype, out_sharding=out_sharding) * jnp.array(stddev, dtype)
 
     return init
@@ -203,8 +212,8 @@ def constant(value, dtype=jnp.float32):
     def init(key, shape, dtype=dtype, out_sharding=None):
         dtype = jnp.float32 if dtype is None else dtype
         if _op_by_op(key, out_sharding):
-            if _vmap_depth(key):  # vmapped: filled batched on the host, not broadcast per shape
-                return _host_batched(key, ("constant", np.asarray(value, dtype).item()), shape, dtype)
+            if jnp.ndim(key) == 0 and _vmap_depth(key):  # vmapped: filled batched on the host
+                return _host_batched(key, "constant", value, shape, dtype)
             return jax.device_put(np.full(tuple(shape), value, dtype))
         return jnp.full(shape, value, dtype, device=out_sharding)
 
