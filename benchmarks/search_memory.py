@@ -19,6 +19,10 @@ caches, the evolution's history, the journal index, the probe's parameter hand-o
 Small candidates are the hard case for memory (many programs per minute), and make
 1,000 evaluations take minutes instead of hours on a CPU.
 
+After the memory table it prints, from the search's journal, XLA's compile seconds
+against wall time per ``--window`` results and by outcome (trained, stopped at a hurdle,
+reused, failed); ``--report=DIR`` prints only those, for a finished search in DIR.
+
 History or current candidates? ``--resume_from=DIR --resume_at=N`` copies the finished
 search DIR's settings and the first N results of its journal into ``--workdir`` and
 resumes the search there, in a fresh process (same overrides as DIR's run; a fresh
@@ -131,6 +135,58 @@ def _slope(points: list[tuple[int, float]]) -> float:
     return 100.0 * sxy / sxx if sxx else float("nan")
 
 
+def _outcome(rec: dict) -> str:
+    """What became of a journaled result: reused (and why), failed, stopped at a hurdle,
+    or trained through the whole budget."""
+    if rec["event"] == "failed":
+        return "failed"
+    if rec.get("cached_from") is not None:
+        reason = str(rec.get("reason") or "")
+        return "reused: identical expression" if "identical" in reason else "reused: functionally equivalent"
+    return "full budget" if rec.get("stopped_at_hurdle") is None else "stopped at a hurdle"
+
+
+def journal_tables(journal: str, window: int) -> None:
+    """Prints, from a search's journal, XLA's compile seconds against wall time per
+    ``window`` results, and XLA and training seconds by outcome (``xla_compile_seconds``,
+    ``train_seconds`` of the result records)."""
+    import json
+
+    records = []
+    with open(journal, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut short by a stop: not a result
+                continue
+    results = sorted((r for r in records if r.get("event") in ("finished", "failed")), key=lambda r: r["seq"])
+    if not results:
+        print(f"{journal}: no results")
+        return
+    start = min(r["time"] for r in records if "time" in r)
+    print("| results | wall s | XLA compile s | share | trained |\n|---|---|---|---|---|")
+    before = start
+    for a in range(0, len(results), window):
+        part = results[a : a + window]
+        wall = part[-1]["time"] - before
+        xla = sum(r.get("xla_compile_seconds") or 0.0 for r in part)
+        trained = sum(_outcome(r) in ("full budget", "stopped at a hurdle") for r in part)
+        print(f"| {a + 1}-{a + len(part)} | {wall:.0f} | {xla:.0f} | {xla / max(wall, 1e-9):.0%} | {trained} |")
+        before = part[-1]["time"]
+    total = sum(r.get("xla_compile_seconds") or 0.0 for r in results)
+    wall = results[-1]["time"] - start
+    print(f"| all | {wall:.0f} | {total:.0f} | {total / max(wall, 1e-9):.0%} | |")
+    by: dict[str, list[float]] = {}
+    for r in results:
+        row = by.setdefault(_outcome(r), [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += r.get("xla_compile_seconds") or 0.0
+        row[2] += r.get("train_seconds") or 0.0
+    print("\n| outcome | results | XLA compile s | train s |\n|---|---|---|---|")
+    for name, (n, xla, train) in sorted(by.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {name} | {n} | {xla:.1f} | {train:.0f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/search/primer.py:tiny")
@@ -141,7 +197,15 @@ def main():
     p.add_argument("--trace", default="", help="also write every 1 s sample to this CSV file")
     p.add_argument("--resume_from", default="", help="a finished search's workdir to resume from (docstring)")
     p.add_argument("--resume_at", type=int, default=0, help="with --resume_from: its first N results are kept")
+    p.add_argument("--window", type=int, default=200, help="results per row of the compile-share table")
+    p.add_argument("--report", default="", help="only print the compile tables of this finished search's workdir")
     args = p.parse_args()
+    if args.report:
+        path = os.path.join(args.report, "journal.jsonl")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--report {args.report}: no journal.jsonl there")
+        journal_tables(path, args.window)
+        return
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="nasjax_memory_")
     if bool(args.resume_from) != (args.resume_at != 0):
@@ -201,6 +265,8 @@ def main():
         "resident and peak count every process of the search (engine=processes: the controller and its "
         "workers, summed at each 1 s sample; alone, the peak is the controller's high-water mark)"
     )
+    print()
+    journal_tables(journal, args.window)
 
 
 if __name__ == "__main__":
