@@ -611,6 +611,27 @@ def test_vmapped_initializers_give_flax_values_and_compile_nothing_per_shape():
         jax.monitoring.unregister_event_duration_listener(listen)
 
 
+def test_vmapped_initializers_fall_back_to_flax_when_the_host_path_fails(monkeypatch):
+    """A JAX whose custom_vmap or batch tracers behave otherwise: one warning, then Flax's
+    path, with Flax's values (nasjax.layers.init._host_batched)."""
+    import flax.linen as nn
+
+    from nasjax.layers import init as ours
+
+    def broken(*args, **kwargs):
+        raise TypeError("a changed custom_vmap rule signature")
+
+    monkeypatch.setattr(ours, "_batched_leaf", broken)
+    monkeypatch.setattr(ours, "_HOST_BATCHED_OK", [True])
+    branches = jax.random.split(jax.random.key(8), 3)
+    with pytest.warns(UserWarning, match="batched host initializer failed"):
+        a = _init_under_vmaps(ours.normal(0.02), (5, 6), branches)
+    assert ours._HOST_BATCHED_OK == [False]
+    np.testing.assert_array_equal(a, _init_under_vmaps(nn.initializers.normal(0.02), (5, 6), branches))
+    b = _init_under_vmaps(ours.constant(0.7), (5, 6), branches)  # off now: no second warning
+    np.testing.assert_array_equal(b, _init_under_vmaps(nn.initializers.constant(0.7), (5, 6), branches))
+
+
 @pytest.mark.parametrize("batch_shape", [(2, 3), (4,)])
 def test_attention_products_equal_the_einsums_in_value_and_every_derivative(batch_shape, monkeypatch):
     """nasjax.layers.products: the scores Q K^T and the mix P V equal the plain einsums

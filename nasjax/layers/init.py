@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -163,13 +164,30 @@ def _fill_on_host(keys, leaf: tuple, shape: tuple, dtype) -> np.ndarray:
     return draws[..., :n].reshape(batch + shape)
 
 
+# False once the batched host path has failed in this process (a JAX whose custom_vmap or
+# batch tracers differ): the initializers then take Flax's per-shape path, same values.
+_HOST_BATCHED_OK = [True]
+
+
 def _host_batched(key, kind: str, value, shape: tuple, dtype):
-    """The leaf for ``key``, batched by one or more vmaps over concrete keys. The cache key
-    holds the value's bytes too (``0.0 == -0.0`` as Python floats, and NaN != NaN)."""
+    """The leaf for ``key``, batched by one or more vmaps over concrete keys; None (the
+    caller takes Flax's path) when this path is off or fails. The cache key holds the
+    value's bytes too (``0.0 == -0.0`` as Python floats, and NaN != NaN)."""
+    if not _HOST_BATCHED_OK[0]:
+        return None
     dtype = jnp.dtype(dtype)
     exact = np.asarray(value, dtype)
     leaf = (kind, exact.item(), exact.tobytes())
-    return _batched_leaf(0, leaf, tuple(int(d) for d in shape), dtype)(key)
+    try:
+        return _batched_leaf(0, leaf, tuple(int(d) for d in shape), dtype)(key)
+    except Exception as e:  # noqa: BLE001 - any failure here has Flax's path as its fallback
+        _HOST_BATCHED_OK[0] = False
+        warnings.warn(
+            f"nasjax.layers.init: the batched host initializer failed ({type(e).__name__}: {e}); "
+            "Flax's per-shape path is used from now on in this process (same values, more compiled programs)",
+            stacklevel=3,
+        )
+        return None
 
 
 def _prefix_consistent(key) -> bool:
@@ -200,7 +218,9 @@ def normal(stddev: float = 1e-2, dtype=jnp.float32):
                 # vmapped (branched parameters): the batched sampler and the scaling per
                 # draw class, the cut on the host (the same values: each key's draw is a
                 # prefix, and scaling is elementwise, so scaling before the cut changes no bit)
-                return _host_batched(key, "normal", stddev, shape, dtype)
+                out = _host_batched(key, "normal", stddev, shape, dtype)
+                if out is not None:
+                    return out
         return jax.random.normal(key, shape, dtype, out_sharding=out_sharding) * jnp.array(stddev, dtype)
 
     return init
@@ -213,7 +233,9 @@ def constant(value, dtype=jnp.float32):
         dtype = jnp.float32 if dtype is None else dtype
         if _op_by_op(key, out_sharding):
             if jnp.ndim(key) == 0 and _vmap_depth(key):  # vmapped: filled batched on the host
-                return _host_batched(key, "constant", value, shape, dtype)
+                out = _host_batched(key, "constant", value, shape, dtype)
+                if out is not None:
+                    return out
             return jax.device_put(np.full(tuple(shape), value, dtype))
         return jnp.full(shape, value, dtype, device=out_sharding)
 
