@@ -150,15 +150,11 @@ def journal_tables(journal: str, window: int) -> None:
     """Prints, from a search's journal, XLA's compile seconds against wall time per
     ``window`` results, and XLA and training seconds by outcome (``xla_compile_seconds``,
     ``train_seconds`` of the result records)."""
-    import json
+    if ROOT not in sys.path:  # a checkout that is not installed
+        sys.path.insert(0, ROOT)
+    from nasjax.search.journal import read_journal
 
-    records = []
-    with open(journal, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # a line cut short by a stop: not a result
-                continue
+    records = read_journal(journal, log=lambda *a: None)  # a damaged line is skipped there
     results = sorted((r for r in records if r.get("event") in ("finished", "failed")), key=lambda r: r["seq"])
     if not results:
         print(f"{journal}: no results")

@@ -9,14 +9,14 @@ without that:
 
 * ``normal``: with JAX's partitionable threefry (the default), the draw of a shape is
   the row-major prefix of a longer 1-D draw from the same key, bit for bit. Run op by
-  op (a concrete key), the sampler therefore draws a 1-D array of a draw class
-  (:func:`draw_class`) and the host cuts, reshapes and scales it; under jit (or
+  op (a concrete key), the sampler therefore draws and scales a 1-D array of a draw
+  class (:func:`draw_class`) and the host cuts and reshapes it; under jit (or
   ``eval_shape``) it is Flax's own expression, which XLA fuses;
 * ``zeros``, ``ones``, ``constant``: filled on the host when run op by op.
 
 Under ``vmap`` without jit (the branched parameters of a Primer program, ``nn.vmap``
 over concrete keys), jax would run the cut, the reshape and the broadcast of a constant
-as per-shape programs of the batched values: ~16 of the ~50 init programs a default
+as per-shape programs of the batched values: 13 of the 50 init programs a default
 search compiled after its first candidate (docs/benchmarks.md, stop 28). There the
 initializer is a :func:`jax.custom_batching.custom_vmap` function whose rule receives the
 batched keys themselves, concrete, and computes the batched leaf as above: one sampler
@@ -77,8 +77,8 @@ def draw_class(n: int) -> int:
 @functools.partial(jax.jit, static_argnames=("n", "dtype"))
 def _scaled_draw(keys, scale, n: int, dtype):
     """``random.normal(key, (n,), dtype) * scale`` for every key of a key array of any
-    shape B, as one program with output B + (n,) (the vmapped path: one compile per (key
-    batch shape, draw class) rather than a sampler and a product). The barrier keeps XLA
+    shape B (a single key: B = ()), as one program with output B + (n,): one compile per
+    (key batch shape, draw class) rather than a sampler and a product. The barrier keeps XLA
     from folding the scale into the sampler's own last product, which changes the
     rounding of some values (measured: 2 of 9 differed in the last bit)."""
     flat = keys.reshape(-1)
@@ -126,14 +126,14 @@ def _vmap_depth(key) -> int | None:
     return depth if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else None
 
 
-# The batched functions of :func:`_host_batched`, by (depth, leaf, shape, dtype): a
-# handful per search (branch counts times parameter shapes); bounded all the same.
+# The batched functions of :func:`_host_batched`, by (leaf, shape, dtype): a handful per
+# search (parameter shapes); bounded all the same.
 @functools.lru_cache(maxsize=4096)
-def _batched_leaf(depth: int, leaf: tuple, shape: tuple, dtype) -> jax.custom_batching.custom_vmap:
-    """The initializer's leaf as a function of a key array of ``depth`` dims (its unbatched
-    meaning: ``depth`` nested vmaps of the initializer), whose vmap rule computes the
-    batched leaf from concrete keys (:func:`_fill_on_host`), or, when the keys are batched
-    once more, defers to the function of one more dim."""
+def _batched_leaf(leaf: tuple, shape: tuple, dtype) -> jax.custom_batching.custom_vmap:
+    """The initializer's leaf as a function of a key array of any shape B (output B +
+    ``shape``), whose vmap rule computes the batched leaf from concrete keys
+    (:func:`_fill_on_host`), or, when the keys are batched once more (nested vmaps),
+    calls itself again, one trace further out."""
 
     @jax.custom_batching.custom_vmap
     def leaf_of(key):
@@ -146,14 +146,15 @@ def _batched_leaf(depth: int, leaf: tuple, shape: tuple, dtype) -> jax.custom_ba
     def rule(axis_size, in_batched, key):
         del axis_size, in_batched
         if isinstance(key, jax.core.Tracer):  # batched by an outer vmap too
-            return _batched_leaf(depth + 1, leaf, shape, dtype)(key), True
+            return leaf_of(key), True
         return jax.device_put(_fill_on_host(key, leaf, shape, dtype)), True
 
     return leaf_of
 
 
 def _fill_on_host(keys, leaf: tuple, shape: tuple, dtype) -> np.ndarray:
-    """The leaves of a concrete key array of any shape B, as one array of shape B + shape:
+    """The leaves of a concrete key array of any shape B (a single key: B = ()), as one
+    array of shape B + shape:
     ``("normal", stddev)`` draws one draw class per key in one program and cuts it on the
     host; ``("constant", value)`` is filled on the host."""
     batch = tuple(keys.shape)
@@ -179,7 +180,7 @@ def _host_batched(key, kind: str, value, shape: tuple, dtype):
     exact = np.asarray(value, dtype)
     leaf = (kind, exact.item(), exact.tobytes())
     try:
-        return _batched_leaf(0, leaf, tuple(int(d) for d in shape), dtype)(key)
+        return _batched_leaf(leaf, tuple(int(d) for d in shape), dtype)(key)
     except Exception as e:  # noqa: BLE001 - any failure here has Flax's path as its fallback
         _HOST_BATCHED_OK[0] = False
         warnings.warn(
@@ -212,8 +213,7 @@ def normal(stddev: float = 1e-2, dtype=jnp.float32):
         if n and _op_by_op(key, out_sharding) and _prefix_consistent(key):
             depth = _vmap_depth(key) if jnp.ndim(key) == 0 else None  # a key array: flax's error
             if depth == 0:
-                draw = np.asarray(jax.random.normal(key, (draw_class(n),), dtype))
-                return jax.device_put(draw[:n].reshape(shape) * np.asarray(stddev, dtype))
+                return jax.device_put(_fill_on_host(key, ("normal", stddev), shape, dtype))
             if depth is not None:
                 # vmapped (branched parameters): the batched sampler and the scaling per
                 # draw class, the cut on the host (the same values: each key's draw is a

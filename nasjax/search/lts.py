@@ -382,14 +382,18 @@ def run_lts(ctx) -> Any:
         engine = make_engine(cfg, ctx.tokenizer, search.measurer, should_stop=lambda: stop.stop, log=log)
         # the measurer runs in this process: an iteration's pieces can be compiled ahead here
         in_process = str(cfg.get("engine", "inline") or "inline") == "inline" and jax.process_count() == 1
+
+        def stopping() -> bool:
+            return stop.stop or ctx.time_is_up()
+
         try:
             for iteration in range(done, n_iter + 1):
                 pop = search.population(iteration)
                 t0 = time.perf_counter()
-                if in_process and not (stop.stop or ctx.time_is_up()):
-                    search.precompile(pop, iteration, lambda: stop.stop or ctx.time_is_up())
+                if in_process and not stopping():
+                    search.precompile(pop, iteration, stopping)
                 todo, done_now, running = list(pop), 0, 0
-                while (todo or running) and not (stop.stop or ctx.time_is_up()):
+                while (todo or running) and not stopping():
                     while todo and engine.busy() < engine.capacity:
                         genome, origin = todo.pop(0)
                         out = search.prepare(genome, iteration, origin)
