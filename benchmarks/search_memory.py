@@ -13,8 +13,10 @@ its worker processes, summed), the peak (the controller's high-water mark VmHWM,
 largest sampled sum when there are workers) and the journal's size. The table
 gives them at every ``--every`` evaluations, and the growth of resident memory per 100
 evaluations (least-squares slope over the second half of the run, after the caches of
-the first candidates have filled). What could grow: compiled executables kept by jit
-caches, the evolution's history, the journal index, the probe's parameter hand-over.
+the first candidates have filled). Each row also gives the median and the range of the
+1 s samples since the previous row, which a mark's single sample can misrepresent. What
+could grow: compiled executables kept by jit caches, the evolution's history, the journal
+index, the probe's parameter hand-over.
 
 Small candidates are the hard case for memory (many programs per minute), and make
 1,000 evaluations take minutes instead of hours on a CPU.
@@ -245,13 +247,20 @@ def main():
         raise SystemExit(f"the search ended before its memory was sampled; see {log_path}")
     final = _results(journal)
     print(f"search: {final} evaluations in {(time.time() - t0) / 60:.1f} min; command: {' '.join(cmd[1:])}\n")
-    print("| evaluations | minutes | resident MiB | peak MiB | journal MiB | controller MiB | workers |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| evaluations | minutes | resident MiB | peak MiB | journal MiB | controller MiB | workers"
+        " | window median MiB | window range MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     start = args.resume_at  # a resumed search's results begin after the kept ones
     marks = list(range(start + args.every, final + 1, args.every))
-    for m in marks:
+    for lo, m in zip([start] + marks, marks):
         s = next((x for x in samples if x[1] >= m), samples[-1])
-        print(f"| {m} | {s[0] / 60:.1f} | {s[2]:.0f} | {s[3]:.0f} | {s[4]:.2f} | {s[5]:.0f} | {s[6]} |")
+        window = sorted(x[2] for x in samples if lo <= x[1] < m) or [s[2]]  # the samples since the last mark
+        print(
+            f"| {m} | {s[0] / 60:.1f} | {s[2]:.0f} | {s[3]:.0f} | {s[4]:.2f} | {s[5]:.0f} | {s[6]} "
+            f"| {window[len(window) // 2]:.0f} | {window[0]:.0f}-{window[-1]:.0f} |"
+        )
     half = [(x[1], x[2]) for x in samples if x[1] >= start + (final - start) // 2]
     print(f"\nresident memory growth over the second half: {_slope(half):+.1f} MiB per 100 evaluations")
     first = next((x for x in samples if x[1] >= start + args.every), samples[-1])

@@ -209,13 +209,15 @@ def test_forward_stage_gives_the_probes_values_and_compiles_no_backward(monkeypa
         first = trainer.probe_forward(state.params, batch)
         assert set(first) == {"last_logits", "finite", "x"} and first["last_logits"].shape == (BATCH, VOCAB)
         assert built and not {"backward", "head", "norm", "update"} & set(built), built
-        assert trainer.memory_bytes() == {}  # nothing of the step is compiled yet
+        lower = trainer.memory_bytes()  # nothing else of the step is compiled yet: a lower bound
+        assert lower["complete"] is False and lower["peak"] > 0
         whole = trainer.probe(state.params, batch)  # compiles the rest
         # the first model compiles all kinds; the second shares the head, norm and updates
         assert {"backward"} | ({"head", "norm", "update"} if n == 0 else set()) <= set(built), built
         assert bool(first["finite"]) == bool(whole["finite"])
         np.testing.assert_array_equal(first["last_logits"], whole["last_logits"])
-        assert trainer.memory_bytes()["peak"] > 0
+        memory = trainer.memory_bytes()
+        assert memory["complete"] is True and memory["peak"] >= lower["peak"]
     assert bool(first["finite"]) is False  # the blow-up overflows
 
 
@@ -360,3 +362,47 @@ def test_the_check_compiles_no_backward_and_training_compiles_the_rest(search_co
     assert {"backward", "head", "norm", "update"} <= set(built), built
     assert "instruction" not in built and "embed" not in built  # training runs the check's forward programs
     assert np.isfinite(outcome.fitness) and outcome.steps > 0 and outcome.memory_bytes > 0
+
+
+def test_the_memory_bound_refuses_a_candidate_before_its_probe_runs(search_config, tmp_path, monkeypatch):
+    """search.max_memory_bytes is checked on the forward pieces' lower bound right after they
+    compile: a candidate above it fails at stage "memory" without running its probe; one
+    between the lower bound and the whole step's estimate passes the check and fails before
+    its first step, as before."""
+    from nasjax.search.evaluate import CandidateFailed
+    from nasjax.train import loop
+    from tests.test_compile_ahead import _evaluator
+
+    spec_of = lambda tokenizer: program_model_spec(  # noqa: E731
+        primer_ez_program(2, 32, 64), base_dim=16, d_model=32, n_layers=1, vocab_size=tokenizer.vocab_size, max_len=32
+    )
+    # The estimates without a bound: the lower bound of the forward pieces, then the whole step's.
+    cfg = search_config()
+    tokenizer, evaluator = _evaluator(cfg, tmp_path / "free")
+    spec = spec_of(tokenizer)
+    evaluator.check(spec)
+    trainer, _ = evaluator._probed[spec]
+    lower = trainer.memory_bytes()
+    assert lower["complete"] is False and lower["peak"] > 0
+    outcome = evaluator.train(spec, [None] * evaluator.n_hurdles)
+    assert lower["peak"] <= outcome.memory_bytes  # the bound is a lower bound
+    assert trainer.memory_bytes()["complete"] is True
+
+    ran = []
+    real = loop.Trainer.probe_forward
+    monkeypatch.setattr(loop.Trainer, "probe_forward", lambda self, *a, **k: ran.append(1) or real(self, *a, **k))
+    tokenizer, evaluator = _evaluator(search_config(**{"search.max_memory_bytes": lower["peak"] - 1}), tmp_path / "low")
+    with pytest.raises(CandidateFailed) as failed:
+        evaluator.check(spec_of(tokenizer))
+    assert failed.value.stage == "memory" and "at least" in failed.value.reason and not ran
+
+    assert outcome.memory_bytes > lower["peak"]  # the backwards and the loss head add temporaries
+    # a bound between the two: the check passes, the whole step's estimate refuses it
+    between = search_config(**{"search.max_memory_bytes": outcome.memory_bytes - 1})
+    tokenizer, evaluator = _evaluator(between, tmp_path / "between")
+    spec = spec_of(tokenizer)
+    evaluator.check(spec)
+    assert ran
+    with pytest.raises(CandidateFailed) as failed:
+        evaluator.train(spec, [None] * evaluator.n_hurdles)
+    assert failed.value.stage == "memory" and "at least" not in failed.value.reason

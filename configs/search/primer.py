@@ -8,8 +8,9 @@ Presets change sizes and budgets only:
 * ``tiny``: 2 CPU cores, about 2 minutes for 60 evaluations. 2 layers x d_model 64, byte
   vocabulary, sequence 64, 160 steps per candidate with 2 hurdles, population 12,
   tournament 4, AdamW, train and eval steps compiled as pieces shared by all candidates
-  (``train.segmented``). Step budgets make
-  the search exactly reproducible (a resumed search follows the uninterrupted trajectory).
+  (``train.segmented``), candidates whose train step needs more than 512 MiB refused.
+  Step budgets make the search exactly reproducible (a resumed search follows the
+  uninterrupted trajectory).
 * ``small``: one GPU or TPU host: Primer's LM1B search model (6 layers x 512, 8 heads,
   d_ff 2048, sequence 64, 4096 tokens per batch, Adafactor lr 0.01 rsqrt), a 30-minute
   *time* budget per candidate (Primer: 7 TPUv2-hours) cut by 4 hurdles, population 100,
@@ -34,7 +35,7 @@ PRESETS = {
         min_samples=3,
         evaluations=60,
         max_params=1_000_000,
-        max_memory=4 * 2**30,
+        max_memory=512 * 2**20,
         val_batches=8,
     ),
     "small": dict(
@@ -94,6 +95,14 @@ def get_config(preset: str = "tiny"):
     s.hurdle_min_samples = p["min_samples"]
     s.max_evaluations = p["evaluations"]
     s.max_params = p["max_params"]
+    # Tiny: a candidate whose compiled train step needs more than 512 MiB (~16x the median
+    # candidate's 31 MiB) fails at stage "memory" before it trains. Concatenated branches
+    # can widen a tiny program's activations a thousandfold at few parameters; over 1,000
+    # evaluations of this preset with the former 4 GiB bound, the 15 candidates above 512 MiB
+    # trained for 519 s (26% of the search's wall time; one ran 5.8 s per step and set the
+    # 4.2 GiB peak), none passed the second hurdle and the best reached 3.05 against the
+    # search's 2.40 (docs/benchmarks.md, stop 29). A time budget would make such candidates
+    # cheap as in Primer, but steps keep the tiny search reproducible.
     s.max_memory_bytes = p["max_memory"]
     s.val_batches = p["val_batches"]
     return c

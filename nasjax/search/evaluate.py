@@ -9,7 +9,9 @@ exception out of the search):
              (:mod:`nasjax.measure.probe`); the probe also yields the functional-
              equivalence hash the controller uses to skip duplicates
 ``memory``   the compiled train step needs more than ``search.max_memory_bytes`` per device
-             (XLA memory analysis, before any step runs)
+             (XLA memory analysis, before any step runs; with ``search.probe=steps`` a
+             lower bound from the forward pieces is checked already before the probe
+             runs them, so a candidate far above the bound never allocates its activations)
 ``compile``  XLA could not compile the program
 ``train``    a NaN/Inf loss or gradient, or a non-finite validation loss
 
@@ -498,6 +500,7 @@ class TrainingEvaluator:
             except Exception as e:
                 raise CandidateFailed("compile", _short(e)) from None
             t_compile = time.perf_counter() - t_compile
+            self._check_memory(trainer)  # the forwards' lower bound: before they run
             try:
                 first = trainer.probe_forward(state.params, batch)
                 if not logits_finite(first):
@@ -536,6 +539,19 @@ class TrainingEvaluator:
             while len(self._probed) > self._ahead_keep:
                 self._probed.popitem(last=False)
         return CheckResult(params, probe.output_hash, probe.seconds, probe.output_hash_alt)
+
+    def _check_memory(self, trainer: Trainer) -> int:
+        """The train step's estimated peak bytes per device; raises :class:`CandidateFailed` at
+        stage ``memory`` above ``search.max_memory_bytes``. After a forward-only compile the
+        estimate is a lower bound (:meth:`Trainer.memory_bytes`), and the reason says so."""
+        memory = trainer.memory_bytes()
+        peak, bound = int(memory.get("peak", 0)), int(self.cfg.search.max_memory_bytes or 0)
+        if bound and peak > bound:
+            least = "" if memory.get("complete", True) else "at least "
+            raise CandidateFailed(
+                "memory", f"the train step needs {least}{peak / 2**20:.1f} MiB per device > search.max_memory_bytes"
+            )
+        return peak
 
     def _take_probed(self, spec: ModelSpec) -> tuple | None:
         with self._ahead_lock:
@@ -632,11 +648,7 @@ class TrainingEvaluator:
             raise
         except Exception as e:
             raise CandidateFailed("compile", _short(e)) from None
-        memory = trainer.memory_bytes().get("peak", 0)
-        if s.max_memory_bytes and memory > s.max_memory_bytes:
-            raise CandidateFailed(
-                "memory", f"the train step needs {memory / 2**20:.1f} MiB per device > search.max_memory_bytes"
-            )
+        memory = self._check_memory(trainer)
         batches = _prepend(first, iterator)
         hooks = Hooks(should_stop=should_stop)
         fitness_at: list[float] = []

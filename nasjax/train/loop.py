@@ -310,12 +310,14 @@ class Trainer:
         """XLA's memory analysis of the compiled train step (bytes per device), {} if unknown.
 
         ``peak`` = arguments + outputs + temporaries - donated aliases: what one device
-        must hold while the step runs.
+        must hold while the step runs. With ``train.segmented``, an estimate from the
+        pieces' analyses; after ``compile(forward_only=True)`` a lower bound of it, marked
+        ``"complete": False``.
         """
+        if self._segments is not None and (self._compiled_train is not None or self._segments.memory):
+            return dict(self._segments.memory)  # after compile(forward_only=True): a lower bound, "complete" False
         if self._compiled_train is None:
             return {}
-        if self._segments is not None:
-            return dict(self._segments.memory)
         from nasjax.measure.hardware import compiled_memory_bytes
 
         return compiled_memory_bytes(self._compiled_train)

@@ -601,10 +601,12 @@ class SegmentedSteps:
                 )
             self._train = (layout, self._plan(shaped.params, batch, train=True))
         plan = self._train[1]
+        if forward_only and "slots" not in plan:
+            self.memory = self._memory(plan, self._state_buffers(shaped))  # a lower bound until complete
         if not forward_only and "slots" not in plan:
             if "pending" in plan:
                 self._complete(plan)
-            buffers = self._map_state(_abstract(shaped), self._buffers) if self.flat else shaped
+            buffers = self._state_buffers(shaped)
             params = _abstract(buffers.params)
             inner = _abstract(self._inner_state(buffers.opt_state))
             slots = _StateSlots(inner, jax.tree.structure(params))
@@ -614,6 +616,9 @@ class SegmentedSteps:
             plan["slots"] = slots
             self.memory = self._memory(plan, buffers)
         return self.compile_seconds - t0
+
+    def _state_buffers(self, shaped):
+        return self._map_state(_abstract(shaped), self._buffers) if self.flat else shaped
 
     def compiled(self, batch: dict) -> bool:
         """Whether the whole train step (not only the probe's forward) is compiled for this batch layout."""
@@ -805,14 +810,21 @@ class SegmentedSteps:
     def _memory(self, plan, abstract_state) -> dict:
         """An estimate of a train step's peak bytes per device: the state, the gradients,
         every forward piece's outputs (activations and residuals live until the backward)
-        and the largest temporary of any piece. XLA analyses each piece, not the chain."""
+        and the largest temporary of any piece. XLA analyses each piece, not the chain.
+
+        Of a plan compiled ``forward_only`` (no program-layer backwards, loss head or norm
+        yet) it is a lower bound of the whole step's, with ``"complete": False``: the same
+        state, gradients and forward outputs, the largest temporary over fewer pieces. A
+        search refuses a candidate on it before its probe runs those forwards
+        (:meth:`nasjax.search.evaluate.TrainingEvaluator.check`)."""
         from nasjax.measure.hardware import compiled_memory_bytes
 
         nbytes = lambda tree: sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))  # noqa: E731
         programs = [layer[3].pairs if isinstance(layer[3], ProgramLayer) else [layer[3]] for layer in plan["layers"]]
         forwards = [plan["embed"][0]] + [fwd for pairs in programs for fwd, _ in pairs]
-        backwards = [bwd for pairs in programs for _, bwd in pairs]
-        pieces = forwards + [plan["embed"][1], plan["head"], plan["norm"]] + backwards
+        backwards = [bwd for pairs in programs for _, bwd in pairs if bwd is not None]
+        complete = "pending" not in plan
+        pieces = forwards + [plan["embed"][1]] + [plan[k] for k in ("head", "norm") if k in plan] + backwards
         analyses = [compiled_memory_bytes(p) for p in pieces]
         if not all(analyses):
             return {}
@@ -826,6 +838,7 @@ class SegmentedSteps:
             "temporaries": grads + live + temps,
             "aliased": 0,
             "peak": 2 * state + grads + live + temps,
+            "complete": complete,
         }
 
 
