@@ -105,7 +105,9 @@ search.d_model, n_layers, n_heads, d_ff   widths of the seed block / stack (0 = 
 search.base_dim           unit of the relative dimension sizes (0 = chosen from the widths)
 search.positions          learned | sinusoidal | none (program blocks have no relative bias)
 search.max_params         reject candidates with more parameters (0 = no bound)
-search.max_memory_bytes   reject candidates whose compiled train step needs more per device (0 = none)
+search.max_memory_bytes   reject candidates whose compiled train step needs more per device (0 = none;
+                          tiny preset: 512 MiB, calibrated on the train.segmented pieces' estimate); with
+                          search.probe=steps a lower bound from the forward pieces is checked before the probe
 search.probe_batch        sequences in the causality / finiteness / equivalence probe (search.probe=model)
 search.probe              (primer) auto | steps | model: where the probe runs. steps: on the forward
                           programs of the candidate's own train step (train.segmented), two forwards on a

@@ -100,9 +100,10 @@ def get_config(preset: str = "tiny"):
     # can widen a tiny program's activations a thousandfold at few parameters; over 1,000
     # evaluations of this preset with the former 4 GiB bound, the 15 candidates above 512 MiB
     # trained for 519 s (26% of the search's wall time; one ran 5.8 s per step and set the
-    # 4.2 GiB peak), none passed the second hurdle and the best reached 3.05 against the
+    # 4.1 GiB peak), none passed the second hurdle and the best reached 3.05 against the
     # search's 2.40 (docs/benchmarks.md, stop 29). A time budget would make such candidates
-    # cheap as in Primer, but steps keep the tiny search reproducible.
+    # cheap as in Primer, but steps keep the tiny search reproducible. A tiny search journaled
+    # with the former bound resumes with --config.search.max_memory_bytes=4294967296.
     s.max_memory_bytes = p["max_memory"]
     s.val_batches = p["val_batches"]
     return c

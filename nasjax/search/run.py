@@ -72,7 +72,10 @@ RESUMABLE_KEYS = (
     # the same optimizer math per element, summed in another order: results differ only by
     # float rounding, so a search started before the setting existed (or with it off) resumes
     "train.flat_optimizer",
-    # the same step computed as shared pieces: results differ only by float rounding
+    # the same step computed as shared pieces: results differ only by float rounding, except
+    # under search.max_memory_bytes, whose estimate comes from one program's analysis or from
+    # the pieces' (cut differently by train.segmented_pieces): a candidate near the bound can
+    # be refused on one side and trained on the other
     "train.segmented",
     "train.segmented_pieces",
     "train.segmented_update_chunk",
@@ -81,7 +84,10 @@ RESUMABLE_KEYS = (
     "search.op_by_op",
     "search.op_by_op_clear_every",
     # the same verdicts (finite, causal) from the train-step pieces; equivalence hashes of the
-    # two probes differ, so a resumed search only finds fewer equivalent candidates across it
+    # two probes differ, so a resumed search only finds fewer equivalent candidates across it.
+    # (With steps, search.max_memory_bytes is checked before the probe: a candidate above it
+    # fails at "memory" where the model probe would have failed it at "probe" or reused an
+    # equivalent's fitness.)
     "search.probe",
     "compile_cache_dir",
     "compile_cache_min_seconds",

@@ -814,7 +814,8 @@ class SegmentedSteps:
 
         Of a plan compiled ``forward_only`` (no program-layer backwards, loss head or norm
         yet) it is a lower bound of the whole step's, with ``"complete": False``: the same
-        state, gradients and forward outputs, the largest temporary over fewer pieces. A
+        state, gradients and forward outputs, the largest temporary over fewer pieces (the
+        forwards and the embedding's backward, which compiles with its forward). A
         search refuses a candidate on it before its probe runs those forwards
         (:meth:`nasjax.search.evaluate.TrainingEvaluator.check`)."""
         from nasjax.measure.hardware import compiled_memory_bytes
