@@ -314,8 +314,8 @@ class Trainer:
         pieces' analyses; after ``compile(forward_only=True)`` a lower bound of it, marked
         ``"complete": False``.
         """
-        if self._segments is not None and (self._compiled_train is not None or self._segments.memory):
-            return dict(self._segments.memory)  # after compile(forward_only=True): a lower bound, "complete" False
+        if self._segments is not None:
+            return self._segments.memory_estimate()
         if self._compiled_train is None:
             return {}
         from nasjax.measure.hardware import compiled_memory_bytes

@@ -341,7 +341,6 @@ class SegmentedSteps:
         if self.flat:
             self._flat_shapes = [(flat_size(a.shape),) for a in jax.tree.leaves(abstract_state.params)]
         self.compile_seconds = 0.0
-        self.memory: dict = {}
         self._train = None  # (batch layout, plan)
         self._eval: dict = {}  # batch layout -> plan
         self._serial = _EXECUTION if mesh.devices.size > 1 else contextlib.nullcontext()
@@ -601,8 +600,6 @@ class SegmentedSteps:
                 )
             self._train = (layout, self._plan(shaped.params, batch, train=True))
         plan = self._train[1]
-        if forward_only and "slots" not in plan:
-            self.memory = self._memory(plan, self._state_buffers(shaped))  # a lower bound until complete
         if not forward_only and "slots" not in plan:
             if "pending" in plan:
                 self._complete(plan)
@@ -614,11 +611,17 @@ class SegmentedSteps:
             decay = [self._decays and len(a.shape) >= 2 for a in jax.tree.leaves(shaped.params)] if self.flat else None
             plan["updates"] = self._update_groups(jax.tree.leaves(params), views, decay)
             plan["slots"] = slots
-            self.memory = self._memory(plan, buffers)
         return self.compile_seconds - t0
 
     def _state_buffers(self, shaped):
         return self._map_state(_abstract(shaped), self._buffers) if self.flat else shaped
+
+    def memory_estimate(self) -> dict:
+        """:meth:`_memory` of the train plan compiled so far ({} before any): after
+        ``compile(..., forward_only=True)`` a lower bound, marked ``"complete": False``."""
+        if self._train is None or self.shaped_state is None:
+            return {}
+        return self._memory(self._train[1], self._state_buffers(self.shaped_state))
 
     def compiled(self, batch: dict) -> bool:
         """Whether the whole train step (not only the probe's forward) is compiled for this batch layout."""
