@@ -46,6 +46,10 @@ train.segmented_layout    how a segmented model holds its parameters and Adam mo
 train.segmented_max_mb    MiB of compiled pieces a process keeps, as their serialized executables measure
                           them (machine code and metadata; a search's pieces hold ~12-15x that in host
                           memory on XLA:CPU), least recently used dropped first; 0 = bounded by count only
+train.segmented_xla_options  XLA options for the segmented pieces: 'auto' (on CPU xla_cpu_use_fusion_emitters=
+                          false, XLA's earlier kernel emitters: ~25-30% less compile for these small programs,
+                          values equal up to float rounding; elsewhere none), '' (XLA's defaults) or
+                          name=value,... (nasjax/xla_options.py)
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices
@@ -218,6 +222,7 @@ def base_config(finetune: bool = False) -> ml_collections.ConfigDict:
     c.train.segmented_update_chunk = 16
     c.train.segmented_layout = "shaped"
     c.train.segmented_max_mb = 48
+    c.train.segmented_xla_options = "auto"
     c.train.grad_accum_steps = 1
     c.train.log_every = 10
     c.train.eval_every = 500

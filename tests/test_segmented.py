@@ -621,3 +621,49 @@ def test_flat_layout_keeps_the_callers_layout_and_zero_padding(monkeypatch):
         for x, shape in zip(jax.tree.leaves(tree), shapes):
             assert not np.any(np.asarray(x)[int(np.prod(shape)) :])
     assert float(jnp.sum(jnp.abs(jax.tree.leaves(nu)[0]))) > 0
+
+
+def test_segmented_xla_options_are_checked_keyed_and_change_only_rounding():
+    """train.segmented_xla_options: malformed values and options this XLA lacks are refused
+    by name; 'auto' sets XLA:CPU's earlier kernel emitters here; the options are part of a
+    piece's key (a trainer with other options compiles its own pieces); and the step with
+    them equals the step with XLA's defaults up to float rounding."""
+    from nasjax import xla_options
+    from nasjax.search.engine import EngineError, check_engine_settings
+
+    for bad in ("xla_cpu_use_fusion_emitters", "=1", "a=1,b", "a b=1"):
+        with pytest.raises(ValueError, match="train.segmented_xla_options=.*cannot read"):
+            xla_options.check({"segmented_xla_options": bad})
+    with pytest.raises(ValueError, match="expected a string"):
+        xla_options.check({"segmented_xla_options": 3})
+    assert xla_options.parse("a=true, b=2,c=0.5,d=x") == {"a": True, "b": 2, "c": 0.5, "d": "x"}
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    spec = _primer_specs(1)[0]
+
+    def trainer(value):
+        cfg = _train_cfg(**{"train.segmented": True, "train.segmented_xla_options": value})
+        return Trainer(spec, cfg, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
+
+    with pytest.raises(TrainConfigError, match="train.segmented_xla_options='a=1,b': expected"):
+        trainer("a=1,b")
+    with pytest.raises(TrainConfigError, match="xla_no_such_option.*does not compile with these options"):
+        trainer("xla_no_such_option=true")
+    search_cfg = load_config_file(PRIMER_TINY)
+    with pytest.raises(EngineError, match="xla_no_such_option"):  # a search refuses it before any candidate
+        check_engine_settings(apply_overrides(search_cfg, {"train.segmented_xla_options": "xla_no_such_option=1"}))
+    assert trainer("auto")._segments.xla_options == xla_options.AUTO["cpu"]
+    assert trainer("")._segments.xla_options == {}
+    assert xla_options.resolve({"segmented_xla_options": "auto"}, "gpu") == {}
+
+    segmented.clear_programs()
+    batches = _batches(4)
+    runs = {}
+    for value in ("", "auto", "xla_cpu_use_fusion_emitters=false"):
+        before = set(segmented._PROGRAMS)
+        runs[value] = (_run(spec, _train_cfg(**{"train.segmented": True, "train.segmented_xla_options": value}),
+                            mesh, batches, steps=2), set(segmented._PROGRAMS) - before)  # fmt: skip
+    assert runs[""][1] and runs["auto"][1] and not runs["xla_cpu_use_fusion_emitters=false"][1]
+    (a, _), (b, _) = runs[""], runs["auto"]
+    for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+    assert [m["loss"] for m in b[2]] == pytest.approx([m["loss"] for m in a[2]], rel=1e-5)

@@ -419,6 +419,7 @@ def check_engine_settings(cfg) -> None:
         except ValueError as e:
             raise EngineError(str(e)) from None
     if "train" in cfg:  # the Trainer checks these whether or not train.segmented is on
+        from nasjax import xla_options
         from nasjax.train import segmented
 
         try:
@@ -426,6 +427,13 @@ def check_engine_settings(cfg) -> None:
             segmented.check_update_chunk(cfg.train)
             segmented.check_layout(cfg.train)
             segmented.check_max_mb(cfg.train)
+            xla_options.check(cfg.train)
+            if cfg.train.get("segmented", False) and name in ("inline", "threads"):
+                # options this XLA lacks, refused before any candidate on the backend these engines
+                # train on (in worker processes and actors, each candidate's trainer refuses them)
+                import jax
+
+                xla_options.resolve(cfg.train, jax.devices()[0].platform)
         except ValueError as e:
             raise EngineError(str(e)) from None
     if "lts" in cfg:  # before a journal exists: a bad value must not become the search's header

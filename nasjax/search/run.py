@@ -79,6 +79,10 @@ RESUMABLE_KEYS = (
     "train.segmented",
     "train.segmented_pieces",
     "train.segmented_update_chunk",
+    # the same pieces compiled with other XLA kernel emitters: results differ only by float
+    # rounding (a search started before the setting existed resumes), and XLA's memory
+    # analysis of the pieces, which search.max_memory_bytes reads, may differ slightly
+    "train.segmented_xla_options",
     # the same init and probe computed op by op instead of as one compiled program: values
     # differ only by float rounding (a search started before the setting existed resumes)
     "search.op_by_op",

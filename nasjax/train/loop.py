@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nasjax import sharding as shd
+from nasjax import xla_options
 from nasjax.models import build
 from nasjax.spec import ModelSpec
 from nasjax.train import segmented
@@ -164,6 +165,7 @@ class Trainer:
             segmented.check_update_chunk(train_cfg)
             segmented.check_layout(train_cfg)
             segmented.check_max_mb(train_cfg)
+            xla_options.check(train_cfg)
         except ValueError as e:
             raise TrainConfigError(str(e)) from None
         if train_cfg.get("segmented", False):
@@ -172,16 +174,19 @@ class Trainer:
                 raise TrainConfigError(
                     f"train.segmented=true cannot run {spec.name or 'this model'}: {problem}; set train.segmented=false"
                 )
-            self._segments = segmented.SegmentedSteps(
-                spec,
-                train_cfg,
-                mesh,
-                rules,
-                self._context,
-                jnp.dtype(dtype),
-                self.state_shardings,
-                abstract_state=self.restore_target(),
-            )
+            try:
+                self._segments = segmented.SegmentedSteps(
+                    spec,
+                    train_cfg,
+                    mesh,
+                    rules,
+                    self._context,
+                    jnp.dtype(dtype),
+                    self.state_shardings,
+                    abstract_state=self.restore_target(),
+                )
+            except ValueError as e:  # e.g. train.segmented_xla_options naming an option this XLA lacks
+                raise TrainConfigError(str(e)) from None
         self._compiled_train = None
         self._compiled_eval = None
         self._batch_keys: tuple | None = None

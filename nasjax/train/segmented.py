@@ -67,6 +67,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nasjax import sharding as shd
+from nasjax import xla_options
 from nasjax.layers.init import size_class
 from nasjax.models.transformer import Segments
 from nasjax.program_cache import ProgramCache
@@ -329,6 +330,9 @@ class SegmentedSteps:
         self.update_chunks = check_update_chunk(train_cfg)
         self.layout = check_layout(train_cfg)
         _PROGRAMS.set_max_bytes(check_max_mb(train_cfg))  # one registry per process: the latest setting holds
+        # XLA options for every piece (train.segmented_xla_options; nasjax.xla_options), part of its key
+        self.xla_options = xla_options.resolve(train_cfg, mesh.devices.flat[0].platform)
+        self._xla_key = tuple(sorted(self.xla_options.items()))
         self.flat = self.layout == "flat"
         if self.flat and abstract_state is None:
             raise ValueError("train.segmented_layout='flat': SegmentedSteps needs the trainer's abstract state")
@@ -358,7 +362,11 @@ class SegmentedSteps:
 
     # ------------------------------------------------------------------ programs
     def _key(self, *parts) -> tuple:
-        return (*parts, self.mesh, tuple(self.rules), str(self.dtype), self.layout)
+        return (*parts, self.mesh, tuple(self.rules), str(self.dtype), self.layout, self._xla_key)
+
+    def _finish(self, lowered):
+        """``lowered`` compiled with this trainer's XLA options."""
+        return lowered.compile(self.xla_options) if self.xla_options else lowered.compile()
 
     # ------------------------------------------------------------------ flat layout
     def _buffers(self, shaped):
@@ -407,7 +415,7 @@ class SegmentedSteps:
 
     def _compile(self, fn, *abstract_args, **jit_kwargs):
         with self.context():
-            return jax.jit(fn, **jit_kwargs).lower(*abstract_args).compile()
+            return self._finish(jax.jit(fn, **jit_kwargs).lower(*abstract_args))
 
     def _get(self, key, fn, *abstract_args, **jit_kwargs):
         program, seconds = _program(self._key(*key), lambda: self._compile(fn, *abstract_args, **jit_kwargs))
@@ -441,13 +449,13 @@ class SegmentedSteps:
             p_sh = jax.tree.map(lambda a: a.sharding, abstract_params)
             rep = shd.replicated(self.mesh)
             with self.context():
-                forward_program = jax.jit(fwd).lower(abstract_params, abstract_x).compile()
+                forward_program = self._finish(jax.jit(fwd).lower(abstract_params, abstract_x))
                 # The outputs as compiled (XLA chose the residuals' shardings): the backward
                 # must be compiled for exactly these.
                 y_info, vjp_info = _compiled_outputs(forward_program)
                 extra = _abstract(abstract_params) if extra_grads else None
                 out_sh = (p_sh, jax.tree.map(lambda a: a.sharding, abstract_x) if wrt_x else None, rep)
-                backward = jax.jit(bwd, out_shardings=out_sh).lower(vjp_info, y_info, extra).compile()
+                backward = self._finish(jax.jit(bwd, out_shardings=out_sh).lower(vjp_info, y_info, extra))
                 return forward_program, backward, y_info
 
         program, seconds = _program(self._key(*key), build)
@@ -1023,7 +1031,7 @@ class _Piece:
 
         def build():
             with owner.context():
-                program = jax.jit(forward).lower(self._abstract_params, abstract_c, abstract_inputs).compile()
+                program = owner._finish(jax.jit(forward).lower(self._abstract_params, abstract_c, abstract_inputs))
             (out_info, vjp_info) = _compiled_outputs(program)
             return program, out_info, vjp_info
 
@@ -1051,7 +1059,7 @@ class _Piece:
         def build():
             with owner.context():
                 jitted = jax.jit(self._backward_fn, out_shardings=out_sh)
-                return jitted.lower(self._vjp_info, self.out_info, total, priors).compile()
+                return owner._finish(jitted.lower(self._vjp_info, self.out_info, total, priors))
 
         program, seconds = _program(owner._key(*self.key, "backward", pattern), build)
         owner.compile_seconds += seconds

@@ -1,0 +1,104 @@
+"""XLA compile options for the programs a trainer compiles piece by piece (``train.segmented_xla_options``).
+
+A ``train.segmented`` search compiles hundreds of small programs (a candidate's layer
+pieces, update programs), and on CPU their compile is a large share of the search. XLA:CPU
+emits each fusion's kernel through its MLIR fusion emitters by default; its earlier
+LLVM-IR emitters (``xla_cpu_use_fusion_emitters=false``) compile the same pieces ~25-30%
+faster, and the pieces ran as fast: the default tiny Primer search, cold, compiled for 14
+instead of 20 XLA seconds at the same training seconds (docs/benchmarks.md, stop 30). The
+kernels' transcendental functions (exp, tanh, log) are approximated differently, so the
+values differ by float rounding; the search took the same hurdle decisions.
+
+The setting, a string:
+
+* ``auto`` (the default): :data:`AUTO` for the backend's platform, where this XLA knows
+  the options (a newer XLA that dropped one compiles with its defaults instead); on a GPU
+  or TPU nothing;
+* ``''``: XLA's defaults;
+* ``name=value[,name=value...]``: these XLA debug options (``true`` / ``false``, integers,
+  floats, else strings), applied on every backend; an option this XLA does not know is an
+  error that names it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+__all__ = ["AUTO", "KEY", "parse", "check", "resolve", "accepted"]
+
+KEY = "train.segmented_xla_options"
+# What ``auto`` sets, per platform (jax's Device.platform).
+AUTO = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
+
+_accepted: dict[tuple, str] = {}  # options (sorted items) -> '' if XLA compiles with them, else its error
+_lock = threading.Lock()
+
+
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse(text: str, name: str = KEY) -> dict:
+    """``name=value,...`` as a dict (ValueError naming ``name`` and the bad part)."""
+    out = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        option, sep, value = (s.strip() for s in part.partition("="))
+        if not sep or not option or not value or not option.replace("_", "").isalnum():
+            raise ValueError(
+                f"{name}={text!r}: expected 'auto', '' or comma-separated name=value XLA options, "
+                f"e.g. 'xla_cpu_use_fusion_emitters=false'; cannot read {part!r}"
+            )
+        out[option] = _value(value)
+    return out
+
+
+def check(train_cfg) -> str:
+    """The setting, its syntax checked (no backend needed): ValueError naming it."""
+    value = train_cfg.get("segmented_xla_options", "auto")
+    if not isinstance(value, str):
+        raise ValueError(f"{KEY}={value!r}: expected a string ('auto', '' or name=value,...)")
+    if value.strip() != "auto":
+        parse(value)
+    return value.strip()
+
+
+def accepted(options: dict) -> str:
+    """'' if this XLA compiles a program with ``options``, else its error (checked once per process)."""
+    key = tuple(sorted(options.items()))
+    with _lock:
+        if key in _accepted:
+            return _accepted[key]
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((), jnp.float32)).compile(dict(options))
+        error = ""
+    except Exception as e:  # XlaRuntimeError: INVALID_ARGUMENT: No such compile option ...
+        error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    with _lock:
+        _accepted[key] = error
+    return error
+
+
+def resolve(train_cfg, platform: str) -> dict:
+    """The XLA options for a segmented trainer on ``platform`` (ValueError naming the setting)."""
+    value = check(train_cfg)
+    if value == "auto":
+        options = AUTO.get(platform, {})
+        return dict(options) if options and not accepted(options) else {}
+    options = parse(value)
+    error = accepted(options) if options else ""
+    if error:
+        raise ValueError(f"{KEY}={value!r}: this XLA does not compile with these options: {error}")
+    return options
