@@ -667,3 +667,43 @@ def test_segmented_xla_options_are_checked_keyed_and_change_only_rounding():
     for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
     assert [m["loss"] for m in b[2]] == pytest.approx([m["loss"] for m in a[2]], rel=1e-5)
+
+
+def test_update_programs_read_the_shared_step_count_once():
+    """An update program of several leaves reads the optimizer's shared leaves (the step
+    counts) from its first view only, so XLA computes the step's scalars once per program:
+    the same values bit for bit as every view reading its own, and fewer kernels."""
+    import functools
+
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    cfg = _train_cfg(**{"train.segmented": True, "train.segmented_layout": "flat"})
+    trainer = Trainer(_primer_specs(1)[0], cfg, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
+    state = trainer.init_state()
+    for b in _batches(2):
+        state, _ = trainer.step(state, b)  # counts > 0, moments nonzero
+    steps = trainer._segments
+    plan = steps._train[1]
+    slots = plan["slots"]
+    shared = tuple(not m for m in slots.mirror)
+    assert any(shared) and not all(shared)
+    packed = steps.pack_state(state)
+    views = slots.views(steps._inner_state(packed.opt_state))
+    params = jax.tree.leaves(packed.params)
+    groups = [g for g in plan["updates"] if len(g[1]) >= 4]
+    assert groups, "the tiny program has several leaves of one size class"
+    chunk = groups[0][1]
+    rng = np.random.default_rng(0)
+    ps = tuple(params[i] for i in chunk)
+    gs = tuple(jnp.asarray(rng.normal(size=p.shape), p.dtype) for p in ps)
+    vs = tuple(views[i] for i in chunk)
+    args = (ps, gs, vs, jnp.float32(3.0), jnp.float32(0.5))
+    kernels = {}
+    outs = {}
+    for name, flag in (("own", None), ("shared", shared)):
+        fn = jax.jit(functools.partial(steps._leaf_updates, decay=True, shared=flag))
+        compiled = fn.lower(*args).compile()
+        kernels[name] = len(re.findall(r"= \S+ fusion\(", compiled.as_text()))
+        outs[name] = jax.device_get(compiled(*args))
+    for a, b in zip(jax.tree.leaves(outs["own"]), jax.tree.leaves(outs["shared"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    assert kernels["shared"] < kernels["own"]
