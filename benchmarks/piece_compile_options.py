@@ -109,7 +109,7 @@ def main():
         kind = (re.search(r"module @(\S+)", lowered.as_text()[:2000]) or [None, "?"])[1]
         rows[kind]["n"] += 1
         inputs = zeros_for(lowered)
-        for j, name in enumerate(names if i % 2 == 0 else names[::-1]):
+        for name in names if i % 2 == 0 else names[::-1]:
             options = dict(sets[name], xla_dump_max_hlo_modules=-1000 - names.index(name))
             t, c = time.perf_counter(), time.process_time()
             compiled = lowered.compile(options)
