@@ -7,20 +7,22 @@
 Replays candidates of a finished tiny Primer search's journal (``configs/search/primer.py:tiny``,
 from the 13th proposal on: the first 12 are the seed population) through a fresh
 :class:`~nasjax.search.evaluate.TrainingEvaluator` (persistent compile cache off), each
-checked and trained to the full budget, and keeps every program it lowers. Then compiles
-each kept program once under every option set of ``--options`` (``NAME=OPTIONS`` separated
-by ``;``, OPTIONS as ``train.segmented_xla_options`` takes them, ``name=value,...``; an
-empty set is XLA's defaults), the sets' order alternating from program to program, and
-runs each compiled program on zero inputs (median of 5 calls). Prints per program kind
-(the lowered module's name: ``jit_forward`` / ``jit_backward`` are the layer pieces,
-``jit__leaf_updates`` the update programs) the count, the fusions (kernels) in XLA's
-default compile, and per option set the summed compile wall seconds, the summed process
-CPU seconds of those compiles and the summed run milliseconds (one call of each program:
-what one train step spends in them, roughly, for the programs a step runs once).
+checked and trained to the full budget, and keeps every program its segmented trainers
+compile (``SegmentedSteps._finish``). Then compiles each kept program once under every
+option set of ``--options`` (``NAME=OPTIONS`` separated by ``;``, OPTIONS as
+``train.segmented_xla_options`` takes them, ``name=value,...``; an empty set is XLA's
+defaults), the sets' order rotated from program to program, and runs each compiled
+program (median of 5 calls) on inputs of its shapes: integers 0 (token ids), floats drawn
+uniformly from [0.5, 1.5) (positive, so logarithms, roots and divisions stay finite).
+Prints per program kind (the lowered module's name: ``jit_forward`` / ``jit_backward``
+are the layer pieces, ``jit__leaf_updates`` the update programs) the count, the fusions
+(kernels) of the first set's compile, and per option set the summed compile wall seconds,
+the summed process CPU seconds of those compiles and the summed run milliseconds (one
+call of each program: roughly what one train step spends in them, for the programs a
+step runs once).
 
-A program compiled twice with the same options comes from jax's in-memory cache, so each
-set is made distinct by an option that does not change the code
-(``xla_dump_max_hlo_modules``), keyed to the set.
+(``Lowered.compile`` with a dict of options, even an empty one, compiles again: nothing
+comes from jax's in-memory cache, and the persistent cache is off.)
 """
 
 from __future__ import annotations
@@ -53,22 +55,22 @@ def option_sets(text: str) -> dict[str, dict]:
 
 def capture(journal: str, n: int) -> list:
     import jax
-    import jax._src.stages as stages
 
     jax.config.update("jax_enable_compilation_cache", False)
     from nasjax.search.evaluate import CandidateFailed
     from nasjax.search.journal import read_journal
+    from nasjax.train.segmented import SegmentedSteps
 
-    kept, real = [], stages.Lowered.compile
+    kept, real = [], SegmentedSteps._finish
 
-    def keep(self, *a, **k):
-        kept.append(self)
-        return real(self, *a, **k)
+    def keep(self, lowered):
+        kept.append(lowered)
+        return real(self, lowered)
 
     _, space, evaluator = tiny_evaluator(ROOT, {"compile_cache_dir": "none"}, tempfile.mkdtemp(prefix="nasjax_opts_"))
     proposals = {r["id"]: r for r in read_journal(journal, log=lambda *a: None) if r["event"] == "proposed"}
     seen = set()
-    stages.Lowered.compile = keep
+    SegmentedSteps._finish = keep
     try:
         for cid in sorted(proposals)[12 : 12 + n]:
             if proposals[cid]["hash"] in seen:
@@ -81,16 +83,21 @@ def capture(journal: str, n: int) -> list:
             except CandidateFailed:
                 pass
     finally:
-        stages.Lowered.compile = real
+        SegmentedSteps._finish = real
     return kept
 
 
-def zeros_for(lowered):
+def inputs_for(lowered, rng):
     import jax
     import jax.numpy as jnp
 
+    def value(a):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            return jnp.asarray(rng.uniform(0.5, 1.5, size=a.shape), a.dtype)
+        return jnp.zeros(a.shape, a.dtype)
+
     leaves, tree = jax.tree.flatten(lowered.args_info)
-    return jax.tree.unflatten(tree, [jnp.zeros(a.shape, a.dtype) for a in leaves])
+    return jax.tree.unflatten(tree, [value(a) for a in leaves])
 
 
 def main():
@@ -101,18 +108,19 @@ def main():
     args = p.parse_args()
     sets = option_sets(args.options)
     import jax
+    import numpy as np
 
     kept = capture(args.journal, args.candidates)
-    names = list(sets)
+    names, rng = list(sets), np.random.default_rng(0)
     rows = collections.defaultdict(lambda: collections.defaultdict(float))
     for i, lowered in enumerate(kept):
         kind = (re.search(r"module @(\S+)", lowered.as_text()[:2000]) or [None, "?"])[1]
         rows[kind]["n"] += 1
-        inputs = zeros_for(lowered)
-        for name in names if i % 2 == 0 else names[::-1]:
-            options = dict(sets[name], xla_dump_max_hlo_modules=-1000 - names.index(name))
+        inputs = inputs_for(lowered, rng)
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
             t, c = time.perf_counter(), time.process_time()
-            compiled = lowered.compile(options)
+            compiled = lowered.compile(dict(sets[name]))
             rows[kind][name + " compile"] += time.perf_counter() - t
             rows[kind][name + " cpu"] += time.process_time() - c
             if name == names[0]:
@@ -126,7 +134,7 @@ def main():
                 runs.append(time.perf_counter() - t)
             rows[kind][name + " run"] += statistics.median(runs)
     print(f"{len(kept)} programs of {args.candidates} proposals of {args.journal}; jax {jax.__version__}")
-    head = ["kind", "programs", "fusions"] + [f"{n}: compile s / CPU s / run ms" for n in names]
+    head = ["kind", "programs", f"fusions ({names[0]})"] + [f"{n}: compile s / CPU s / run ms" for n in names]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     total = collections.defaultdict(float)

@@ -636,7 +636,9 @@ def test_segmented_xla_options_are_checked_keyed_and_change_only_rounding():
             xla_options.check({"segmented_xla_options": bad})
     with pytest.raises(ValueError, match="expected a string"):
         xla_options.check({"segmented_xla_options": 3})
-    assert xla_options.parse("a=true, b=2,c=0.5,d=x") == {"a": True, "b": 2, "c": 0.5, "d": "x"}
+    # booleans as booleans (XLA refuses the text for a bool option), the rest as text (XLA
+    # parses it by the option's type; a NaN would never equal itself in a program's key)
+    assert xla_options.parse("a=true, b=2,c=0.5,d=x,e=nan") == {"a": True, "b": "2", "c": "0.5", "d": "x", "e": "nan"}
     mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     spec = _primer_specs(1)[0]
 
@@ -648,10 +650,18 @@ def test_segmented_xla_options_are_checked_keyed_and_change_only_rounding():
         trainer("a=1,b")
     with pytest.raises(TrainConfigError, match="xla_no_such_option.*does not compile with these options"):
         trainer("xla_no_such_option=true")
-    search_cfg = load_config_file(PRIMER_TINY)
+    search_cfg = apply_overrides(load_config_file(PRIMER_TINY), {"train.segmented_xla_options": "xla_no_such_option=1"})
     with pytest.raises(EngineError, match="xla_no_such_option"):  # a search refuses it before any candidate
-        check_engine_settings(apply_overrides(search_cfg, {"train.segmented_xla_options": "xla_no_such_option=1"}))
-    assert trainer("auto")._segments.xla_options == xla_options.AUTO["cpu"]
+        check_engine_settings(search_cfg)
+    from nasjax.search.engine import Worker
+
+    with pytest.raises(ValueError, match="xla_no_such_option"):  # ... and so does a worker process or actor
+        Worker(search_cfg.to_json(), {"kind": "byte"}, "primer")
+    assert xla_options.resolve({"segmented_xla_options": "xla_cpu_enable_fast_min_max=false"}, "cpu") == {
+        "xla_cpu_enable_fast_min_max": False
+    }
+    if not xla_options.accepted(xla_options.AUTO["cpu"], "cpu"):  # a newer XLA may drop it: auto then warns
+        assert trainer("auto")._segments.xla_options == xla_options.AUTO["cpu"]
     assert trainer("")._segments.xla_options == {}
     assert xla_options.resolve({"segmented_xla_options": "auto"}, "gpu") == {}
 
@@ -669,14 +679,16 @@ def test_segmented_xla_options_are_checked_keyed_and_change_only_rounding():
     assert [m["loss"] for m in b[2]] == pytest.approx([m["loss"] for m in a[2]], rel=1e-5)
 
 
-def test_update_programs_read_the_shared_step_count_once():
+@pytest.mark.parametrize("optimizer,layout", [("adamw", "flat"), ("adafactor", "shaped")])
+def test_update_programs_read_the_shared_step_count_once(optimizer, layout):
     """An update program of several leaves reads the optimizer's shared leaves (the step
     counts) from its first view only, so XLA computes the step's scalars once per program:
-    the same values bit for bit as every view reading its own, and fewer kernels."""
+    the same values bit for bit as every view reading its own (clipping and weight decay
+    active), and fewer kernels."""
     import functools
 
     mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    cfg = _train_cfg(**{"train.segmented": True, "train.segmented_layout": "flat"})
+    cfg = _train_cfg(**{"train.segmented": True, "train.segmented_layout": layout, "train.optimizer": optimizer})
     trainer = Trainer(_primer_specs(1)[0], cfg, mesh, shd.DEFAULT_RULES, seed=0, seq_len=LEN)
     state = trainer.init_state()
     for b in _batches(2):
@@ -699,8 +711,9 @@ def test_update_programs_read_the_shared_step_count_once():
     args = (ps, gs, vs, jnp.float32(3.0), jnp.float32(0.5))
     kernels = {}
     outs = {}
+    decay = True if layout == "flat" else None  # the flat layout names the decay; shaped: the optimizer's mask
     for name, flag in (("own", None), ("shared", shared)):
-        fn = jax.jit(functools.partial(steps._leaf_updates, decay=True, shared=flag))
+        fn = jax.jit(functools.partial(steps._leaf_updates, decay=decay, shared=flag))
         compiled = fn.lower(*args).compile()
         kernels[name] = len(re.findall(r"= \S+ fusion\(", compiled.as_text()))
         outs[name] = jax.device_get(compiled(*args))

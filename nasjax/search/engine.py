@@ -217,6 +217,12 @@ class Worker:
         cfg = ml_collections.ConfigDict(json.loads(cfg_json))
         setup_compile_cache(cfg)
         mesh, rules = make_mesh(cfg)
+        if "train" in cfg and cfg.train.get("segmented", False):
+            # an option this worker's XLA lacks stops the search here (a worker that fails to
+            # start does), instead of failing every candidate
+            from nasjax import xla_options
+
+            xla_options.resolve(cfg.train, mesh.devices.flat[0].platform)
         tokenizer = tokenizer_from_config(tokenizer_config)
         self.adapter = make_adapter(method, cfg, tokenizer, mesh, rules, log=lambda *a: None)
         self.jobs = 0
@@ -430,7 +436,7 @@ def check_engine_settings(cfg) -> None:
             xla_options.check(cfg.train)
             if cfg.train.get("segmented", False) and name in ("inline", "threads"):
                 # options this XLA lacks, refused before any candidate on the backend these engines
-                # train on (in worker processes and actors, each candidate's trainer refuses them)
+                # train on (worker processes and actors refuse them when they start: Worker)
                 import jax
 
                 xla_options.resolve(cfg.train, jax.devices()[0].platform)

@@ -166,6 +166,8 @@ class Trainer:
             segmented.check_layout(train_cfg)
             segmented.check_max_mb(train_cfg)
             xla_options.check(train_cfg)
+            if train_cfg.get("segmented", False):  # an option this XLA lacks, named before anything compiles
+                xla_options.resolve(train_cfg, mesh.devices.flat[0].platform)
         except ValueError as e:
             raise TrainConfigError(str(e)) from None
         if train_cfg.get("segmented", False):
@@ -174,19 +176,16 @@ class Trainer:
                 raise TrainConfigError(
                     f"train.segmented=true cannot run {spec.name or 'this model'}: {problem}; set train.segmented=false"
                 )
-            try:
-                self._segments = segmented.SegmentedSteps(
-                    spec,
-                    train_cfg,
-                    mesh,
-                    rules,
-                    self._context,
-                    jnp.dtype(dtype),
-                    self.state_shardings,
-                    abstract_state=self.restore_target(),
-                )
-            except ValueError as e:  # e.g. train.segmented_xla_options naming an option this XLA lacks
-                raise TrainConfigError(str(e)) from None
+            self._segments = segmented.SegmentedSteps(
+                spec,
+                train_cfg,
+                mesh,
+                rules,
+                self._context,
+                jnp.dtype(dtype),
+                self.state_shardings,
+                abstract_state=self.restore_target(),
+            )
         self._compiled_train = None
         self._compiled_eval = None
         self._batch_keys: tuple | None = None
