@@ -64,13 +64,17 @@ def parse(text: str, name: str = KEY) -> dict:
     return out
 
 
-def check(train_cfg) -> str:
-    """The setting, its syntax checked (no backend needed): ValueError naming it."""
+def check(train_cfg, platform: str | None = None) -> str:
+    """The setting, its syntax checked: ValueError naming it. With ``platform`` (where the
+    trainer runs) and ``train.segmented`` on, also that this XLA takes the options there
+    (:func:`resolve`; the options apply to segmented trainers only)."""
     value = train_cfg.get("segmented_xla_options", "auto")
     if not isinstance(value, str):
         raise ValueError(f"{KEY}={value!r}: expected a string ('auto', '' or name=value,...)")
     if value.strip() != "auto":
         parse(value)
+    if platform is not None and train_cfg.get("segmented", False):
+        resolve(train_cfg, platform)
     return value.strip()
 
 

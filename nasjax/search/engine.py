@@ -217,12 +217,12 @@ class Worker:
         cfg = ml_collections.ConfigDict(json.loads(cfg_json))
         setup_compile_cache(cfg)
         mesh, rules = make_mesh(cfg)
-        if "train" in cfg and cfg.train.get("segmented", False):
+        if "train" in cfg:
             # an option this worker's XLA lacks stops the search here (a worker that fails to
             # start does), instead of failing every candidate
             from nasjax import xla_options
 
-            xla_options.resolve(cfg.train, mesh.devices.flat[0].platform)
+            xla_options.check(cfg.train, mesh.devices.flat[0].platform)
         tokenizer = tokenizer_from_config(tokenizer_config)
         self.adapter = make_adapter(method, cfg, tokenizer, mesh, rules, log=lambda *a: None)
         self.jobs = 0
@@ -383,6 +383,12 @@ class RayEngine:
         self.running.clear()
 
 
+def _default_platform() -> str:
+    import jax
+
+    return jax.devices()[0].platform
+
+
 def check_engine_settings(cfg) -> None:
     """Raises :class:`EngineError` for a bad ``engine`` / ``search.in_flight`` before anything starts."""
     name = str(cfg.get("engine", "inline") or "inline")
@@ -433,13 +439,10 @@ def check_engine_settings(cfg) -> None:
             segmented.check_update_chunk(cfg.train)
             segmented.check_layout(cfg.train)
             segmented.check_max_mb(cfg.train)
-            xla_options.check(cfg.train)
-            if cfg.train.get("segmented", False) and name in ("inline", "threads"):
-                # options this XLA lacks, refused before any candidate on the backend these engines
-                # train on (worker processes and actors refuse them when they start: Worker)
-                import jax
-
-                xla_options.resolve(cfg.train, jax.devices()[0].platform)
+            # options this XLA lacks, refused before any candidate on the backend the inline and
+            # threads engines train on (worker processes and actors refuse them when they start)
+            local = name in ("inline", "threads") and cfg.train.get("segmented", False)
+            xla_options.check(cfg.train, _default_platform() if local else None)
         except ValueError as e:
             raise EngineError(str(e)) from None
     if "lts" in cfg:  # before a journal exists: a bad value must not become the search's header

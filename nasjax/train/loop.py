@@ -165,9 +165,7 @@ class Trainer:
             segmented.check_update_chunk(train_cfg)
             segmented.check_layout(train_cfg)
             segmented.check_max_mb(train_cfg)
-            xla_options.check(train_cfg)
-            if train_cfg.get("segmented", False):  # an option this XLA lacks, named before anything compiles
-                xla_options.resolve(train_cfg, mesh.devices.flat[0].platform)
+            xla_options.check(train_cfg, mesh.devices.flat[0].platform)  # before anything compiles
         except ValueError as e:
             raise TrainConfigError(str(e)) from None
         if train_cfg.get("segmented", False):
