@@ -85,6 +85,9 @@ class ProgramCache:
         self.limits = limits
         self._group = group or (lambda key: "all")
         self._items: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        # each group's keys, least recently used first (trimming a group is then O(dropped),
+        # not a scan of every entry: a search inserts thousands)
+        self._groups: dict[str, collections.OrderedDict[Hashable, None]] = {}
         self._sizes: dict[Hashable, int] = {}
         self._bytes = 0
         self.max_bytes = max_bytes
@@ -96,31 +99,42 @@ class ProgramCache:
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
-                self._items.move_to_end(key)
+                self._used(key)
                 return hit, 0.0
         t0 = time.perf_counter()
         built = build()
         seconds = time.perf_counter() - t0
         size = max(0, int(self._size(built))) if self.max_bytes is not None else 0
         with self._lock:
+            group = self._group(key)
             if key not in self._items:
                 self._items[key] = built
+                self._groups.setdefault(group, collections.OrderedDict())[key] = None
                 self._sizes[key] = size
                 self._bytes += size
             built = self._items[key]  # another thread may have built it meanwhile
-            self._items.move_to_end(key)
-            self._trim(self._group(key))
+            self._used(key, group)
+            self._trim(group)
             self._trim_bytes()
         return built, seconds
 
+    def _used(self, key: Hashable, group: str | None = None) -> None:
+        """``key`` becomes the most recently used, overall and in its group."""
+        self._items.move_to_end(key)
+        self._groups[self._group(key) if group is None else group].move_to_end(key)
+
     def _drop(self, key: Hashable) -> None:
         del self._items[key]
+        group = self._group(key)
+        del self._groups[group][key]
+        if not self._groups[group]:
+            del self._groups[group]
         self._bytes -= self._sizes.pop(key, 0)
 
     def _trim(self, group: str) -> None:
-        keys = [k for k in self._items if self._group(k) == group]
-        for k in keys[: max(0, len(keys) - self.limits[group])]:  # oldest first
-            self._drop(k)
+        keys = self._groups.get(group)
+        while keys and len(keys) > self.limits[group]:  # oldest first
+            self._drop(next(iter(keys)))
 
     def _trim_bytes(self) -> None:
         if self.max_bytes is None:
@@ -149,6 +163,7 @@ class ProgramCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._groups.clear()
             self._sizes.clear()
             self._bytes = 0
 
@@ -161,7 +176,7 @@ class ProgramCache:
         with self._lock:
             if key not in self._items:
                 return False
-            self._items.move_to_end(key)
+            self._used(key)
             return True
 
     def __iter__(self) -> Iterator[Hashable]:

@@ -54,6 +54,22 @@ def test_count_bounds_hold_beside_the_byte_bound_and_sizes_leave_with_entries():
     assert cache.nbytes() == 13
 
 
+def test_count_bound_drops_each_groups_least_recently_used_and_hits_and_touches_renew():
+    cache, sizes = _cache(limits={"a": 2, "b": 2})
+    for key in (("a", 1), ("b", 1), ("a", 2), ("b", 2)):
+        _put(cache, sizes, key, 1)
+    cache.get(("a", 1), lambda: pytest.fail("a hit builds nothing"))  # ("a", 2) is now a's oldest
+    assert cache.touch(("b", 1))  # ("b", 2) is now b's oldest
+    _put(cache, sizes, ("a", 3), 1)
+    _put(cache, sizes, ("b", 3), 1)
+    assert list(cache) == [("a", 1), ("b", 1), ("a", 3), ("b", 3)]
+    cache.set_limit("a", 1)
+    assert list(cache) == [("b", 1), ("a", 3), ("b", 3)]
+    cache.clear()
+    _put(cache, sizes, ("a", 4), 1)  # a cleared registry starts its groups afresh
+    assert list(cache) == [("a", 4)]
+
+
 def test_without_a_byte_bound_nothing_is_measured():
     calls = []
     cache = ProgramCache({"all": 3}, size=lambda built: calls.append(built) or 1)

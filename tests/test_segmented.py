@@ -663,8 +663,15 @@ def test_segmented_xla_options_are_checked_keyed_and_change_only_rounding():
     if xla_options.accepted(xla_options.AUTO["cpu"], "cpu"):  # a newer XLA may drop it: auto then warns
         pytest.skip("this XLA does not take xla_cpu_use_fusion_emitters")
     assert trainer("auto")._segments.xla_options == xla_options.AUTO["cpu"]
-    assert trainer("")._segments.xla_options == {}
+    # auto's update programs also split their code generation (same bits, shorter compile)
+    split = xla_options.accepted({**xla_options.AUTO["cpu"], **xla_options.AUTO_UPDATES["cpu"]}, "cpu") == ""
+    expected = {**xla_options.AUTO["cpu"], **(xla_options.AUTO_UPDATES["cpu"] if split else {})}
+    assert trainer("auto")._segments.update_xla_options == expected
+    assert trainer("")._segments.xla_options == trainer("")._segments.update_xla_options == {}
+    explicit = trainer("xla_cpu_use_fusion_emitters=false")._segments  # an explicit setting: every program alike
+    assert explicit.update_xla_options == explicit.xla_options == xla_options.AUTO["cpu"]
     assert xla_options.resolve({"segmented_xla_options": "auto"}, "gpu") == {}
+    assert xla_options.resolve({"segmented_xla_options": "auto"}, "gpu", updates=True) == {}
 
     segmented.clear_programs()
     batches = _batches(4)
@@ -673,11 +680,15 @@ def test_segmented_xla_options_are_checked_keyed_and_change_only_rounding():
         before = set(segmented._PROGRAMS)
         runs[value] = (_run(spec, _train_cfg(**{"train.segmented": True, "train.segmented_xla_options": value}),
                             mesh, batches, steps=2), set(segmented._PROGRAMS) - before)  # fmt: skip
-    assert runs[""][1] and runs["auto"][1] and not runs["xla_cpu_use_fusion_emitters=false"][1]
-    (a, _), (b, _) = runs[""], runs["auto"]
+    assert runs[""][1] and runs["auto"][1]
+    # the explicit emitters option shares auto's pieces; only its update programs differ (when auto splits)
+    assert {k[0] for k in runs["xla_cpu_use_fusion_emitters=false"][1]} == ({"update"} if split else set())
+    (a, _), (b, _), (c, _) = runs[""], runs["auto"], runs["xla_cpu_use_fusion_emitters=false"]
     for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
     assert [m["loss"] for m in b[2]] == pytest.approx([m["loss"] for m in a[2]], rel=1e-5)
+    for x, y in zip(jax.tree.leaves(b[1]), jax.tree.leaves(c[1]), strict=True):  # the split changes no bit
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
 @pytest.mark.parametrize("optimizer,layout", [("adamw", "flat"), ("adafactor", "shaped")])

@@ -333,6 +333,8 @@ class SegmentedSteps:
         # XLA options for every piece (train.segmented_xla_options; nasjax.xla_options), part of its key
         self.xla_options = xla_options.resolve(train_cfg, mesh.devices.flat[0].platform)
         self._xla_key = tuple(sorted(self.xla_options.items()))
+        # the update programs' (auto adds a codegen split on CPU), part of their keys
+        self.update_xla_options = xla_options.resolve(train_cfg, mesh.devices.flat[0].platform, updates=True)
         self.flat = self.layout == "flat"
         if self.flat and abstract_state is None:
             raise ValueError("train.segmented_layout='flat': SegmentedSteps needs the trainer's abstract state")
@@ -364,9 +366,10 @@ class SegmentedSteps:
     def _key(self, *parts) -> tuple:
         return (*parts, self.mesh, tuple(self.rules), str(self.dtype), self.layout, self._xla_key)
 
-    def _finish(self, lowered):
-        """``lowered`` compiled with this trainer's XLA options."""
-        return lowered.compile(self.xla_options) if self.xla_options else lowered.compile()
+    def _finish(self, lowered, options: dict | None = None):
+        """``lowered`` compiled with this trainer's XLA options (``options``: others)."""
+        options = self.xla_options if options is None else options
+        return lowered.compile(dict(options)) if options else lowered.compile()
 
     # ------------------------------------------------------------------ flat layout
     def _buffers(self, shaped):
@@ -413,12 +416,16 @@ class SegmentedSteps:
         """Whether ``state``'s parameters are in the flat layout (True in the shaped layout)."""
         return not self.flat or [tuple(x.shape) for x in jax.tree.leaves(state.params)] == self._flat_shapes
 
-    def _compile(self, fn, *abstract_args, **jit_kwargs):
+    def _compile(self, fn, *abstract_args, options=None, **jit_kwargs):
         with self.context():
-            return self._finish(jax.jit(fn, **jit_kwargs).lower(*abstract_args))
+            return self._finish(jax.jit(fn, **jit_kwargs).lower(*abstract_args), options)
 
-    def _get(self, key, fn, *abstract_args, **jit_kwargs):
-        program, seconds = _program(self._key(*key), lambda: self._compile(fn, *abstract_args, **jit_kwargs))
+    def _get(self, key, fn, *abstract_args, options=None, **jit_kwargs):
+        """The program under ``key`` (compiled on a miss; ``options``: XLA options other than
+        the pieces', which ``key`` must then name)."""
+        program, seconds = _program(
+            self._key(*key), lambda: self._compile(fn, *abstract_args, options=options, **jit_kwargs)
+        )
         self.compile_seconds += seconds
         return program
 
@@ -574,9 +581,16 @@ class SegmentedSteps:
                     start += size
             for chunk in chunks:
                 size = len(chunk)
-                key = ("update", self.opt_key, p_layout, v_layout, size, flag, shared)
+                options = tuple(sorted(self.update_xla_options.items()))
+                key = ("update", self.opt_key, p_layout, v_layout, size, flag, shared, options)
                 args = ((p,) * size, (p,) * size, (view,) * size, scalar, scalar)
-                program = self._get(key, update, *args, out_shardings=((out_sh[0],) * size, (out_sh[1],) * size))
+                program = self._get(
+                    key,
+                    update,
+                    *args,
+                    options=self.update_xla_options,
+                    out_shardings=((out_sh[0],) * size, (out_sh[1],) * size),
+                )
                 groups.append((program, chunk))
         return groups
 
