@@ -48,8 +48,9 @@ train.segmented_max_mb    MiB of compiled pieces a process keeps, as their seria
                           memory on XLA:CPU), least recently used dropped first; 0 = bounded by count only
 train.segmented_xla_options  XLA options for the segmented pieces: 'auto' (on CPU xla_cpu_use_fusion_emitters=
                           false, XLA's earlier kernel emitters: ~25-30% less compile for these small programs,
-                          values equal up to float rounding; elsewhere none), '' (XLA's defaults) or
-                          name=value,... (nasjax/xla_options.py)
+                          values equal up to float rounding; the update programs also compile their
+                          code in two parts, same bits, ~25% faster; elsewhere none), '' (XLA's
+                          defaults) or name=value,... for every program (nasjax/xla_options.py)
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices

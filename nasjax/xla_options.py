@@ -20,7 +20,7 @@ The setting, a string:
   :data:`AUTO_UPDATES`: on CPU their code generated as two modules, compiled in parallel
   (``xla_cpu_parallel_codegen_split_count=2``), which compiles them ~24% faster than XLA's
   default split, with the same bits and run time (docs/benchmarks.md, stop 31; the layer
-  pieces ran 3-10% slower under it);
+  pieces ran 6-12% slower under it, so they keep XLA's split);
 * ``''``: XLA's defaults;
 * ``name=value[,name=value...]``: these XLA debug options, applied on every backend
   (``true`` / ``false`` as booleans, any other value as its text, which XLA reads by the

@@ -89,7 +89,8 @@ def get_config(preset: str = "tiny"):
     c.train.segmented_layout = "flat" if preset == "tiny" else "shaped"
     c.train.flat_optimizer = False
     # train.segmented_xla_options stays 'auto': on CPU the pieces compile with XLA's earlier
-    # kernel emitters, ~30% less compile at the same step time (docs/benchmarks.md, stop 30).
+    # kernel emitters, ~30% less compile at the same step time (docs/benchmarks.md, stop 30),
+    # and the update programs with their code generated in two parts (stop 31).
     s = c.search
     s.population_size = p["population"]
     s.tournament_size = p["tournament"]
