@@ -50,7 +50,8 @@ train.segmented_xla_options  XLA options for the segmented pieces: 'auto' (on CP
                           false, XLA's earlier kernel emitters: ~25-30% less compile for these small programs,
                           values equal up to float rounding; the update programs also compile their
                           code in two parts, same bits, ~25% faster; elsewhere none), '' (XLA's
-                          defaults) or name=value,... for every program (nasjax/xla_options.py)
+                          defaults) or name=value,... for every program (nasjax/xla_options.py); the
+                          init's normal sampler takes auto's CPU options whatever this says (same bits)
 train.log_every, eval_every, eval_batches (0 = whole validation split), checkpoint_every,
 train.keep_checkpoints, async_checkpoint
 mesh.shape                (data, fsdp, tensor) sizes; one -1 takes the remaining devices

@@ -112,9 +112,9 @@ def accepted(options: dict, platform: str | None = None) -> str:
 
 def _warn_once(platform: str, options: dict, error: str, fallback: str) -> None:
     with _lock:
-        if (platform, error) in _warned:
+        if (platform, error, fallback) in _warned:
             return
-        _warned.add((platform, error))
+        _warned.add((platform, error, fallback))
     warnings.warn(f"nasjax: {KEY}=auto: this XLA does not compile with {options} ({error}); {fallback}", stacklevel=3)
 
 
@@ -125,12 +125,6 @@ def resolve(train_cfg, platform: str, updates: bool = False) -> dict:
     value = check(train_cfg)
     if value == "auto":
         base = AUTO.get(platform, {})
-        if updates and AUTO_UPDATES.get(platform):
-            options = {**base, **AUTO_UPDATES[platform]}
-            error = accepted(options, platform)
-            if not error:
-                return options
-            _warn_once(platform, options, error, "the update programs compile with the pieces' options (same results)")
         error = accepted(base, platform) if base else ""
         if error:
             _warn_once(
@@ -139,7 +133,15 @@ def resolve(train_cfg, platform: str, updates: bool = False) -> dict:
                 error,
                 "the segmented pieces compile with XLA's defaults (slower compiles, same results up to float rounding)",
             )
-        return {} if error else dict(base)
+            base = {}
+        extra = AUTO_UPDATES.get(platform, {}) if updates else {}
+        if extra:
+            options = {**base, **extra}
+            error = accepted(options, platform)
+            if not error:
+                return options
+            _warn_once(platform, options, error, "the update programs compile with the pieces' options (same results)")
+        return dict(base)
     options = parse(value)
     error = accepted(options, platform) if options else ""
     if error:

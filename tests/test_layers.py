@@ -612,6 +612,9 @@ def test_vmapped_initializers_give_flax_values_and_compile_nothing_per_shape():
         assert compiled == []
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
+    assert ours._draw_program.cache_info().currsize > 0  # the samplers outlive jax.clear_caches() ...
+    ours.clear_draw_programs()  # ... until search.clear_caches drops them
+    assert ours._draw_program.cache_info().currsize == 0
 
 
 def test_vmapped_initializers_fall_back_to_flax_when_the_host_path_fails(monkeypatch):

@@ -691,6 +691,38 @@ def test_segmented_xla_options_are_checked_keyed_and_change_only_rounding():
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
+def test_auto_xla_options_fall_back_option_by_option(monkeypatch):
+    """``auto`` when this XLA refuses some of its options: the pieces fall back to XLA's
+    defaults, the update programs keep what XLA takes (the split alone when only the
+    emitters option is refused), and each fallback warns once."""
+    import warnings
+
+    from nasjax import xla_options
+
+    emitters = next(iter(xla_options.AUTO["cpu"]))
+    cfg = {"segmented_xla_options": "auto"}
+
+    def refusing(names):
+        return lambda options, platform=None: "INVALID_ARGUMENT: refused" if set(options) & set(names) else ""
+
+    monkeypatch.setattr(xla_options, "_warned", set())
+    monkeypatch.setattr(xla_options, "accepted", refusing({emitters}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert xla_options.resolve(cfg, "cpu") == {}
+        assert xla_options.resolve(cfg, "cpu", updates=True) == xla_options.AUTO_UPDATES["cpu"]
+        assert xla_options.resolve(cfg, "cpu", updates=True) == xla_options.AUTO_UPDATES["cpu"]
+    assert len(caught) == 1 and "XLA's defaults" in str(caught[0].message)
+    monkeypatch.setattr(xla_options, "_warned", set())
+    monkeypatch.setattr(xla_options, "accepted", refusing({emitters, *xla_options.AUTO_UPDATES["cpu"]}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert xla_options.resolve(cfg, "cpu", updates=True) == {}
+        assert xla_options.resolve(cfg, "cpu", updates=True) == {}
+    assert len(caught) == 2  # the pieces' fallback and the updates', once each
+    assert xla_options.resolve({"segmented_xla_options": ""}, "cpu", updates=True) == {}
+
+
 @pytest.mark.parametrize("optimizer,layout", [("adamw", "flat"), ("adafactor", "shaped")])
 def test_update_programs_read_the_shared_step_count_once(optimizer, layout):
     """An update program of several leaves reads the optimizer's shared leaves (the step

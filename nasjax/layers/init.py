@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["normal", "zeros", "ones", "constant", "size_class", "draw_class"]
+__all__ = ["normal", "zeros", "ones", "constant", "size_class", "draw_class", "clear_draw_programs"]
 
 
 def size_class(n: int) -> int:
@@ -87,7 +87,9 @@ def _scaled_draw(keys, scale, n: int, dtype):
 
 
 # The compiled samplers of :func:`_fill_on_host`, by (key batch shape, key type, draw size,
-# dtype, the keys' sharding): a few per process (branch counts x draw classes).
+# dtype, the keys' sharding): a few per process (branch counts x draw classes). They outlive
+# ``jax.clear_caches()`` (so ``search.op_by_op_clear_every`` keeps them); ``search.clear_caches``
+# drops them with the segmented pieces (:func:`clear_draw_programs`).
 _DRAW_PROGRAMS_MAX = 64
 
 
@@ -101,6 +103,8 @@ def _draw_program(shape: tuple, key_dtype, n: int, dtype, sharding):
     with Flax's, which jax compiles with XLA's defaults), and its compile is ~25% shorter
     on CPU: 0.10-0.14 against 0.08-0.10 s per sampler (docs/benchmarks.md, stop 31). A
     search compiles a sampler per (branch count, draw class), 8 in its first 47 candidates.
+    The init is not a trainer's, so ``train.segmented_xla_options`` does not reach it: a
+    setting other than ``auto`` leaves the samplers as they are.
     """
     from nasjax import xla_options
 
@@ -111,6 +115,11 @@ def _draw_program(shape: tuple, key_dtype, n: int, dtype, sharding):
     keys = jax.ShapeDtypeStruct(shape, key_dtype, sharding=sharding)
     lowered = _scaled_draw.lower(keys, jax.ShapeDtypeStruct((), dtype), n=n, dtype=dtype)
     return lowered.compile(dict(options)) if options else lowered.compile()
+
+
+def clear_draw_programs() -> None:
+    """Drops the compiled samplers (:func:`_draw_program`)."""
+    _draw_program.cache_clear()
 
 
 def _draw(keys, scale, n: int, dtype) -> np.ndarray:

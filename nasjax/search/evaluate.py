@@ -40,6 +40,7 @@ import jax
 from nasjax import compile_meter
 from nasjax import sharding as shd
 from nasjax.hostmem import release_free_memory
+from nasjax.layers.init import clear_draw_programs
 from nasjax.measure.params import count_params
 from nasjax.measure.probe import (
     LEAK_TOLERANCE,
@@ -695,6 +696,7 @@ class TrainingEvaluator:
         if s.clear_caches and self._count_for_clearing():  # long searches: drop finished programs
             jax.clear_caches()
             segmented.clear_programs()
+            clear_draw_programs()  # the init's compiled samplers (they outlive jax.clear_caches)
             release_free_memory()
         return TrainOutcome(
             fitness=fitness_at[-1],

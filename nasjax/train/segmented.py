@@ -422,7 +422,9 @@ class SegmentedSteps:
 
     def _get(self, key, fn, *abstract_args, options=None, **jit_kwargs):
         """The program under ``key`` (compiled on a miss; ``options``: XLA options other than
-        the pieces', which ``key`` must then name)."""
+        the pieces', added to the key)."""
+        if options is not None:
+            key = (*key, tuple(sorted(options.items())))
         program, seconds = _program(
             self._key(*key), lambda: self._compile(fn, *abstract_args, options=options, **jit_kwargs)
         )
@@ -581,8 +583,7 @@ class SegmentedSteps:
                     start += size
             for chunk in chunks:
                 size = len(chunk)
-                options = tuple(sorted(self.update_xla_options.items()))
-                key = ("update", self.opt_key, p_layout, v_layout, size, flag, shared, options)
+                key = ("update", self.opt_key, p_layout, v_layout, size, flag, shared)
                 args = ((p,) * size, (p,) * size, (view,) * size, scalar, scalar)
                 program = self._get(
                     key,
