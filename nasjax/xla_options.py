@@ -32,7 +32,7 @@ from __future__ import annotations
 import threading
 import warnings
 
-__all__ = ["AUTO", "AUTO_UPDATES", "KEY", "parse", "check", "resolve", "accepted"]
+__all__ = ["AUTO", "AUTO_UPDATES", "KEY", "parse", "check", "auto", "resolve", "accepted"]
 
 KEY = "train.segmented_xla_options"
 # What ``auto`` sets, per platform (jax's Device.platform).
@@ -118,30 +118,36 @@ def _warn_once(platform: str, options: dict, error: str, fallback: str) -> None:
     warnings.warn(f"nasjax: {KEY}=auto: this XLA does not compile with {options} ({error}); {fallback}", stacklevel=3)
 
 
+def auto(platform: str, updates: bool = False) -> dict:
+    """What ``auto`` gives programs on ``platform``: :data:`AUTO` (``updates``: and
+    :data:`AUTO_UPDATES`), less what this XLA refuses (one warning per fallback)."""
+    base = AUTO.get(platform, {})
+    error = accepted(base, platform) if base else ""
+    if error:
+        _warn_once(
+            platform,
+            base,
+            error,
+            "the segmented pieces compile with XLA's defaults (slower compiles, same results up to float rounding)",
+        )
+        base = {}
+    extra = AUTO_UPDATES.get(platform, {}) if updates else {}
+    if extra:
+        options = {**base, **extra}
+        error = accepted(options, platform)
+        if not error:
+            return options
+        _warn_once(platform, options, error, "the update programs compile with the pieces' options (same results)")
+    return dict(base)
+
+
 def resolve(train_cfg, platform: str, updates: bool = False) -> dict:
     """The XLA options for a segmented trainer's programs on ``platform`` (ValueError naming
     the setting). ``updates``: for its update programs (``auto`` adds :data:`AUTO_UPDATES`;
     an explicit setting applies to every program alike)."""
     value = check(train_cfg)
     if value == "auto":
-        base = AUTO.get(platform, {})
-        error = accepted(base, platform) if base else ""
-        if error:
-            _warn_once(
-                platform,
-                base,
-                error,
-                "the segmented pieces compile with XLA's defaults (slower compiles, same results up to float rounding)",
-            )
-            base = {}
-        extra = AUTO_UPDATES.get(platform, {}) if updates else {}
-        if extra:
-            options = {**base, **extra}
-            error = accepted(options, platform)
-            if not error:
-                return options
-            _warn_once(platform, options, error, "the update programs compile with the pieces' options (same results)")
-        return dict(base)
+        return auto(platform, updates)
     options = parse(value)
     error = accepted(options, platform) if options else ""
     if error:

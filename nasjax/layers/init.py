@@ -109,9 +109,7 @@ def _draw_program(shape: tuple, key_dtype, n: int, dtype, sharding):
     from nasjax import xla_options
 
     platform = next(iter(sharding.device_set)).platform if sharding is not None else jax.devices()[0].platform
-    options = xla_options.AUTO.get(platform, {})
-    if options and xla_options.accepted(options, platform):
-        options = {}  # this XLA refuses them: its defaults (the same values)
+    options = xla_options.auto(platform)  # XLA's defaults where it refuses them (the same values)
     keys = jax.ShapeDtypeStruct(shape, key_dtype, sharding=sharding)
     lowered = _scaled_draw.lower(keys, jax.ShapeDtypeStruct((), dtype), n=n, dtype=dtype)
     return lowered.compile(dict(options)) if options else lowered.compile()
