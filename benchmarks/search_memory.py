@@ -21,6 +21,17 @@ index, the probe's parameter hand-over.
 Small candidates are the hard case for memory (many programs per minute), and make
 1,000 evaluations take minutes instead of hours on a CPU.
 
+Below the table: the growth over the second half, of the 1 s samples and of their floors
+(each 50 results' lowest sample). A floor is what the process holds between its candidates'
+peaks: caches, the journal, the evolution's history, the heap kept. The samples follow
+the candidate in hand, whose train step alone may need up to ``search.max_memory_bytes``.
+
+``--heap`` also samples, inside the search's process (a ``sitecustomize`` on its
+PYTHONPATH; glibc only), glibc's heap every second: the blocks in use (live, mmapped ones
+included), the free blocks the heap keeps for reuse (:mod:`nasjax.hostmem`), the piece
+registry's entries and bytes and JAX's live arrays. It prints them per mark, and the
+growth of the live heap's floor over the second half.
+
 After the memory table it prints, from the search's journal, XLA's compile seconds
 against wall time per ``--window`` results and by outcome (trained, stopped at a hurdle,
 reused, failed); ``--report=DIR`` prints only those, for a finished search in DIR.
@@ -48,6 +59,56 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 _RESULT = re.compile(rb'"event": ?"(?:finished|failed)"')
+
+
+# --heap: a sitecustomize on the search's PYTHONPATH starts, in the search's own process,
+# a thread that writes every second what glibc's heap holds (mallinfo2: live blocks, mmapped
+# blocks, free blocks kept), the piece registry's entries and bytes, and JAX's live arrays.
+HEAP_SITE = """
+import ctypes, os, sys, threading, time
+
+_PATH = os.environ.get("NASJAX_HEAP_TRACE")
+
+
+class _Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _sample(libc, out):
+    mib = 1.0 / 2**20
+    while True:
+        info = libc.mallinfo2()
+        status = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile"):
+                    status[key] = int(value.split()[0]) / 1024.0
+        seg = sys.modules.get("nasjax.train.segmented")
+        reg = getattr(seg, "_PROGRAMS", None)
+        pieces, piece_mib = (len(reg._items), reg._bytes * mib) if reg is not None else (0, 0.0)
+        jx = sys.modules.get("jax")
+        try:
+            live = sum(a.nbytes for a in jx.live_arrays()) * mib if jx is not None else 0.0
+        except Exception:
+            live = float("nan")
+        out.write(f"{time.time():.2f},{status.get('VmRSS', 0.0):.1f},{(info.uordblks + info.hblkhd) * mib:.1f},"
+                  f"{info.hblkhd * mib:.1f},{info.fordblks * mib:.1f},{pieces},{piece_mib:.1f},{live:.1f},"
+                  f"{status.get('RssAnon', 0.0):.1f},{status.get('RssFile', 0.0):.1f},{sys.getallocatedblocks()}\\n")
+        out.flush()
+        time.sleep(1.0)
+
+
+if _PATH and "nasjax.cli" in " ".join(sys.orig_argv):
+    try:
+        _libc = ctypes.CDLL("libc.so.6")
+        _libc.mallinfo2.restype = _Info
+    except (OSError, AttributeError):
+        _libc = None
+    if _libc is not None:
+        threading.Thread(target=_sample, args=(_libc, open(_PATH, "w")), daemon=True).start()
+"""
 
 
 def _status(pid: int) -> dict:
@@ -137,6 +198,74 @@ def _slope(points: list[tuple[int, float]]) -> float:
     return 100.0 * sxy / sxx if sxx else float("nan")
 
 
+# Results per window whose lowest sample is a floor: what the process holds between its
+# candidates' peaks (caches, journal, heap kept), rather than what the candidate in hand needs.
+_FLOOR_WINDOW = 50
+
+
+def _floors(points: list[tuple[int, float]], start: int, final: int, every: int) -> list[tuple[int, float]]:
+    """(window end, lowest value) per ``_FLOOR_WINDOW`` results over the second half."""
+    out = []
+    for lo in range(start + (final - start) // 2, final, _FLOOR_WINDOW):
+        window = [v for n, v in points if lo <= n < lo + _FLOOR_WINDOW]
+        if window:
+            out.append((lo + _FLOOR_WINDOW, min(window)))
+    return out
+
+
+def heap_tables(path: str, samples: list, t0: float, start: int, final: int, every: int) -> None:
+    """The ``--heap`` trace per mark: the lowest and median live heap (glibc's blocks in use,
+    mmapped ones included), the free blocks the heap kept (median), the piece registry and
+    JAX's live arrays at the mark; and the floors' growth over the second half."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            parts = line.strip().split(",")
+            if len(parts) == 11:
+                rows.append([float(v) for v in parts])
+    if not rows:
+        print(f"\n--heap: {path} holds no samples (not glibc?)")
+        return
+    # each heap sample takes the result count of the last outside sample before it
+    counted, i, n = [], 0, 0
+    for r in rows:
+        while i < len(samples) and t0 + samples[i][0] <= r[0]:
+            n = samples[i][1]
+            i += 1
+        counted.append((n, r))
+    print(
+        "\n| evaluations | live heap MiB: window lowest / median | of it mmapped (median) | free kept MiB "
+        "(median) | anonymous resident less live heap MiB: lowest / median | file-backed resident MiB (median) "
+        "| Python's small blocks, thousands (median) | pieces held | their MiB | JAX live arrays MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    marks = list(range(start + every, final + 1, every))
+    for lo, m in zip([start] + marks, marks):
+        window = [r for c, r in counted if lo <= c < m]
+        if not window:
+            continue
+        live = sorted(r[2] for r in window)
+        mm = sorted(r[3] for r in window)
+        free = sorted(r[4] for r in window)
+        rest = sorted(r[8] - r[2] for r in window)
+        files = sorted(r[9] for r in window)
+        blocks = sorted(r[10] for r in window)
+        last = window[-1]
+        print(
+            f"| {m} | {live[0]:.0f} / {live[len(live) // 2]:.0f} | {mm[len(mm) // 2]:.0f} | {free[len(free) // 2]:.0f} "
+            f"| {rest[0]:.0f} / {rest[len(rest) // 2]:.0f} | {files[len(files) // 2]:.0f} "
+            f"| {blocks[len(blocks) // 2] / 1000:.0f} | {last[5]:.0f} | {last[6]:.0f} | {last[7]:.0f} |"
+        )
+    print("\ngrowth over the second half, per 100 evaluations, of the floors (each 50 results' lowest sample):")
+    for name, column in (
+        ("live heap, MiB", lambda r: r[2]),
+        ("anonymous resident less live heap, MiB", lambda r: r[8] - r[2]),
+        ("file-backed resident, MiB", lambda r: r[9]),
+        ("Python's small blocks, thousands", lambda r: r[10] / 1000),
+    ):
+        print(f"- {name}: {_slope(_floors([(c, column(r)) for c, r in counted], start, final, every)):+.1f}")
+
+
 def _outcome(rec: dict) -> str:
     """What became of a journaled result: reused (and why), failed, stopped at a hurdle,
     or trained through the whole budget."""
@@ -197,6 +326,12 @@ def main():
     p.add_argument("--resume_at", type=int, default=0, help="with --resume_from: its first N results are kept")
     p.add_argument("--window", type=int, default=200, help="results per row of the compile-share table")
     p.add_argument("--report", default="", help="only print the compile tables of this finished search's workdir")
+    p.add_argument(
+        "--heap",
+        action="store_true",
+        help="also sample, inside the search's process, glibc's heap (live and free kept), the piece "
+        "registry and JAX's live arrays every second, and print them per mark (glibc only)",
+    )
     args = p.parse_args()
     if args.report:
         path = os.path.join(args.report, "journal.jsonl")
@@ -218,13 +353,22 @@ def main():
     cmd += [f"--workdir={workdir}", f"--config.search.max_evaluations={args.evaluations}"]
     cmd += [f"--config.compile_cache_dir={cache}"] + [f"--config.{o}" for o in args.override]
     log_path = os.path.join(workdir + "_search.log")
+    env = dict(os.environ)
+    heap_trace = ""
+    if args.heap:
+        site = tempfile.mkdtemp(prefix="nasjax_heap_site_")
+        with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+            f.write(HEAP_SITE)
+        heap_trace = os.path.join(workdir + "_heap.csv")
+        env["PYTHONPATH"] = os.pathsep.join([site, ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["NASJAX_HEAP_TRACE"] = heap_trace
     t0 = time.time()
     # time, results, rss (all processes), peak (running max of that sum, or the controller's VmHWM
     # when it is alone), journal MiB, controller rss, worker processes
     samples: list[tuple[float, int, float, float, float, float, int]] = []
     peak = 0.0
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             try:
                 st = _status(proc.pid)
@@ -263,6 +407,11 @@ def main():
         )
     half = [(x[1], x[2]) for x in samples if x[1] >= start + (final - start) // 2]
     print(f"\nresident memory growth over the second half: {_slope(half):+.1f} MiB per 100 evaluations")
+    floors = _floors([(x[1], x[2]) for x in samples], start, final, args.every)
+    print(
+        f"resident floor (each {_FLOOR_WINDOW} results' lowest 1 s sample) growth over the second half: "
+        f"{_slope(floors):+.1f} MiB per 100 evaluations"
+    )
     first = next((x for x in samples if x[1] >= start + args.every), samples[-1])
     highest = max(x[3] for x in samples)
     print(f"peak resident: {highest:.0f} MiB (at {start + args.every} evaluations: {first[3]:.0f} MiB)")
@@ -270,6 +419,8 @@ def main():
         "resident and peak count every process of the search (engine=processes: the controller and its "
         "workers, summed at each 1 s sample; alone, the peak is the controller's high-water mark)"
     )
+    if heap_trace:
+        heap_tables(heap_trace, samples, t0, start, final, args.every)
     print()
     journal_tables(journal, args.window)
 

@@ -43,6 +43,23 @@ def test_round_trip_and_seq_continues(tmp_path):
     assert log == []
 
 
+def test_released_records_are_not_held_and_appends_go_on(tmp_path):
+    """A search's controller releases the records once replayed (bounded memory); the file
+    keeps them, and later appends keep their order."""
+    path = tmp_path / "journal.jsonl"
+    records = _three_record_journal(path)
+    with Journal(path, log=Log()) as j:
+        j.release_records()
+        for read in (lambda: j.records, lambda: j.events(), lambda: j.events("evaluated")):
+            with pytest.raises(JournalError, match="released from memory.*read_journal"):
+                read()
+        assert "records released" in repr(j)
+        assert j.next_seq == 3
+        more = [j.append("evaluated", candidate=i, fitness=float(i)) for i in range(3, 6)]
+        assert [r["seq"] for r in more] == [3, 4, 5] and j.next_seq == 6
+    assert read_journal(path, log=Log()) == records + more
+
+
 def test_blank_lines_ignored(tmp_path):
     path = tmp_path / "journal.jsonl"
     records = _three_record_journal(path)

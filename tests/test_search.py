@@ -73,6 +73,32 @@ def test_aging_evolution_ask_tell_and_replay():
     assert again.ask() == evo.ask()
 
 
+def test_aging_evolution_without_kept_genomes_asks_the_same():
+    """``keep_genomes=False`` (Primer's controller): a told candidate that ages out of the
+    population keeps its id, parent and origin but not its genome; the asks are unchanged."""
+    kept = _toy_evolution()
+    lean = RegularizedEvolution([("zero", 0)], kept.mutate, 4, 2, 0, keep_genomes=False)
+    asks = []
+    for i in range(40):
+        a, b = kept.ask(), lean.ask()
+        assert (b.id, b.genome, b.parent, b.origin) == (a.id, a.genome, a.parent, a.origin)
+        asks.append(a)
+        if i % 3 != 2:  # some stay pending for a while
+            fitness = float(abs(a.genome - 150))
+            kept.tell(a.id, fitness)
+            lean.tell(a.id, fitness)
+    in_population = {cid for cid, _ in lean.population}
+    for p in asks:
+        held = lean.proposals[p.id]
+        assert (held.id, held.parent, held.origin) == (p.id, p.parent, p.origin)
+        if p.id in in_population or p.id in lean.pending:
+            assert held.genome == p.genome
+        else:
+            assert held.genome is None
+    assert sum(lean.proposals[p.id].genome is not None for p in asks) == len(in_population | lean.pending)
+    assert len(lean.pending) == 13 and len(in_population) == 4
+
+
 def test_tournament_prefers_lower_fitness():
     evo = _toy_evolution(population=3, tournament=3)
     for f in (5.0, 1.0, 3.0):

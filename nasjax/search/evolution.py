@@ -114,6 +114,10 @@ class RegularizedEvolution:
       mutate: ``mutate(genome, rng) -> (child, kind, detail)``.
       population_size, tournament_size: Primer uses 100 and 10.
       seed: the search seed.
+      keep_genomes: keep every proposal's genome (True), or only those of candidates that
+        can still be parents, pending or in the population (False: a told candidate that
+        ages out keeps its id, parent, origin and detail, with ``genome`` None). A long
+        search then holds a bounded number of genomes; its journal keeps them all.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class RegularizedEvolution:
         population_size: int = 100,
         tournament_size: int = 10,
         seed: int = 0,
+        keep_genomes: bool = True,
     ):
         if not seeds:
             raise ValueError("regularized evolution needs at least one seed genome")
@@ -141,6 +146,7 @@ class RegularizedEvolution:
         self.pending: set[int] = set()
         self.results: dict[int, float] = {}
         self.next_id = 0
+        self.keep_genomes = bool(keep_genomes)
 
     def rng(self, candidate_id: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, candidate_id])
@@ -176,7 +182,9 @@ class RegularizedEvolution:
         self.results[candidate_id] = value
         self.population.append((candidate_id, value))
         while len(self.population) > self.population_size:
-            self.population.popleft()
+            aged, _ = self.population.popleft()
+            if not self.keep_genomes and aged not in self.pending:  # no longer a possible parent
+                self.proposals[aged] = dataclasses.replace(self.proposals[aged], genome=None)
 
     def _tournament(self, rng: np.random.Generator) -> int:
         members = list(self.population)

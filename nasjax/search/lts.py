@@ -230,6 +230,7 @@ class _Search:
             raise ValueError(f"lts.selection: expected one of {', '.join(SELECTIONS)}, got {self.lts.selection!r}")
         self.state = LTSState()
         self.state.replay(ctx.journal.records)
+        ctx.journal.release_records()  # replayed into self.state; the file keeps them (journal docstring)
         self.n_measured_now = 0
         self.measure_seconds = 0.0
         self.pending: dict[int, tuple] = {}

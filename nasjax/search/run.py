@@ -334,7 +334,12 @@ class _Controller(EvolutionController):
         s = cfg.search
         self.cfg, self.workdir, self.log = cfg, workdir, log
         evo = RegularizedEvolution(
-            space.seeds(), space.mutate, int(s.population_size), int(s.tournament_size), int(cfg.seed)
+            space.seeds(),
+            space.mutate,
+            int(s.population_size),
+            int(s.tournament_size),
+            int(cfg.seed),
+            keep_genomes=False,  # bounded memory over a long search; the journal keeps them all
         )
         EvolutionController.__init__(self, journal, space, evo, int(s.get("in_flight", 1)))
         self.book = HurdleBook(int(s.hurdles), float(s.hurdle_quantile), int(s.hurdle_min_samples))
@@ -363,6 +368,7 @@ class _Controller(EvolutionController):
         cid = rec["id"]
         fitness = rec.get("fitness") if rec["event"] == "finished" else None
         self.evo.tell(cid, fitness)
+        self.thresholds.pop(cid, None)  # fixed at its ask, used by its training only
         for hurdle, value in self.open_hurdles.pop(cid, []):
             self.book.record(hurdle, value)
         self.add(rec)
@@ -632,6 +638,9 @@ def evolution_loop(ctx: SearchContext, ctl: EvolutionController, adapter, total:
     from nasjax.search.engine import Job, make_engine
 
     cfg, journal, log = ctx.cfg, ctx.journal, ctx.log
+    # the controller has replayed the journal into its own state; the file keeps the records,
+    # and holding them would grow with the search (~18 MiB per 1,000 Primer evaluations)
+    journal.release_records()
     status = "finished"
     write_status(ctx.workdir, ctl, "running", total)
     active: set[int] = set()
