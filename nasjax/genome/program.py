@@ -370,7 +370,13 @@ def resolve_reference(n_states: int, ref: int) -> int:
     return max(0, n_states - ref)
 
 
-@functools.lru_cache(maxsize=8192)
+# These caches serve the many calls made while one candidate's model is built; each entry
+# holds its whole Program, so their bounds set how many genomes a long search keeps alive
+# (8192 entries kept ~600 candidates' genomes; docs/benchmarks.md, stop 32).
+_NAMES_MAX = 512
+
+
+@functools.lru_cache(maxsize=_NAMES_MAX)
 def instruction_names(program: Program, index: int) -> tuple[str, ...]:
     """Module names of subprogram ``index``'s instructions, derived from what they compute.
 
@@ -383,7 +389,7 @@ def instruction_names(program: Program, index: int) -> tuple[str, ...]:
     return _names(program, index, content=False)
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=_NAMES_MAX)
 def _names(program: Program, index: int, content: bool) -> tuple[str, ...]:
     sub = program.subprograms[index]
     states = [f"arg{a}" for a in range(sub.n_args)]

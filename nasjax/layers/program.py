@@ -312,7 +312,7 @@ class TapeStep:
     scope: tuple[str, ...] = ()
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # each entry holds a Program: a bound on the genomes kept alive
 def program_tape(program: Program, base_dim: int) -> tuple[TapeStep, ...]:
     """The program's instructions in execution order, CALLs inlined (state 0 is the block input).
 

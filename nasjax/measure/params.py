@@ -87,7 +87,7 @@ def abstract_boxed_params(spec: ModelSpec, length: int) -> dict | None:
     return None if flat is None else traverse_util.unflatten_dict(flat)
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=64)  # each entry holds a spec and its Program: a bound on the genomes kept alive
 def _flat_shapes(spec: ModelSpec) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
     from nasjax.models.transformer import build  # local: models imports measure-free layers only
 
