@@ -88,11 +88,14 @@ def _sample(libc, out):
         seg = sys.modules.get("nasjax.train.segmented")
         reg = getattr(seg, "_PROGRAMS", None)
         pieces, piece_mib = (len(reg._items), reg._bytes * mib) if reg is not None else (0, 0.0)
-        jx = sys.modules.get("jax")
-        try:
-            live = sum(a.nbytes for a in jx.live_arrays()) * mib if jx is not None else 0.0
+        bridge = sys.modules.get("jax._src.xla_bridge")
+        live = float("nan")
+        try:  # only once the search has started its backend: live_arrays() would start it here,
+            # off the main thread and before jax.distributed.initialize
+            if bridge is not None and bridge.backends_are_initialized():
+                live = sum(a.nbytes for a in sys.modules["jax"].live_arrays()) * mib
         except Exception:
-            live = float("nan")
+            pass
         out.write(f"{time.time():.2f},{status.get('VmRSS', 0.0):.1f},{(info.uordblks + info.hblkhd) * mib:.1f},"
                   f"{info.hblkhd * mib:.1f},{info.fordblks * mib:.1f},{pieces},{piece_mib:.1f},{live:.1f},"
                   f"{status.get('RssAnon', 0.0):.1f},{status.get('RssFile', 0.0):.1f},{sys.getallocatedblocks()}\\n")
@@ -221,8 +224,12 @@ def heap_tables(path: str, samples: list, t0: float, start: int, final: int, eve
     with open(path) as f:
         for line in f:
             parts = line.strip().split(",")
-            if len(parts) == 11:
+            if len(parts) != 11:
+                continue
+            try:  # the last line may be cut short when the search ended
                 rows.append([float(v) for v in parts])
+            except ValueError:
+                continue
     if not rows:
         print(f"\n--heap: {path} holds no samples (not glibc?)")
         return

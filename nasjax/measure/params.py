@@ -87,7 +87,10 @@ def abstract_boxed_params(spec: ModelSpec, length: int) -> dict | None:
     return None if flat is None else traverse_util.unflatten_dict(flat)
 
 
-@functools.lru_cache(maxsize=64)  # each entry holds a spec and its Program: a bound on the genomes kept alive
+# Each entry holds a spec (a Primer spec: its Program), so the bound is also one on the
+# genomes kept alive; it stays above an LTS population (100, asked twice in order: the
+# pieces compiled ahead, then the measurements), which a smaller LRU would miss every time.
+@functools.lru_cache(maxsize=256)
 def _flat_shapes(spec: ModelSpec) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
     from nasjax.models.transformer import build  # local: models imports measure-free layers only
 

@@ -21,8 +21,9 @@ Guarantees:
 Memory: an open journal holds its records as parsed dicts, ~5x their size on disk (a
 default Primer search's 1,000 evaluations: 3.5 MiB of file, 18 MiB and 240,000 Python
 objects held; docs/benchmarks.md, stop 32). A search's controller replays them into its
-own state and then calls :meth:`Journal.release_records`, so what it holds no longer
-grows with the search's length; the file keeps everything.
+own state and then calls :meth:`Journal.release_records`; the file keeps everything. What
+the controller keeps per evaluation is then its own state: the result records it reuses
+and counts, far less than every record with every genome.
 """
 
 from __future__ import annotations

@@ -639,7 +639,7 @@ def evolution_loop(ctx: SearchContext, ctl: EvolutionController, adapter, total:
 
     cfg, journal, log = ctx.cfg, ctx.journal, ctx.log
     # the controller has replayed the journal into its own state; the file keeps the records,
-    # and holding them would grow with the search (~18 MiB per 1,000 Primer evaluations)
+    # and holding them all too would add ~18 MiB per 1,000 Primer evaluations
     journal.release_records()
     status = "finished"
     write_status(ctx.workdir, ctl, "running", total)
