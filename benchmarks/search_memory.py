@@ -206,7 +206,7 @@ def _slope(points: list[tuple[int, float]]) -> float:
 _FLOOR_WINDOW = 50
 
 
-def _floors(points: list[tuple[int, float]], start: int, final: int, every: int) -> list[tuple[int, float]]:
+def _floors(points: list[tuple[int, float]], start: int, final: int) -> list[tuple[int, float]]:
     """(window end, lowest value) per ``_FLOOR_WINDOW`` results over the second half."""
     out = []
     for lo in range(start + (final - start) // 2, final, _FLOOR_WINDOW):
@@ -270,7 +270,7 @@ def heap_tables(path: str, samples: list, t0: float, start: int, final: int, eve
         ("file-backed resident, MiB", lambda r: r[9]),
         ("Python's small blocks, thousands", lambda r: r[10] / 1000),
     ):
-        print(f"- {name}: {_slope(_floors([(c, column(r)) for c, r in counted], start, final, every)):+.1f}")
+        print(f"- {name}: {_slope(_floors([(c, column(r)) for c, r in counted], start, final)):+.1f}")
 
 
 def _outcome(rec: dict) -> str:
@@ -414,7 +414,7 @@ def main():
         )
     half = [(x[1], x[2]) for x in samples if x[1] >= start + (final - start) // 2]
     print(f"\nresident memory growth over the second half: {_slope(half):+.1f} MiB per 100 evaluations")
-    floors = _floors([(x[1], x[2]) for x in samples], start, final, args.every)
+    floors = _floors([(x[1], x[2]) for x in samples], start, final)
     print(
         f"resident floor (each {_FLOOR_WINDOW} results' lowest 1 s sample) growth over the second half: "
         f"{_slope(floors):+.1f} MiB per 100 evaluations"

@@ -183,7 +183,7 @@ class RegularizedEvolution:
         self.population.append((candidate_id, value))
         while len(self.population) > self.population_size:
             aged, _ = self.population.popleft()
-            if not self.keep_genomes and aged not in self.pending:  # no longer a possible parent
+            if not self.keep_genomes:  # told, so not pending: no longer a possible parent
                 self.proposals[aged] = dataclasses.replace(self.proposals[aged], genome=None)
 
     def _tournament(self, rng: np.random.Generator) -> int:
