@@ -180,6 +180,40 @@ def test_param_shapes_assembled_from_pieces_equal_the_model_init():
     assert P._piece_shapes(get_spec("bert", "tiny"), 8) is None
 
 
+def test_piece_shape_cache_holds_digests_not_programs():
+    """The per-piece cache is keyed by digests of the pieces' keys: it keeps no genome alive,
+    equal pieces share an entry, and pieces that differ in one field do not."""
+    import gc
+
+    from nasjax.genome.primer import primer_ez_program, program_model_spec
+    from nasjax.genome.program import Program
+    from nasjax.measure import params as P
+
+    P._PIECE_SHAPES.clear()
+    spec = program_model_spec(primer_ez_program(2, 32, 64), base_dim=16, d_model=32, n_layers=2, vocab_size=50,
+                              max_len=16)  # fmt: skip
+    wider = program_model_spec(primer_ez_program(2, 32, 96), base_dim=16, d_model=32, n_layers=2, vocab_size=50,
+                               max_len=16)  # fmt: skip
+    before = P._piece_shapes(spec, 8)
+    n = len(P._PIECE_SHAPES)
+    assert n == 3  # embedding, one entry for both (equal) layers, head
+    assert all(isinstance(k, bytes) and len(k) == 32 for k in P._PIECE_SHAPES)
+    assert P._piece_shapes(spec, 8) == before and len(P._PIECE_SHAPES) == n  # all hits
+    assert P._piece_shapes(wider, 8) != before and len(P._PIECE_SHAPES) == n + 1  # only the layer differs
+    # nothing the cache holds reaches a Program
+    seen, todo = set(), [P._PIECE_SHAPES._items]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        assert not isinstance(o, Program)
+        todo.extend(r for r in gc.get_referents(o) if not isinstance(r, type))
+    # a key that cannot be pickled is used as it is
+    key = ("local", lambda: None)
+    assert P._digest(key) is key
+
+
 def _length_dependent_program_spec(max_len: int):
     """A Primer program whose parameter shapes depend on the sequence length: T_MAT_MUL
     makes a state of width L, and a CONV_1X1 of it has an L x W kernel."""

@@ -293,6 +293,9 @@ def test_failures_are_recorded_not_raised(search_config, tmp_path, monkeypatch):
     failed = [r for r in read_journal(str(tmp_path / "s" / "journal.jsonl")) if r["event"] == "failed"]
     assert [(r["stage"], r["id"]) for r in failed][:2] == [("internal", 0), ("train", 1)]
     assert "simulated backend crash" in failed[0]["reason"]
+    # counted as they arrive (the controller keeps each result's event, not its record)
+    assert summary.failures == len(failed) >= 2
+    assert json.load(open(tmp_path / "s" / "status.json"))["failures"] == summary.failures
 
     # a parameter bound rejects before any training, with the reason
     cfg = search_config(**{"search.max_evaluations": 1, "search.max_params": 10})

@@ -15,7 +15,9 @@ non-embedding parameters of heterogeneous GPT-2 specs.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import pickle
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -43,7 +45,21 @@ EMBEDDING_MODULES = ("embed", "lm_head")
 # Parameter shapes of model pieces (embedding, attention / FFN sub-layers, head), by what
 # the piece computes: a search's architectures share most of their pieces, so a new one
 # traces only its new pieces' inits (LTS: ~0.1 s of tracing per architecture otherwise).
-_PIECE_SHAPES = ProgramCache({"all": 4096})
+# Keyed by a digest of the piece's key (:func:`_digest`), not the key itself: a Primer
+# layer's key holds its whole program (~100 Python objects), which 4,096 entries kept
+# alive. 1,024 entries hold far more than a search reuses (LTS's whole default space needs
+# ~100 pieces; a Primer child shares all but its mutated layer with its parent).
+_PIECE_SHAPES = ProgramCache({"all": 1024})
+
+
+def _digest(key: tuple) -> bytes | tuple:
+    """A 32-byte digest of a piece's key, from its pickle: unequal keys pickle differently,
+    so they never share an entry (equal keys that pickle differently, such as equal sets in
+    another order, only miss). A key that cannot be pickled is used as it is."""
+    try:
+        return hashlib.blake2b(pickle.dumps(key, protocol=pickle.HIGHEST_PROTOCOL), digest_size=32).digest()
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return key
 
 
 def _flat_piece_leaves(init) -> tuple:
@@ -63,7 +79,7 @@ def _piece_leaves(spec: ModelSpec, length: int) -> dict | None:
         return None
     flat = {}
     for key, path, init in Segments(plain).param_pieces(length):
-        leaves, _ = _PIECE_SHAPES.get(key, lambda init=init: _flat_piece_leaves(init))
+        leaves, _ = _PIECE_SHAPES.get(_digest(key), lambda init=init: _flat_piece_leaves(init))
         for p, leaf in leaves:
             flat[path + p] = leaf
     return flat

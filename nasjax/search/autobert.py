@@ -495,9 +495,6 @@ class _AutoBertController(EvolutionController):
         fields = ("fitness", "accuracy", "mlm_loss", "steps", "inherited", "compile_seconds", "train_seconds")
         return self.append_result("finished", id=cid, **{k: result[k] for k in fields}, **base)
 
-    def failures(self) -> int:
-        return sum(1 for r in self.terminal.values() if r["event"] == "failed")
-
     def progress_line(self, rec: dict, total: int, wall: float) -> str:
         best = self.evo.best()
         p = self.evo.proposals[rec["id"]]

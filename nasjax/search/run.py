@@ -248,7 +248,11 @@ class EvolutionController(ResultIndex):
         ResultIndex.__init__(self)
         self.journal, self.space, self.evo = journal, space, evo
         self.in_flight = max(1, int(in_flight))
-        self.terminal: dict[int, dict] = {}  # journaled results
+        # journaled results: each one's event only. A result record stays alive only where a
+        # later candidate may reuse it (ResultIndex) or until it is told; this dict held every
+        # record, reused ones included, for the whole search.
+        self.terminal: dict[int, str] = {}
+        self.n_failed = 0
         self._untold: dict[int, dict] = {}  # journaled, waiting for earlier candidates
         self.told_upto = 0  # candidates 0 .. told_upto - 1 are told
         self.live = False
@@ -306,7 +310,8 @@ class EvolutionController(ResultIndex):
             self.queue.append(proposal.id)
 
     def _result(self, rec: dict) -> None:
-        self.terminal[rec["id"]] = rec
+        self.terminal[rec["id"]] = rec["event"]
+        self.n_failed += rec["event"] == "failed"
         self._untold[rec["id"]] = rec
         while self.told_upto in self._untold:
             self._told(self._untold.pop(self.told_upto))
@@ -324,7 +329,7 @@ class EvolutionController(ResultIndex):
         return source if source is not None and source["id"] <= cid - self.in_flight else None
 
     def failures(self) -> int:
-        return sum(1 for r in self.terminal.values() if r["event"] == "failed")
+        return self.n_failed
 
 
 class _Controller(EvolutionController):
