@@ -196,7 +196,7 @@ def test_piece_shape_cache_holds_digests_not_programs():
                                max_len=16)  # fmt: skip
     before = P._piece_shapes(spec, 8)
     n = len(P._PIECE_SHAPES)
-    assert n == 3  # embedding, one entry for both (equal) layers, head
+    assert n == 3  # embedding, one entry for both (equal) layers, final norm
     assert all(isinstance(k, bytes) and len(k) == 32 for k in P._PIECE_SHAPES)
     assert P._piece_shapes(spec, 8) == before and len(P._PIECE_SHAPES) == n  # all hits
     assert P._piece_shapes(wider, 8) != before and len(P._PIECE_SHAPES) == n + 1  # only the layer differs

@@ -293,7 +293,7 @@ def test_failures_are_recorded_not_raised(search_config, tmp_path, monkeypatch):
     failed = [r for r in read_journal(str(tmp_path / "s" / "journal.jsonl")) if r["event"] == "failed"]
     assert [(r["stage"], r["id"]) for r in failed][:2] == [("internal", 0), ("train", 1)]
     assert "simulated backend crash" in failed[0]["reason"]
-    # counted as they arrive (the controller keeps each result's event, not its record)
+    # counted as they arrive (the controller keeps each result's id, not its record)
     assert summary.failures == len(failed) >= 2
     assert json.load(open(tmp_path / "s" / "status.json"))["failures"] == summary.failures
 

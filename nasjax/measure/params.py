@@ -47,8 +47,9 @@ EMBEDDING_MODULES = ("embed", "lm_head")
 # traces only its new pieces' inits (LTS: ~0.1 s of tracing per architecture otherwise).
 # Keyed by a digest of the piece's key (:func:`_digest`), not the key itself: a Primer
 # layer's key holds its whole program (~100 Python objects), which 4,096 entries kept
-# alive. 1,024 entries hold far more than a search reuses (LTS's whole default space needs
-# ~100 pieces; a Primer child shares all but its mutated layer with its parent).
+# alive. 1,024 entries hold far more than a search reuses (LTS's default space compiles ~100
+# sub-layer pieces; a Primer candidate adds at most one layer piece, which all its layers
+# share, to the embedding and final norm it shares with every other candidate).
 _PIECE_SHAPES = ProgramCache({"all": 1024})
 
 

@@ -248,10 +248,10 @@ class EvolutionController(ResultIndex):
         ResultIndex.__init__(self)
         self.journal, self.space, self.evo = journal, space, evo
         self.in_flight = max(1, int(in_flight))
-        # journaled results: each one's event only. A result record stays alive only where a
-        # later candidate may reuse it (ResultIndex) or until it is told; this dict held every
-        # record, reused ones included, for the whole search.
-        self.terminal: dict[int, str] = {}
+        # ids of the journaled results, and how many failed. A result record stays alive only
+        # where a later candidate may reuse it (ResultIndex) or until it is told; holding every
+        # record here kept reused ones too, for the whole search.
+        self.terminal: set[int] = set()
         self.n_failed = 0
         self._untold: dict[int, dict] = {}  # journaled, waiting for earlier candidates
         self.told_upto = 0  # candidates 0 .. told_upto - 1 are told
@@ -310,7 +310,7 @@ class EvolutionController(ResultIndex):
             self.queue.append(proposal.id)
 
     def _result(self, rec: dict) -> None:
-        self.terminal[rec["id"]] = rec["event"]
+        self.terminal.add(rec["id"])
         self.n_failed += rec["event"] == "failed"
         self._untold[rec["id"]] = rec
         while self.told_upto in self._untold:
