@@ -152,6 +152,32 @@ def test_causal_depthwise_conv_random_taps_match_numpy():
     np.testing.assert_allclose(_np(conv.apply(v, x)), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_dconv_backward_keeps_input_not_shifted_copies():
+    """Reverse mode keeps the input and the taps (jax.checkpoint), not k - 1 shifted copies
+    of the input, and its gradients are the formula's: dtap_i = sum_t g[t] x[t - i],
+    dx[s] = sum_i tap_i g[s + i]. Forward mode (the model probe's causality test) works."""
+    k = 7
+    x = _x(shape=(B, L, H, K))
+    conv = CausalDepthwiseConv(kernel_size=k)
+    v = _randomise(_init(conv, x))
+    y, vjp = jax.vjp(lambda p, x: conv.apply(p, x), v, x)
+    input_sized = [a for a in jax.tree.leaves(vjp) if a.shape == x.shape]
+    assert len(input_sized) <= 1, f"{len(input_sized)} input-sized residuals (the shifted copies are kept)"
+    g = _x(seed=3, shape=(B, L, H, K))
+    g_params, g_x = vjp(g)
+    taps, xn, gn = [_np(v["params"][f"tap_{i}"]) for i in range(k)], _np(x), _np(g)
+    for i in range(k):
+        expected = (gn[:, i:] * xn[:, : L - i]).sum(axis=(0, 1))
+        np.testing.assert_allclose(_np(g_params["params"][f"tap_{i}"]), expected, rtol=1e-5, atol=1e-6)
+    expected_x = np.zeros_like(xn)
+    for i in range(k):
+        expected_x[:, : L - i] += taps[i] * gn[:, i:]
+    np.testing.assert_allclose(_np(g_x), expected_x, rtol=1e-5, atol=1e-6)
+    tangent = _x(seed=4, shape=(B, L, H, K))
+    _, y_dot = jax.jvp(lambda x: conv.apply(v, x), (x,), (tangent,))
+    np.testing.assert_allclose(_np(y_dot), _np(conv.apply(v, tangent)), rtol=1e-5, atol=1e-6)  # linear in x
+
+
 def test_dconv_init_constants():
     v = _init(CausalDepthwiseConv(kernel_size=3), _x(shape=(B, L, H, K)))["params"]
     np.testing.assert_array_equal(v["tap_0"], np.full((H, K), 0.5, np.float32))

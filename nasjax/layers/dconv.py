@@ -5,10 +5,19 @@ Legend: B batch, L length, H heads, K head dim.
 ``y[:, t, h, c] = sum_i w_i[h, c] * x[:, t - i, h, c]`` with zeros before the start.
 It is written with shifts rather than ``lax.conv_general_dilated`` (methods.md §5.1):
 parity with the T5 reference is exact, causality is structural, and XLA fuses the
-few multiply-adds into one loop anyway. One parameter per tap, shaped like the
+few multiply-adds into one loop anyway (a grouped ``conv_general_dilated`` ran 5-10x
+slower on XLA:CPU, docs/benchmarks.md, stop 34). One parameter per tap, shaped like the
 trailing axes of the input (``(H, K)`` for head-split projections): every (head,
 channel) pair has its own kernel, which is what the official code does (a
 per-channel-but-shared-across-heads conv is a known reimplementation bug).
+
+The sum runs under ``jax.checkpoint``: reverse-mode autodiff keeps only the input and
+the taps for the backward, which shifts the input again. Without it, autodiff keeps every
+shifted copy of the input, k - 1 arrays of the input's size. A compiled forward then
+writes them all out, and for Primer's wide DConvs (``DCONV_31X1``) that made a train
+step's forward piece compile in ~1.3 s instead of ~0.1-0.2 s and run 2-3x as long; the
+backward now compiles and runs longer, by less (docs/benchmarks.md, stop 34). The values
+are the same ops on the same operands.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from nasjax.layers import init as initializers
@@ -31,6 +41,22 @@ def shift_right(x_BxLx: jnp.ndarray, shift: int) -> jnp.ndarray:
     pad = [(0, 0)] * x_BxLx.ndim
     pad[1] = (min(shift, length), 0)
     return jnp.pad(x_BxLx, pad)[:, :length]
+
+
+def _shifted_sum(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndarray:
+    """sum_i shift_right(x, i) * taps[i], the taps cast to the input's dtype."""
+    y = None
+    for i, w in enumerate(taps):
+        term = shift_right(x_BxLx, i) * w.astype(x_BxLx.dtype)
+        y = term if y is None else y + term
+    return y
+
+
+# The backward keeps (x, taps) and shifts x again (module docstring). prevent_cse=False:
+# where forward and backward are one program (the one-program train step), XLA may keep
+# the forward's shifted copies instead of recomputing them; the segmented pieces compile
+# the two apart, so there the copies are never outputs.
+_causal_depthwise = jax.checkpoint(_shifted_sum, prevent_cse=False)
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -55,16 +81,13 @@ class CausalDepthwiseConv(nn.Module):
         trailing = x_BxLxHxK.shape[2:]
         names = ("heads", "kv") if len(trailing) == 2 else (None,) * len(trailing)
         dtype = self.dtype or x_BxLxHxK.dtype
-        x = x_BxLxHxK.astype(dtype)
-        y = None
-        for i in range(self.kernel_size):
-            value = 0.5 if i == 0 else 0.5 / self.kernel_size
-            w = self.param(
+        taps = tuple(
+            self.param(
                 f"tap_{i}",
-                nn.with_logical_partitioning(initializers.constant(value), names),
+                nn.with_logical_partitioning(initializers.constant(0.5 if i == 0 else 0.5 / self.kernel_size), names),
                 trailing,
                 jnp.float32,
             )
-            term = shift_right(x, i) * w.astype(dtype)
-            y = term if y is None else y + term
-        return y
+            for i in range(self.kernel_size)
+        )
+        return _causal_depthwise(x_BxLxHxK.astype(dtype), taps)
