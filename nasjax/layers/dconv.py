@@ -5,7 +5,7 @@ Legend: B batch, L length, H heads, K head dim.
 ``y[:, t, h, c] = sum_i w_i[h, c] * x[:, t - i, h, c]`` with zeros before the start.
 It is written with shifts rather than ``lax.conv_general_dilated`` (methods.md §5.1):
 parity with the T5 reference is exact, causality is structural, and XLA fuses the
-few multiply-adds into one loop anyway (a grouped ``conv_general_dilated`` ran 5-10x
+few multiply-adds into one loop anyway (a grouped ``conv_general_dilated`` ran 8-11x
 slower on XLA:CPU, docs/benchmarks.md, stop 34). One parameter per tap, shaped like the
 trailing axes of the input (``(H, K)`` for head-split projections): every (head,
 channel) pair has its own kernel, which is what the official code does (a
@@ -14,8 +14,8 @@ per-channel-but-shared-across-heads conv is a known reimplementation bug).
 The sum runs under ``jax.checkpoint``: reverse-mode autodiff keeps only the input and
 the taps for the backward, which shifts the input again. Without it, autodiff keeps every
 shifted copy of the input, k - 1 arrays of the input's size. A compiled forward then
-writes them all out, and for Primer's wide DConvs (``DCONV_31X1``) that made a train
-step's forward piece compile in ~1.3 s instead of ~0.1-0.2 s and run 2-3x as long; the
+writes them all out: a train-step piece holding just a ``DCONV_31X1`` (16x64x64)
+compiled its forward in ~1.3 s instead of ~0.1-0.2 s and ran it 2-4x as long. The
 backward now compiles and runs longer, by less (docs/benchmarks.md, stop 34). The values
 are the same ops on the same operands.
 """
