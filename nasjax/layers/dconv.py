@@ -14,10 +14,10 @@ per-channel-but-shared-across-heads conv is a known reimplementation bug).
 The sum runs under ``jax.checkpoint``: reverse-mode autodiff keeps only the input and
 the taps for the backward, which shifts the input again. Without it, autodiff keeps every
 shifted copy of the input, k - 1 arrays of the input's size. A compiled forward then
-writes them all out: a train-step piece holding just a ``DCONV_31X1`` (16x64x64)
-compiled its forward in ~1.3 s instead of ~0.1-0.2 s and ran it 2-4x as long. The
-backward now compiles and runs longer, by less (docs/benchmarks.md, stop 34). The values
-are the same ops on the same operands.
+writes them all out: for a ``DCONV_31X1`` on a 16x64x64 input its forward compiled in
+0.6 s instead of 0.1 s and ran twice as long. The backward now compiles and runs longer,
+by less (``benchmarks/dconv_residuals.py``; docs/benchmarks.md, stop 34). The values are
+the same ops on the same operands.
 """
 
 from __future__ import annotations
