@@ -14,6 +14,8 @@ Versions of the conv, each differentiated by reverse mode:
 * ``tried: product`` (stop 35, not adopted): the same, but for the taps' gradients one
   product over blocks of k positions (a ``custom_jvp`` whose tangent in the taps is
   :func:`product_term`), a constant number of ops however wide the kernel;
+* ``tried: shared input`` (stop 35, not adopted): nasjax's checkpoint with the input
+  first passed through ``where(True, x, tap_0)`` (below), for every width;
 * ``tried: product + shared input`` (stop 35, not adopted): also the input's tangent run
   on ``where(True, x, tap_0)``, which under ``vmap`` gives the shared input the copies'
   axis once (and which XLA folds away outside it), so that reverse mode sums the copies'
@@ -24,7 +26,8 @@ op does (``jax.vmap`` over the taps, ``in_axes=None`` for the input, the copies'
 second to last, ``out_axes=-2``). For each kernel width the script compiles the two programs
 the segmented trainer compiles for a piece: the forward as ``jax.vjp`` (its residuals are
 outputs) and the backward as that vjp applied to a cotangent, each jitted with the pieces'
-XLA options (``nasjax.xla_options.auto``), with jax's caches cleared before each compile.
+XLA options (``nasjax.xla_options.auto``), with jax's caches cleared before each
+forward/backward pair.
 Compile ms are tracing, lowering and XLA's compile. Prints per version the residual arrays,
 the compile ms (best of ``--repeats``), the run time of one call (median of 50), whether the
 output, the input gradient and the taps' gradients are the same bits as plain autodiff's,
@@ -107,7 +110,7 @@ def product_term(x, taps):
 
 
 def tried_variants():
-    """The two variants stop 35 measured and did not adopt (module docstring)."""
+    """The variants stop 35 measured and did not adopt (module docstring)."""
     import functools
 
     import jax
@@ -142,7 +145,12 @@ def tried_variants():
 
         return jax.checkpoint(conv, prevent_cse=False)
 
-    return [("tried: product", make(False)), ("tried: product + shared input", make(True))]
+    shared_only = jax.checkpoint(lambda x, taps: _shifted_sum(shared(x, taps[0]), taps), prevent_cse=False)
+    return [
+        ("tried: shared input", shared_only),
+        ("tried: product", make(False)),
+        ("tried: product + shared input", make(True)),
+    ]
 
 
 def main():

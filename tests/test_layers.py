@@ -711,21 +711,22 @@ def test_attention_products_equal_the_einsums_in_value_and_every_derivative(batc
 @pytest.mark.parametrize("k", [3, 15])
 def test_dconv_branched_copies_gradients(k):
     """Branched copies (vmap over the taps, the input shared, as a learned op with
-    ``branches`` > 1 runs them) give the formula's gradients: the input's gradient sums
-    the copies'."""
+    ``branches`` > 1 runs them, there with the copies' axis second to last) give the
+    formula's gradients: the input's gradient sums the copies'."""
     from nasjax.layers.dconv import _causal_depthwise
 
     copies, length = 3, 2 * k + 3
     x = _x(shape=(B, length, D))
     taps = tuple(_x(seed=10 + i, shape=(copies, D)) for i in range(k))
-    g = _x(seed=3, shape=(copies, B, length, D))
-    conv = jax.vmap(_causal_depthwise, in_axes=(None, 0))
+    g = _x(seed=3, shape=(B, length, copies, D))
+    conv = jax.vmap(_causal_depthwise, in_axes=(None, 0), out_axes=-2)  # as nasjax.layers.program._branched
 
     def backward(x, taps, g):
         return jax.vjp(conv, x, taps)[1](g)
 
     g_x, g_taps = backward(x, taps, g)
-    xn, gn, tn = _np(x), _np(g), [_np(t) for t in taps]
+    xn, tn = _np(x), [_np(t) for t in taps]
+    gn = np.moveaxis(_np(g), 2, 0)  # copies first
     expected_x = np.zeros_like(xn)
     for c in range(copies):
         for i in range(k):
