@@ -12,7 +12,8 @@ Latency and memory are measured on the device the command runs on. Presets:
   repeats). Hours on a laptop CPU (the paper: < 3 h), minutes on a GPU.
 * ``cpu``: the same algorithm on a CPU-sized space (n_layer 2-6, d_model 64-256,
   d_inner 128-1024) with a smaller population (40 = 8 + 16 + 16), 6 iterations and
-  sequence 128: tens of minutes on 2 cores.
+  sequence 128: about 232 architectures, under a minute on 2 cores (26-37 s of
+  evaluation with a cold compile cache, docs/benchmarks.md, stop 27; 17 s warm).
 """
 
 from nasjax.config import search_config
