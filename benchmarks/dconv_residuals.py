@@ -43,18 +43,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-
-def _median_ms(fn, *args, n: int = 50) -> float:
-    import jax
-    import numpy as np
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+from benchmarks.attention_core import _median_ms  # noqa: E402
 
 
 def measure(f, x, taps, g, options: dict, repeats: int) -> dict:
@@ -77,8 +66,8 @@ def measure(f, x, taps, g, options: dict, repeats: int) -> dict:
         "residuals": len(jax.tree.leaves(vjp)),
         "forward compile ms": 1e3 * best_f,
         "backward compile ms": 1e3 * best_b,
-        "forward run ms": _median_ms(forward, taps, x),
-        "backward run ms": _median_ms(backward, vjp, g),
+        "forward run ms": _median_ms(lambda: jax.block_until_ready(forward(taps, x)), 50),
+        "backward run ms": _median_ms(lambda: jax.block_until_ready(backward(vjp, g)), 50),
         "values": (np.asarray(y), np.asarray(g_x), np.stack([np.asarray(t) for t in g_taps])),
     }
 

@@ -34,7 +34,14 @@ the same measure taken by every process of the search, whatever the tree (a
 process's total at exit: it includes what the search compiles outside candidates, e.g.
 its data pipeline), and the best fitness
 found (same-quality check: in_flight=1 versions follow the same trajectory up to float
-round-off).
+round-off). A second table splits each version's XLA compile seconds by program: the
+segmented trainer's forward and backward layer pieces and update programs (count, seconds,
+median), the rest, the lowering, and the backward pieces that took over 0.2 s.
+
+The default search over 1,000 evaluations, this tree against another (docs/benchmarks.md,
+stop 35)::
+
+    python benchmarks/primer_throughput.py --before=REF --variants=inline --set=search.max_evaluations=1000
 """
 
 from __future__ import annotations
@@ -55,25 +62,30 @@ from benchmarks.primer_search import search_stats  # noqa: E402
 
 # Put on the PYTHONPATH of every process of a measured search (workers included), it
 # adds up what JAX reports of its compiles (lowering and XLA's compile, as
-# nasjax.compile_meter counts them) and writes the process's total when it exits: the
-# same measure for any tree, older ones included.
+# nasjax.compile_meter counts them) and writes the process's total when it exits, with
+# every compile event (kind, program name, seconds): the same measure for any tree,
+# older ones included.
 METER_SITE = """
 import atexit, json, os, threading
 import jax.monitoring
 
-_total, _lock = [0.0], threading.Lock()
-_events = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
+_total, _log, _lock = [0.0], [], threading.Lock()
+_events = {
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "backend",
+}
 
 
 def _listen(event, duration, **kwargs):
     if event in _events:
         with _lock:
             _total[0] += duration
+            _log.append((_events[event], kwargs.get("fun_name", ""), duration))
 
 
 def _write():
     with open(os.path.join(os.environ["NASJAX_XLA_METER_DIR"], f"{os.getpid()}.json"), "w") as f:
-        json.dump({"xla_compile_seconds": _total[0]}, f)
+        json.dump({"xla_compile_seconds": _total[0], "compiles": _log}, f)
 
 
 jax.monitoring.register_event_duration_secs_listener(_listen)
@@ -105,6 +117,46 @@ ENGINES = {
     "processes": ("processes", 2),
     "processes1": ("processes", 1),
 }
+
+
+# the segmented trainer's programs by the name JAX reports (nasjax.train.segmented)
+PROGRAM_KINDS = (
+    ("forward pieces", "jit(forward)"),
+    ("backward pieces", "jit(backward)"),
+    ("updates", "jit(_leaf_updates)"),
+)
+
+
+def print_by_program(runs) -> None:
+    """Where each version's compile seconds went: XLA's compile per program kind, lowering."""
+    import numpy as np
+
+    print(
+        "\n| version | "
+        + " | ".join(f"{k}: n / XLA s / median ms" for k, _ in PROGRAM_KINDS)
+        + " | other XLA s | lowering s (n) | backward pieces over 0.2 s: n / s |"
+    )
+    print("|---|" + "---|" * (len(PROGRAM_KINDS) + 3))
+    for name, wd, _ in runs:
+        meter = wd + ".meter"
+        events = [
+            e
+            for f in os.listdir(meter)
+            if f.endswith(".json")
+            for e in json.load(open(os.path.join(meter, f)))["compiles"]
+        ]
+        backend = [(fn, sec) for kind, fn, sec in events if kind == "backend"]
+        lower = [sec for kind, _, sec in events if kind == "lower"]
+        cells, named = [], set()
+        for _, fn in PROGRAM_KINDS:
+            secs = [sec for f, sec in backend if f == fn]
+            named.add(fn)
+            median = 1e3 * float(np.median(secs)) if secs else 0.0
+            cells.append(f"{len(secs)} / {sum(secs):.1f} / {median:.1f}")
+        other = sum(sec for f, sec in backend if f not in named)
+        slow = [sec for f, sec in backend if f == "jit(backward)" and sec > 0.2]
+        cells += [f"{other:.1f}", f"{sum(lower):.1f} ({len(lower)})", f"{len(slow)} / {sum(slow):.1f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main():
@@ -185,6 +237,7 @@ def main():
             f"| {st['process_xla_compile_seconds'] / max(st['wall_seconds'] * in_flight, 1e-9):.0%} "
             f"| {st['best_fitness']:.4f} |"
         )
+    print_by_program(runs)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=1, default=str)

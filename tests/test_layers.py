@@ -152,6 +152,16 @@ def test_causal_depthwise_conv_random_taps_match_numpy():
     np.testing.assert_allclose(_np(conv.apply(v, x)), expected, rtol=1e-5, atol=1e-6)
 
 
+def _dconv_grads_reference(x, taps, g):
+    """NumPy: the causal depthwise conv's gradients, dx[s] = sum_i tap_i g[s + i] and
+    dtap_i = sum_{b,t} g[t] x[t - i] (sequence axis 1)."""
+    length = x.shape[1]
+    dx = np.zeros_like(x)
+    for i, tap in enumerate(taps):
+        dx[:, : length - i] += tap * g[:, i:]
+    return dx, [(g[:, i:] * x[:, : length - i]).sum(axis=(0, 1)) for i in range(len(taps))]
+
+
 @pytest.mark.parametrize("k, length", [(7, L), (15, 40), (31, 37)])
 def test_dconv_backward_keeps_input_not_shifted_copies(k, length):
     """Reverse mode keeps the input and the taps (jax.checkpoint), not k - 1 shifted copies
@@ -166,13 +176,10 @@ def test_dconv_backward_keeps_input_not_shifted_copies(k, length):
     assert len(input_sized) <= 1, f"{len(input_sized)} input-sized residuals (the shifted copies are kept)"
     g = _x(seed=3, shape=(B, length, H, K))
     g_params, g_x = vjp(g)
-    taps, xn, gn = [_np(v["params"][f"tap_{i}"]) for i in range(k)], _np(x), _np(g)
+    taps = [_np(v["params"][f"tap_{i}"]) for i in range(k)]
+    expected_x, expected_taps = _dconv_grads_reference(_np(x), taps, _np(g))
     for i in range(k):
-        expected = (gn[:, i:] * xn[:, : length - i]).sum(axis=(0, 1))
-        np.testing.assert_allclose(_np(g_params["params"][f"tap_{i}"]), expected, rtol=1e-5, atol=1e-5)
-    expected_x = np.zeros_like(xn)
-    for i in range(k):
-        expected_x[:, : length - i] += taps[i] * gn[:, i:]
+        np.testing.assert_allclose(_np(g_params["params"][f"tap_{i}"]), expected_taps[i], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_np(g_x), expected_x, rtol=1e-5, atol=1e-6)
     tangent = _x(seed=4, shape=(B, length, H, K))
     _, y_dot = jax.jvp(lambda x: conv.apply(v, x), (x,), (tangent,))
@@ -720,17 +727,11 @@ def test_dconv_branched_copies_gradients(k):
     taps = tuple(_x(seed=10 + i, shape=(copies, D)) for i in range(k))
     g = _x(seed=3, shape=(B, length, copies, D))
     conv = jax.vmap(_causal_depthwise, in_axes=(None, 0), out_axes=-2)  # as nasjax.layers.program._branched
-
-    def backward(x, taps, g):
-        return jax.vjp(conv, x, taps)[1](g)
-
-    g_x, g_taps = backward(x, taps, g)
-    xn, tn = _np(x), [_np(t) for t in taps]
-    gn = np.moveaxis(_np(g), 2, 0)  # copies first
-    expected_x = np.zeros_like(xn)
-    for c in range(copies):
+    g_x, g_taps = jax.vjp(conv, x, taps)[1](g)
+    expected_x = 0
+    for c in range(copies):  # each copy alone; the input's gradient is their sum
+        dx, dtaps = _dconv_grads_reference(_np(x), [_np(t)[c] for t in taps], _np(g)[:, :, c])
+        expected_x = expected_x + dx
         for i in range(k):
-            expected_x[:, : length - i] += tn[i][c] * gn[c][:, i:]
-            expected = (gn[c][:, i:] * xn[:, : length - i]).sum(axis=(0, 1))
-            np.testing.assert_allclose(_np(g_taps[i][c]), expected, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(_np(g_taps[i][c]), dtaps[i], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_np(g_x), expected_x, rtol=1e-5, atol=1e-5)
