@@ -716,22 +716,39 @@ def test_attention_products_equal_the_einsums_in_value_and_every_derivative(batc
 
 
 @pytest.mark.parametrize("k", [3, 15])
-def test_dconv_branched_copies_gradients(k):
-    """Branched copies (vmap over the taps, the input shared, as a learned op with
-    ``branches`` > 1 runs them, there with the copies' axis second to last) give the
-    formula's gradients: the input's gradient sums the copies'."""
-    from nasjax.layers.dconv import _causal_depthwise
-
+def test_dconv_copies_match_the_formula_in_both_modes(k):
+    """C copies on one input (``copies``, a learned op with ``branches`` > 1): taps [C, W]
+    with a leading unnamed logical axis, output [B, L, C, W]; each copy is the conv with its
+    own taps, the input's gradient is the copies' sum, each copy's taps get the formula's
+    gradient. Reverse mode keeps the input and the taps, not shifted or broadcast copies;
+    forward mode is linear in the input and in the taps."""
     copies, length = 3, 2 * k + 3
     x = _x(shape=(B, length, D))
-    taps = tuple(_x(seed=10 + i, shape=(copies, D)) for i in range(k))
+    conv = CausalDepthwiseConv(kernel_size=k, copies=copies)
+    boxed = conv.init(jax.random.key(0), x)["params"]
+    assert boxed["tap_0"].names == (None, None)  # nn.vmap's metadata_params={PARTITION_NAME: None}
+    v = _randomise(nn.meta.unbox({"params": boxed}))
+    taps = [_np(v["params"][f"tap_{i}"]) for i in range(k)]
+    assert all(t.shape == (copies, D) for t in taps)
+    y, vjp = jax.vjp(lambda p, x: conv.apply(p, x), v, x)
+    assert y.shape == (B, length, copies, D)
+    assert not [a for a in jax.tree.leaves(vjp) if a.size >= x.size and a.shape != x.shape], "copies kept"
+    assert len([a for a in jax.tree.leaves(vjp) if a.shape == x.shape]) <= 1
     g = _x(seed=3, shape=(B, length, copies, D))
-    conv = jax.vmap(_causal_depthwise, in_axes=(None, 0), out_axes=-2)  # as nasjax.layers.program._branched
-    g_x, g_taps = jax.vjp(conv, x, taps)[1](g)
+    g_params, g_x = vjp(g)
+    single = CausalDepthwiseConv(kernel_size=k)
     expected_x = 0
     for c in range(copies):  # each copy alone; the input's gradient is their sum
-        dx, dtaps = _dconv_grads_reference(_np(x), [_np(t)[c] for t in taps], _np(g)[:, :, c])
+        one = {"params": {f"tap_{i}": jnp.asarray(taps[i][c]) for i in range(k)}}
+        np.testing.assert_allclose(_np(y[:, :, c]), _np(single.apply(one, x)), rtol=1e-6, atol=1e-6)
+        dx, dtaps = _dconv_grads_reference(_np(x), [t[c] for t in taps], _np(g)[:, :, c])
         expected_x = expected_x + dx
         for i in range(k):
-            np.testing.assert_allclose(_np(g_taps[i][c]), dtaps[i], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(_np(g_params["params"][f"tap_{i}"][c]), dtaps[i], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_np(g_x), expected_x, rtol=1e-5, atol=1e-5)
+    tangent = _x(seed=4, shape=(B, length, D))
+    _, y_dot = jax.jvp(lambda x: conv.apply(v, x), (x,), (tangent,))
+    np.testing.assert_allclose(_np(y_dot), _np(conv.apply(v, tangent)), rtol=1e-5, atol=1e-6)
+    v_dot = _randomise(v, seed=5)
+    _, y_dot = jax.jvp(lambda p: conv.apply(p, x), (v,), (v_dot,))
+    np.testing.assert_allclose(_np(y_dot), _np(conv.apply(v_dot, x)), rtol=1e-5, atol=1e-5)

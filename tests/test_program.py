@@ -365,3 +365,54 @@ def test_lazy_init_of_branched_programs_runs_no_forward_op(caplog):
     assert jax.tree.structure(eager) == jax.tree.structure(lazy)
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(lazy)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_branched_dconv_is_one_conv_with_the_vmapped_parameters(monkeypatch):
+    """A DCONV with ``branches`` > 1 runs as one conv with copies (its backward sums the
+    shared input's gradient once). It has exactly the parameters ``nn.vmap`` gave it: paths,
+    shapes, logical axes and values, and the other parameters' values are unchanged, in the
+    compiled and the op-by-op init. Its output and gradients are nn.vmap's to rounding."""
+    import nasjax.layers.program as program_layers
+    from nasjax.train.state import initial_params
+
+    inner = Subprogram((Instruction("CONV_1X1", 1, dim=0), Instruction("DCONV_15X1", 1, branches=2)), 1, "inner")
+    main = Subprogram(
+        (
+            Instruction("CONV_1X1", 1, dim=0, branches=2),
+            Instruction("DCONV_3X1", 1, branches=4),
+            Instruction("CALL", 1, call=1, branches=2),
+            Instruction("CONV_1X1", 1, dim=1),
+            Instruction("ADD", 1, 3),
+        ),
+        1,
+        "main",
+    )
+    model = build(_spec(Program((main, inner), (1.0,), (1, 4)), n_layers=1, base_dim=8))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 262, size=(2, LEN)), jnp.int32)
+
+    def run():
+        boxed = model.init({"params": jax.random.key(3)}, tokens)["params"]
+        params = nn.meta.unbox(boxed)
+        names = jax.tree.map(lambda b: b.names, boxed, is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned))
+        lazy = initial_params(model, 3, LEN, op_by_op=True)
+        params = jax.tree.map(lambda a: a + 0.05 * np.random.default_rng(a.size).standard_normal(a.shape), params)
+
+        def loss(p):
+            return jnp.sum(jnp.sin(model.apply({"params": p}, tokens)))
+
+        return boxed, names, params, lazy, model.apply({"params": params}, tokens), jax.grad(loss)(params)
+
+    ours = run()
+    monkeypatch.setattr(program_layers, "_conv_copies", lambda op, branches: False)
+    vmapped = run()
+    for a, b in ((ours[0], vmapped[0]), (ours[3], vmapped[3])):  # compiled and op-by-op inits
+        assert jax.tree.structure(nn.meta.unbox(a)) == jax.tree.structure(nn.meta.unbox(b))
+        for x, y in zip(jax.tree.leaves(nn.meta.unbox(a)), jax.tree.leaves(nn.meta.unbox(b))):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert ours[1] == vmapped[1]
+    layer = ours[2]["decoder"]["layer_0"]["mixer"]["main"]
+    dconv = [k for k in layer if k.startswith("dconv_3x1")]
+    assert dconv and layer[dconv[0]]["dconv"]["tap_0"].shape == (4, 16)  # copies x width
+    np.testing.assert_allclose(np.asarray(ours[4]), np.asarray(vmapped[4]), rtol=1e-5, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(ours[5]), jax.tree.leaves(vmapped[5])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)

@@ -18,15 +18,30 @@ writes them all out: for a ``DCONV_31X1`` on a 16x64x64 input its forward compil
 0.6 s instead of 0.1 s and ran twice as long. The backward now compiles and runs longer,
 by less (``benchmarks/dconv_residuals.py``; docs/benchmarks.md, stop 34). The values are
 the same ops on the same operands.
+
+**Copies sharing one input** (``copies``: a Primer instruction with ``branches`` > 1) are one
+conv with taps ``[copies, *trailing]`` and output ``[B, L, copies, *trailing]``, the layout
+``nn.vmap(..., in_axes=None, out_axes=-2)`` gives, with the same parameters (paths, shapes,
+logical axes, values) and the same forward. Under ``vmap`` each ``shift_right(x, i) * w_i``
+broadcast the shared input on its own, so reverse mode summed the input's gradient over the
+copies once per tap, copies-major, and transposed it into the output's layout. Here a
+``custom_jvp`` writes the tangent in the input through one broadcast of it, so the backward
+adds the k taps' shifted cotangents first and sums over the copies once; the tangent in the
+taps reads the unbroadcast input. It runs under the same ``jax.checkpoint``. The input's
+gradient changes by float rounding (the sums' order). ``benchmarks/dconv_residuals.py
+--copies=N``: the backward 2-3x faster at 4-16 copies, and it compiles no slower
+(docs/benchmarks.md, stop 36).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from nasjax.layers import init as initializers
 
@@ -59,12 +74,52 @@ def _shifted_sum(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndar
 _causal_depthwise = jax.checkpoint(_shifted_sum, prevent_cse=False)
 
 
+def _copies_sum(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndarray:
+    """C copies on one input: ``out[:, t, c] = sum_i taps[i][c] * x[:, t - i]``, [B, L, C, ...]."""
+    x = x_BxLx[:, :, None]
+    y = None
+    for i, w in enumerate(taps):
+        term = shift_right(x, i) * w.astype(x.dtype)
+        y = term if y is None else y + term
+    return y
+
+
+@jax.custom_jvp
+def _copies_conv(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndarray:
+    return _copies_sum(x_BxLx, taps)
+
+
+@functools.partial(_copies_conv.defjvp, symbolic_zeros=True)
+def _copies_conv_jvp(primals, tangents):
+    """Linear in the tangents as the conv is; written so that its transpose sums the input's
+    cotangent over the copies once (module docstring)."""
+    x, taps = primals
+    dx, dtaps = tangents
+    y = _copies_sum(x, taps)
+    dy = None
+    if not isinstance(dx, SymbolicZero):
+        shared = jnp.broadcast_to(dx[:, :, None], y.shape)  # the copies' axis, given once
+        dy = _shifted_sum(shared, taps)
+    for i, d in enumerate(dtaps):
+        if isinstance(d, SymbolicZero):
+            continue
+        term = shift_right(x, i)[:, :, None] * d.astype(x.dtype)
+        dy = term if dy is None else dy + term
+    return y, jnp.zeros_like(y) if dy is None else dy
+
+
+_copies_depthwise = jax.checkpoint(_copies_conv, prevent_cse=False)
+
+
 class CausalDepthwiseConv(nn.Module):
     """Causal depthwise conv of width ``kernel_size`` along axis 1, no bias.
 
     Attributes:
       kernel_size: number of taps (Primer: 3).
       dtype: computation dtype (None: input dtype); taps are float32 parameters.
+      copies: 0 for one conv; C > 0 for C convs with their own taps on the one input
+        (module docstring): taps ``[C, *trailing]`` with a leading unnamed logical axis,
+        output ``[B, L, C, *trailing]``, as ``nn.vmap`` over C copies lays them out.
 
     Parameters ``tap_0 .. tap_{k-1}`` have the trailing input shape (``(H, K)``) and
     logical axes ``(heads, kv)``; ``tap_0`` (the current position) is initialised to
@@ -74,12 +129,16 @@ class CausalDepthwiseConv(nn.Module):
 
     kernel_size: int = 3
     dtype: Any = None
+    copies: int = 0
 
     @nn.compact
     def __call__(self, x_BxLxHxK: jnp.ndarray) -> jnp.ndarray:
-        """Args: x_BxLxHxK (any trailing shape works). Returns: same shape."""
+        """Args: x_BxLxHxK (any trailing shape works). Returns: same shape ([B, L, C, ...]
+        with ``copies``)."""
         trailing = x_BxLxHxK.shape[2:]
         names = ("heads", "kv") if len(trailing) == 2 else (None,) * len(trailing)
+        if self.copies:  # nn.vmap's layout: a leading unnamed (replicated) axis
+            trailing, names = (self.copies, *trailing), (None, *names)
         dtype = self.dtype or x_BxLxHxK.dtype
         taps = tuple(
             self.param(
@@ -90,4 +149,5 @@ class CausalDepthwiseConv(nn.Module):
             )
             for i in range(self.kernel_size)
         )
-        return _causal_depthwise(x_BxLxHxK.astype(dtype), taps)
+        conv = _copies_depthwise if self.copies else _causal_depthwise
+        return conv(x_BxLxHxK.astype(dtype), taps)
