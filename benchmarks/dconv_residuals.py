@@ -24,7 +24,8 @@ Versions of the conv, each differentiated by reverse mode:
 ``--copies=N`` runs N copies with their own taps on one shared input, as a branched learned
 op did until stop 35 (``jax.vmap`` over the taps, ``in_axes=None`` for the input, the copies'
 axis placed second to last, ``out_axes=-2``), every version above so; and adds the row
-``nasjax: one conv with copies`` (stop 36, ``nasjax.layers.dconv._copies_depthwise``), which
+``nasjax: one conv with copies`` (stop 36, ``nasjax.layers.dconv._copies_depthwise``, its rule
+for the input's tangent by size included), which
 a branched DCONV runs now: the same output layout, its input's tangent through one broadcast,
 so the backward sums the copies once. For each kernel width the script compiles the two programs
 the segmented trainer compiles for a piece: the forward as ``jax.vjp`` (its residuals are

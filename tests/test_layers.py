@@ -715,13 +715,17 @@ def test_attention_products_equal_the_einsums_in_value_and_every_derivative(batc
     assert rules() == set()
 
 
-@pytest.mark.parametrize("k", [3, 15])
-def test_dconv_copies_match_the_formula_in_both_modes(k):
+@pytest.mark.parametrize("k, shared", [(3, True), (15, True), (15, False)])
+def test_dconv_copies_match_the_formula_in_both_modes(k, shared, monkeypatch):
     """C copies on one input (``copies``, a learned op with ``branches`` > 1): taps [C, W]
     with a leading unnamed logical axis, output [B, L, C, W]; each copy is the conv with its
     own taps, the input's gradient is the copies' sum, each copy's taps get the formula's
-    gradient. Reverse mode keeps the input and the taps, not shifted or broadcast copies;
+    gradient, with the input's tangent broadcast once or per tap (``shared``, chosen by
+    size). Reverse mode keeps the input and the taps, not shifted or broadcast copies;
     forward mode is linear in the input and in the taps."""
+    from nasjax.layers import dconv
+
+    monkeypatch.setattr(dconv, "SHARED_TANGENT_MAX_BYTES", 1 << 40 if shared else 0)
     copies, length = 3, 2 * k + 3
     x = _x(shape=(B, length, D))
     conv = CausalDepthwiseConv(kernel_size=k, copies=copies)

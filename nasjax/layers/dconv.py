@@ -26,11 +26,12 @@ logical axes, values) and the same forward. Under ``vmap`` each ``shift_right(x,
 broadcast the shared input on its own, so reverse mode summed the input's gradient over the
 copies once per tap, copies-major, and transposed it into the output's layout. Here a
 ``custom_jvp`` writes the tangent in the input through one broadcast of it, so the backward
-adds the k taps' shifted cotangents first and sums over the copies once; the tangent in the
-taps reads the unbroadcast input. It runs under the same ``jax.checkpoint``. The input's
-gradient changes by float rounding (the sums' order). ``benchmarks/dconv_residuals.py
---copies=N``: the backward 2-3x faster at 4-16 copies, and it compiles no slower
-(docs/benchmarks.md, stop 36).
+adds the k taps' shifted cotangents first and sums over the copies once (up to a size,
+``SHARED_TANGENT_MAX_BYTES``; above it, once per tap as before); the tangent in the taps
+reads the unbroadcast input. It runs under the same ``jax.checkpoint``. The input's gradient
+changes by float rounding (the sums' order). ``benchmarks/dconv_residuals.py --copies=N``:
+the forward up to 3x and the backward 2-5x faster at 2-16 copies of widths 64-256, and they
+compile no slower (docs/benchmarks.md, stop 36).
 """
 
 from __future__ import annotations
@@ -84,22 +85,35 @@ def _copies_sum(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndarr
     return y
 
 
-@jax.custom_jvp
-def _copies_conv(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndarray:
+# The shared input's tangent through one broadcast (below) while the k - 1 shifted
+# cotangents that XLA:CPU then writes out for its one reduction over the copies, (k - 1) x
+# the output's bytes, stay under this; above it, one reduction per tap reads the cotangent
+# in place. Measured on a 2-core Zen 5 (``benchmarks/dconv_residuals.py --copies``,
+# docs/benchmarks.md, stop 36): at 16 x 64 inputs the one reduction ran 2-5x faster up to
+# ~42 MiB written (e.g. 31 taps x 4 copies x width 64: 3.4 against 8.1 ms), and 1.5-2x
+# slower from 56 MiB (15 taps x 16 copies x width 256: 82 against 49 ms), with two shapes
+# at 56 MiB still faster. Both compute the same sums in another order.
+SHARED_TANGENT_MAX_BYTES = 48 << 20
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _copies_conv(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...], shared: bool) -> jnp.ndarray:
     return _copies_sum(x_BxLx, taps)
 
 
 @functools.partial(_copies_conv.defjvp, symbolic_zeros=True)
-def _copies_conv_jvp(primals, tangents):
-    """Linear in the tangents as the conv is; written so that its transpose sums the input's
-    cotangent over the copies once (module docstring)."""
+def _copies_conv_jvp(shared: bool, primals, tangents):
+    """Linear in the tangents as the conv is; with ``shared``, written so that its transpose
+    sums the input's cotangent over the copies once (module docstring)."""
     x, taps = primals
     dx, dtaps = tangents
     y = _copies_sum(x, taps)
     dy = None
     if not isinstance(dx, SymbolicZero):
-        shared = jnp.broadcast_to(dx[:, :, None], y.shape)  # the copies' axis, given once
-        dy = _shifted_sum(shared, taps)
+        if shared:
+            dy = _shifted_sum(jnp.broadcast_to(dx[:, :, None], y.shape), taps)  # the copies' axis, given once
+        else:  # one reduction over the copies per tap
+            dy = _copies_sum(dx, taps)
     for i, d in enumerate(dtaps):
         if isinstance(d, SymbolicZero):
             continue
@@ -108,7 +122,16 @@ def _copies_conv_jvp(primals, tangents):
     return y, jnp.zeros_like(y) if dy is None else dy
 
 
-_copies_depthwise = jax.checkpoint(_copies_conv, prevent_cse=False)
+_copies_checkpointed = jax.checkpoint(_copies_conv, prevent_cse=False, static_argnums=(2,))
+
+
+def _copies_depthwise(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndarray:
+    """C copies on one input, [B, L, C, ...], differentiated as the module docstring says;
+    the input's tangent is broadcast once while ``SHARED_TANGENT_MAX_BYTES`` allows (a static
+    argument: traces cached by jax follow a changed setting)."""
+    out_bytes = x_BxLx.size * taps[0].shape[0] * jnp.dtype(x_BxLx.dtype).itemsize
+    shared = (len(taps) - 1) * out_bytes <= SHARED_TANGENT_MAX_BYTES
+    return _copies_checkpointed(x_BxLx, taps, shared)
 
 
 class CausalDepthwiseConv(nn.Module):
