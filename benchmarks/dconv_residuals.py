@@ -24,10 +24,10 @@ Versions of the conv, each differentiated by reverse mode:
 ``--copies=N`` runs N copies with their own taps on one shared input, as a branched learned
 op did until stop 35 (``jax.vmap`` over the taps, ``in_axes=None`` for the input, the copies'
 axis placed second to last, ``out_axes=-2``), every version above so; and adds the row
-``nasjax: one conv with copies`` (stop 36, ``nasjax.layers.dconv._copies_depthwise``, its rule
-for the input's tangent by size included), which
-a branched DCONV runs now: the same output layout, its input's tangent through one broadcast,
-so the backward sums the copies once. For each kernel width the script compiles the two programs
+``nasjax: one conv with copies`` (stop 36, ``nasjax.layers.dconv._copies_depthwise``), which a
+branched DCONV runs now: the same output layout, its input's tangent through one broadcast so
+that the backward sums the copies once (per tap above ``SHARED_TANGENT_MAX_BYTES``; the row's
+name says which). For each kernel width the script compiles the two programs
 the segmented trainer compiles for a piece: the forward as ``jax.vjp`` (its residuals are
 outputs) and the backward as that vjp applied to a cotangent, each jitted with the pieces'
 XLA options (``nasjax.xla_options.auto``), with jax's caches cleared before each
@@ -158,6 +158,7 @@ def main():
     import numpy as np
 
     from nasjax import xla_options
+    from nasjax.layers import dconv
     from nasjax.layers.dconv import _causal_depthwise, _copies_depthwise, _shifted_sum
 
     shape = tuple(int(v) for v in args.shape.split("x"))
@@ -178,7 +179,9 @@ def main():
         if args.copies:
             versions = [(name, jax.vmap(f, in_axes=(None, 0), out_axes=-2)) for name, f in versions]
             versions[1] = ("vmap of nasjax's conv (stops 34-35)", versions[1][1])
-            versions.insert(2, ("nasjax: one conv with copies", _copies_depthwise))
+            out_bytes = (len(taps) - 1) * x.size * args.copies * 4
+            form = "shared" if out_bytes <= dconv.SHARED_TANGENT_MAX_BYTES else "per tap"
+            versions.insert(2, (f"nasjax: one conv with copies ({form})", _copies_depthwise))
         g = jnp.asarray(rng.normal(size=jax.eval_shape(versions[0][1], x, taps).shape), jnp.float32)
         results = [(name, measure(f, x, taps, g, options, args.repeats)) for name, f in versions]
         plain = results[0][1]
