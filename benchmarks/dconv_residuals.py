@@ -179,8 +179,7 @@ def main():
         if args.copies:
             versions = [(name, jax.vmap(f, in_axes=(None, 0), out_axes=-2)) for name, f in versions]
             versions[1] = ("vmap of nasjax's conv (stops 34-35)", versions[1][1])
-            out_bytes = (len(taps) - 1) * x.size * args.copies * 4
-            form = "shared" if out_bytes <= dconv.SHARED_TANGENT_MAX_BYTES else "per tap"
+            form = "shared" if dconv._shares_tangent(x, taps) else "per tap"
             versions.insert(2, (f"nasjax: one conv with copies ({form})", _copies_depthwise))
         g = jnp.asarray(rng.normal(size=jax.eval_shape(versions[0][1], x, taps).shape), jnp.float32)
         results = [(name, measure(f, x, taps, g, options, args.repeats)) for name, f in versions]

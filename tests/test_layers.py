@@ -756,3 +756,74 @@ def test_dconv_copies_match_the_formula_in_both_modes(k, shared, monkeypatch):
     v_dot = _randomise(v, seed=5)
     _, y_dot = jax.jvp(lambda p: conv.apply(p, x), (v,), (v_dot,))
     np.testing.assert_allclose(_np(y_dot), _np(conv.apply(v_dot, x)), rtol=1e-5, atol=1e-5)
+
+
+def test_dconv_copies_tangent_form_by_size_and_its_reductions():
+    """The size rule: the input's tangent is broadcast once while (k - 1) x the output's
+    bytes fit ``SHARED_TANGENT_MAX_BYTES`` (abstract shapes around 48 MiB, float32 and
+    bfloat16). Broadcast once, the backward has one reduction over the copies (axis 2);
+    per tap, k of them."""
+    from nasjax.layers import dconv
+
+    def form(b, w, copies, k, dtype=jnp.float32):
+        x = jax.ShapeDtypeStruct((b, 64, w), dtype)
+        return dconv._shares_tangent(x, [jax.ShapeDtypeStruct((copies, w), jnp.float32)] * k)
+
+    assert dconv.SHARED_TANGENT_MAX_BYTES == 48 << 20
+    assert form(16, 192, 4, 15)  # 14 x 3 MiB = 42 MiB
+    assert not form(16, 256, 4, 15)  # 14 x 4 MiB = 56 MiB
+    assert form(16, 256, 4, 13)  # 12 x 4 MiB = 48 MiB, at the bound
+    assert form(16, 256, 4, 15, jnp.bfloat16)  # 14 x 2 MiB
+    assert form(16, 256, 16, 3)  # 2 x 16 MiB
+    assert not form(16, 256, 16, 15)  # 14 x 16 MiB
+
+
+def _copies_reductions(shared: bool, k: int) -> int:
+    from nasjax.layers import dconv
+
+    x = jnp.zeros((2, 9, 5))
+    taps = tuple(jnp.zeros((3, 5)) for _ in range(k))
+    jaxpr = jax.make_jaxpr(lambda x, t, g: jax.vjp(lambda x: dconv._copies_checkpointed(x, t, shared), x)[1](g))(
+        x, taps, jnp.zeros((2, 9, 3, 5))
+    )
+    found = []
+
+    def walk(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name == "reduce_sum" and 2 in eqn.params["axes"] and eqn.invars[0].aval.shape[2] > 1:
+                found.append(eqn)
+            for v in eqn.params.values():
+                if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+                    walk(v.jaxpr)
+                elif hasattr(v, "eqns"):
+                    walk(v)
+
+    walk(jaxpr.jaxpr)
+    return len(found)
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_dconv_copies_shared_tangent_sums_the_copies_once(k):
+    """The backward's reductions over the copies' axis (of size > 1): one with the shared
+    tangent, k per tap."""
+    assert _copies_reductions(True, k) == 1
+    assert _copies_reductions(False, k) == k
+
+
+def test_dconv_copies_bfloat16_input_matches_vmap():
+    """bfloat16 inputs with float32 taps: the output and the input's gradient in bfloat16,
+    the taps' gradients in float32, as under nn.vmap, and the values agree to bfloat16."""
+    from nasjax.layers.dconv import _causal_depthwise, _copies_depthwise
+
+    x = _x(shape=(B, L, D)).astype(jnp.bfloat16)
+    taps = tuple(_x(seed=10 + i, shape=(4, D)) for i in range(3))
+    g = _x(seed=3, shape=(B, L, 4, D)).astype(jnp.bfloat16)
+    vmapped = jax.vmap(_causal_depthwise, in_axes=(None, 0), out_axes=-2)
+    ours = jax.vjp(_copies_depthwise, x, taps)
+    ref = jax.vjp(vmapped, x, taps)
+    assert ours[0].dtype == ref[0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(_np(ours[0]), _np(ref[0]))
+    (gx, gt), (gx_ref, gt_ref) = ours[1](g), ref[1](g)
+    assert gx.dtype == jnp.bfloat16 and all(t.dtype == jnp.float32 for t in gt)
+    for a, b in zip((gx, *gt), (gx_ref, *gt_ref)):  # a few bfloat16 steps of the largest value
+        np.testing.assert_allclose(_np(a), _np(b), atol=2**-6 * float(np.max(np.abs(_np(b)))))

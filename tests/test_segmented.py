@@ -278,8 +278,9 @@ def test_segmented_trainer_steps_from_an_inherited_state(n_devices):
 def _every_structure_program():
     """A program with each structure the instruction tape handles: nested branched CALLs
     (parameters with two and three leading branch axes), a two-argument callee, branched
-    learned and parameter-free ops (a branched DCONV, one conv with copies, at depth 0 and
-    inside a branched CALL), position-by-position states, an input read twice, constants,
+    learned and parameter-free ops (a branched DCONV, one conv with copies, at depth 0,
+    inside a branched CALL, and on a branched callee's argument, which the callee's copies
+    share), position-by-position states, an input read twice, constants,
     and dead code holding parameters."""
     from nasjax.genome.primer import _Writer
     from nasjax.genome.program import Program, Subprogram
@@ -308,7 +309,7 @@ def _every_structure_program():
     w = _Writer(2)  # 2: two arguments, branched by the caller; calls 3 branched again
     q = w("CONV_1X1", 0, dim=DK)
     k = w("DCONV_3X1", w("CONV_1X1", 1, dim=DK), branches=4)
-    v = w("CONV_1X1", 1, dim=DK)
+    v = w("CONV_1X1", w("DCONV_3X1", 1, branches=2), dim=DK)  # on the shared argument itself
     s = w("MASK", w("T_MAT_MUL", q, k))
     p = w("CALL", s, call=3, branches=2)
     w("MAT_MUL", p, v)

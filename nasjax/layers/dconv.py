@@ -29,9 +29,11 @@ copies once per tap, copies-major, and transposed it into the output's layout. H
 adds the k taps' shifted cotangents first and sums over the copies once (up to a size,
 ``SHARED_TANGENT_MAX_BYTES``; above it, once per tap as before); the tangent in the taps
 reads the unbroadcast input. It runs under the same ``jax.checkpoint``. The input's gradient
-changes by float rounding (the sums' order). ``benchmarks/dconv_residuals.py --copies=N``:
-the forward up to 3x and the backward 2-5x faster at 2-16 copies of widths 64-256, and they
-compile no slower (docs/benchmarks.md, stop 36).
+changes by float rounding (the sums' order). ``benchmarks/dconv_residuals.py --copies=N``
+(docs/benchmarks.md, stop 36): below the bound the backward runs 2-5x faster than under
+``nn.vmap`` at 2-16 copies of widths 64-256, and compiles 14-21% faster; above it, as under
+``nn.vmap``. The forward runs up to 3.3x faster at 8-16 copies, as fast at 4, and compiles
+up to ~20% slower (tracing the rule).
 """
 
 from __future__ import annotations
@@ -88,11 +90,14 @@ def _copies_sum(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndarr
 # The shared input's tangent through one broadcast (below) while the k - 1 shifted
 # cotangents that XLA:CPU then writes out for its one reduction over the copies, (k - 1) x
 # the output's bytes, stay under this; above it, one reduction per tap reads the cotangent
-# in place. Measured on a 2-core Zen 5 (``benchmarks/dconv_residuals.py --copies``,
-# docs/benchmarks.md, stop 36): at 16 x 64 inputs the one reduction ran 2-5x faster up to
-# ~42 MiB written (e.g. 31 taps x 4 copies x width 64: 3.4 against 8.1 ms), and 1.5-2x
-# slower from 56 MiB (15 taps x 16 copies x width 256: 82 against 49 ms), with two shapes
-# at 56 MiB still faster. Both compute the same sums in another order.
+# in place. Measured on a 2-core Zen 5 only (``benchmarks/dconv_residuals.py --copies``,
+# docs/benchmarks.md, stop 36); other backends and CPUs are unmeasured. At 16 x 64 inputs
+# the one reduction ran 2-5x faster up to ~42 MiB written (e.g. 31 taps x 4 copies x width
+# 64: 3.4 against 8.1 ms), and 1.5-2x slower from 56 MiB (15 taps x 16 copies x width 256:
+# 82 against 49 ms), where two shapes were still faster: a coarse fit, in which the width
+# seems to matter too. The bytes are those the conv sees: one copy of any enclosing
+# branched CALL (an outer vmap), the whole batch of a sharded one. Both forms compute the
+# same sums in another order.
 SHARED_TANGENT_MAX_BYTES = 48 << 20
 
 
@@ -125,13 +130,19 @@ def _copies_conv_jvp(shared: bool, primals, tangents):
 _copies_checkpointed = jax.checkpoint(_copies_conv, prevent_cse=False, static_argnums=(2,))
 
 
-def _copies_depthwise(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndarray:
-    """C copies on one input, [B, L, C, ...], differentiated as the module docstring says;
-    the input's tangent is broadcast once while ``SHARED_TANGENT_MAX_BYTES`` allows (a static
-    argument: traces cached by jax follow a changed setting)."""
+def _shares_tangent(x_BxLx, taps) -> bool:
+    """Whether the input's tangent is broadcast once: (k - 1) x the output's bytes within
+    ``SHARED_TANGENT_MAX_BYTES`` (read when a conv is traced)."""
     out_bytes = x_BxLx.size * taps[0].shape[0] * jnp.dtype(x_BxLx.dtype).itemsize
-    shared = (len(taps) - 1) * out_bytes <= SHARED_TANGENT_MAX_BYTES
-    return _copies_checkpointed(x_BxLx, taps, shared)
+    return (len(taps) - 1) * out_bytes <= SHARED_TANGENT_MAX_BYTES
+
+
+def _copies_depthwise(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndarray:
+    """C copies on one input, [B, L, C, ...], differentiated as the module docstring says.
+    The form of the input's tangent (:func:`_shares_tangent`) is a static argument, so
+    checkpoint's own trace cache follows a changed setting; programs already compiled (jit,
+    the segmented trainer's pieces) keep theirs."""
+    return _copies_checkpointed(x_BxLx, taps, _shares_tangent(x_BxLx, taps))
 
 
 class CausalDepthwiseConv(nn.Module):

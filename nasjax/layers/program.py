@@ -18,7 +18,8 @@ Every hidden state is a [B, L, W] array. The rules that make any valid program r
   a position-by-position state therefore ties the program to one sequence length.
 * **Branches** (k > 1): the instruction (or called subprogram) runs k times with
   independent parameters (``nn.vmap`` over a leading parameter axis, so the k copies
-  are one batched computation) and the outputs are concatenated along W (copy-major).
+  are one batched computation; a DCONV is one conv with k copies and the same
+  parameters, :func:`_conv_copies`) and the outputs are concatenated along W (copy-major).
 * **MAIN's output** is resized to D with :func:`match_width` so blocks stack.
 * Numerics are the op's plain definition (LOG is log|x|, DIVIDE is a / b, RECIP is
   1 / x, RED_PROD multiplies): a program that produces inf or NaN is rejected by the
@@ -156,6 +157,8 @@ class LearnedOp(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxW: jnp.ndarray) -> jnp.ndarray:
         op, width = self.op, x_BxLxW.shape[-1]
+        if self.copies and not op.startswith("DCONV_"):
+            raise ValueError(f"LearnedOp.copies is for DCONV ops, not {op!r}")
         dtype = self.dtype or x_BxLxW.dtype
         x = x_BxLxW.astype(dtype)
         if op == "SCALE":
@@ -193,8 +196,8 @@ def _copies_run(module):
 
 def _conv_copies(op: str, branches: int) -> bool:
     """Whether a branched learned op runs as one conv with ``copies`` instead of ``nn.vmap``:
-    DCONV, whose backward is 2-3x faster that way (``nasjax.layers.dconv``); the parameters
-    and the forward are the same."""
+    DCONV, whose backward runs 2-5x faster that way up to a size, as fast above it
+    (``nasjax.layers.dconv``); the parameters and the forward's values are the same."""
     return branches > 1 and op.startswith("DCONV_")
 
 
