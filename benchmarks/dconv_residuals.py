@@ -24,10 +24,11 @@ Versions of the conv, each differentiated by reverse mode:
 ``--copies=N`` runs N copies with their own taps on one shared input, as a branched learned
 op did until stop 35 (``jax.vmap`` over the taps, ``in_axes=None`` for the input, the copies'
 axis placed second to last, ``out_axes=-2``), every version above so; and adds the row
-``nasjax: one conv with copies`` (stop 36, ``nasjax.layers.dconv._copies_depthwise``), which a
-branched DCONV runs now: the same output layout, its input's tangent through one broadcast so
-that the backward sums the copies once (per tap above ``SHARED_TANGENT_MAX_BYTES``; the row's
-name says which). For each kernel width the script compiles the two programs
+the rows ``one conv with copies, shared`` and ``..., per tap`` (stop 36,
+``nasjax.layers.dconv._copies_checkpointed``), which a branched DCONV runs now: the same
+output layout, its input's tangent through one broadcast so that the backward sums the copies
+once, or once per tap; ``(picked)`` marks the form ``SHARED_TANGENT_MAX_BYTES`` picks for the
+shape. ``--no_tried`` leaves out the versions stop 35 tried. For each kernel width the script compiles the two programs
 the segmented trainer compiles for a piece: the forward as ``jax.vjp`` (its residuals are
 outputs) and the backward as that vjp applied to a cotangent, each jitted with the pieces'
 XLA options (``nasjax.xla_options.auto``), with jax's caches cleared before each
@@ -41,6 +42,7 @@ and the largest differences of the two gradients from it.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -152,6 +154,7 @@ def main():
     p.add_argument("--shape", default="16x64x64", help="B x L x W of the conv's input")
     p.add_argument("--repeats", type=int, default=3, help="compiles per program (the best is kept)")
     p.add_argument("--copies", type=int, default=0, help="branched copies sharing the input (0: one conv, no vmap)")
+    p.add_argument("--no_tried", action="store_true", help="leave out the versions stop 35 tried")
     args = p.parse_args()
     import jax
     import jax.numpy as jnp
@@ -159,7 +162,7 @@ def main():
 
     from nasjax import xla_options
     from nasjax.layers import dconv
-    from nasjax.layers.dconv import _causal_depthwise, _copies_depthwise, _shifted_sum
+    from nasjax.layers.dconv import _causal_depthwise, _copies_checkpointed, _shifted_sum
 
     shape = tuple(int(v) for v in args.shape.split("x"))
     copies = (args.copies,) if args.copies else ()
@@ -175,12 +178,19 @@ def main():
     print("|" + "---|" * len(head))
     for k in (int(v) for v in args.kernels.split(",")):
         taps = tuple(jnp.asarray(rng.normal(size=copies + shape[2:]), jnp.float32) for _ in range(k))
-        versions = [("plain autodiff", _shifted_sum), ("nasjax", _causal_depthwise), *tried_variants()]
+        versions = [("plain autodiff", _shifted_sum), ("nasjax", _causal_depthwise)]
+        versions += [] if args.no_tried else tried_variants()
         if args.copies:
             versions = [(name, jax.vmap(f, in_axes=(None, 0), out_axes=-2)) for name, f in versions]
             versions[1] = ("vmap of nasjax's conv (stops 34-35)", versions[1][1])
-            form = "shared" if dconv._shares_tangent(x, taps) else "per tap"
-            versions.insert(2, (f"nasjax: one conv with copies ({form})", _copies_depthwise))
+            picked = dconv._shares_tangent(x, taps)
+            versions[2:2] = [
+                (
+                    f"nasjax: one conv with copies, {form}" + (" (picked)" if shared == picked else ""),
+                    functools.partial(lambda x, taps, shared: _copies_checkpointed(x, taps, shared), shared=shared),
+                )
+                for shared, form in ((True, "shared"), (False, "per tap"))
+            ]
         g = jnp.asarray(rng.normal(size=jax.eval_shape(versions[0][1], x, taps).shape), jnp.float32)
         results = [(name, measure(f, x, taps, g, options, args.repeats)) for name, f in versions]
         plain = results[0][1]

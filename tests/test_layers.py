@@ -758,11 +758,10 @@ def test_dconv_copies_match_the_formula_in_both_modes(k, shared, monkeypatch):
     np.testing.assert_allclose(_np(y_dot), _np(conv.apply(v_dot, x)), rtol=1e-5, atol=1e-5)
 
 
-def test_dconv_copies_tangent_form_by_size_and_its_reductions():
+def test_dconv_copies_tangent_form_by_size():
     """The size rule: the input's tangent is broadcast once while (k - 1) x the output's
     bytes fit ``SHARED_TANGENT_MAX_BYTES`` (abstract shapes around 48 MiB, float32 and
-    bfloat16). Broadcast once, the backward has one reduction over the copies (axis 2);
-    per tap, k of them."""
+    bfloat16)."""
     from nasjax.layers import dconv
 
     def form(b, w, copies, k, dtype=jnp.float32):

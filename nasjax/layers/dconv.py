@@ -30,10 +30,10 @@ adds the k taps' shifted cotangents first and sums over the copies once (up to a
 ``SHARED_TANGENT_MAX_BYTES``; above it, once per tap as before); the tangent in the taps
 reads the unbroadcast input. It runs under the same ``jax.checkpoint``. The input's gradient
 changes by float rounding (the sums' order). ``benchmarks/dconv_residuals.py --copies=N``
-(docs/benchmarks.md, stop 36): below the bound the backward runs 2-5x faster than under
-``nn.vmap`` at 2-16 copies of widths 64-256, and compiles 14-21% faster; above it, as under
-``nn.vmap``. The forward runs up to 3.3x faster at 8-16 copies, as fast at 4, and compiles
-up to ~20% slower (tracing the rule).
+(docs/benchmarks.md, stop 36): below the bound the backward runs 2.5-4.5x faster than under
+``nn.vmap`` at 2-16 copies of widths 64-256, and compiles up to 39% faster at width 64, up
+to 8% slower at 192-256; above it, as under ``nn.vmap``. The forward runs up to 3.3x faster
+at 8-16 copies, as fast at 4, and compiles up to ~20% slower (tracing the rule).
 """
 
 from __future__ import annotations
@@ -79,12 +79,7 @@ _causal_depthwise = jax.checkpoint(_shifted_sum, prevent_cse=False)
 
 def _copies_sum(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndarray:
     """C copies on one input: ``out[:, t, c] = sum_i taps[i][c] * x[:, t - i]``, [B, L, C, ...]."""
-    x = x_BxLx[:, :, None]
-    y = None
-    for i, w in enumerate(taps):
-        term = shift_right(x, i) * w.astype(x.dtype)
-        y = term if y is None else y + term
-    return y
+    return _shifted_sum(x_BxLx[:, :, None], taps)
 
 
 # The shared input's tangent through one broadcast (below) while the k - 1 shifted
@@ -92,9 +87,9 @@ def _copies_sum(x_BxLx: jnp.ndarray, taps: tuple[jnp.ndarray, ...]) -> jnp.ndarr
 # the output's bytes, stay under this; above it, one reduction per tap reads the cotangent
 # in place. Measured on a 2-core Zen 5 only (``benchmarks/dconv_residuals.py --copies``,
 # docs/benchmarks.md, stop 36); other backends and CPUs are unmeasured. At 16 x 64 inputs
-# the one reduction ran 2-5x faster up to ~42 MiB written (e.g. 31 taps x 4 copies x width
-# 64: 3.4 against 8.1 ms), and 1.5-2x slower from 56 MiB (15 taps x 16 copies x width 256:
-# 82 against 49 ms), where two shapes were still faster: a coarse fit, in which the width
+# the one reduction ran 2.5-4.5x faster up to 42 MiB written (e.g. 31 taps x 4 copies x
+# width 64: 3.0 against 7.5 ms), and 1.5-2.4x slower from 56 MiB (15 taps x 16 copies x
+# width 256: 84 against 45 ms), where two shapes were still faster: a coarse fit, in which the width
 # seems to matter too. The bytes are those the conv sees: one copy of any enclosing
 # branched CALL (an outer vmap), the whole batch of a sharded one. Both forms compute the
 # same sums in another order.

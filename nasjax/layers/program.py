@@ -196,7 +196,7 @@ def _copies_run(module):
 
 def _conv_copies(op: str, branches: int) -> bool:
     """Whether a branched learned op runs as one conv with ``copies`` instead of ``nn.vmap``:
-    DCONV, whose backward runs 2-5x faster that way up to a size, as fast above it
+    DCONV, whose backward runs 2.5-4.5x faster that way up to a size, as fast above it
     (``nasjax.layers.dconv``); the parameters and the forward's values are the same."""
     return branches > 1 and op.startswith("DCONV_")
 
