@@ -125,7 +125,9 @@ def test_gradient_accumulation_matches_big_batch(tiny_config):
         state, metrics = tr.step(tr.init_state(), batch)
         out.append((float(metrics["loss"]), jax.device_get(state.params)))
     np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out[0][1], out[1][1])
+    # atol 1e-5: on a Zen 3 CPU (AVX2 only) one element of 4,096 differed by 2.6e-6 (float rounding of the
+    # accumulated against the big-batch sums; docs/benchmarks.md, stop 37)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), out[0][1], out[1][1])
 
 
 def test_batch_must_divide_over_devices(tiny_config):
