@@ -28,8 +28,9 @@ sys.path.insert(0, ROOT)
 SHAPES = {"tiny": "16x4x128x16", "small": "8x8x256x64"}
 
 
-def _median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
+def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median wall ms of ``repeats`` calls of ``fn``, after ``warmup`` calls."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):

@@ -4,8 +4,9 @@
     python benchmarks/weight_grad_matmuls.py --split=vanilla  # and the step split into its parts
 
 Stop 37 found the vanilla small step at 0.96x of PyTorch's on a Zen 3 CPU (AVX2 only;
-docs/benchmarks.md). This script takes that apart in two tables, each timed by median
-of ``--repeats`` calls after one warm-up, both frameworks on ``--threads`` threads, float32:
+docs/benchmarks.md). This script takes that apart in two tables, each timed by the median
+of ``--repeats`` calls after one warm-up (the split's parts, ~3 s steps, by half as many per
+round), both frameworks on ``--threads`` threads, float32:
 
 * ``--split=MODEL`` (a zoo model, size small: batch 8 x 256, vocabulary 32,768): the
   forward and loss alone, forward and backward (value and gradients, no optimizer), and
@@ -34,7 +35,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
@@ -44,17 +44,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+from benchmarks.attention_core import _median_ms  # noqa: E402
+
 N, D, FF, V = 2048, 512, 2048, 32768  # the small zoo's tokens per step, width, d_ff, vocabulary
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    """Median wall ms of ``repeats`` calls after one warm-up (the products take ~0.5 s each)."""
+    return _median_ms(fn, repeats, warmup=1)
 
 
 def matmul_forms():
@@ -64,36 +61,27 @@ def matmul_forms():
     def transposed_lhs(a, b):  # a.T @ b: the contraction over the leading axis of both (jnp or torch)
         return a.T @ b
 
+    def materialised(a, b):  # the same with a.T written out first
+        return barrier(a.T) @ b
+
+    def plain(name, flops, key, fn):  # the same expression in both frameworks
+        return (name, flops, key, fn, fn, None)
+
+    def variant(of, name, fn):  # another jax form of row ``of``, compared with it
+        return (name, of[1], of[2], fn, None, of[0])
+
+    head_grad = plain("tied head weight grad: dy.T @ x", 2 * N * D * V, "dy_x", transposed_lhs)
+    dense_x = plain("dense weight grad: x.T @ g (D x FF)", 2 * N * D * FF, "x_g", transposed_lhs)
+    dense_h = plain("dense weight grad: h.T @ g (FF x D)", 2 * N * D * FF, "h_gd", transposed_lhs)
     return [
-        ("tied head forward: x @ emb.T", 2 * N * D * V, "x_emb", lambda x, e: x @ e.T, lambda x, e: x @ e.T, None),
-        ("tied head input grad: dy @ emb", 2 * N * D * V, "dy_emb", lambda g, e: g @ e, lambda g, e: g @ e, None),
-        ("tied head weight grad: dy.T @ x", 2 * N * D * V, "dy_x", lambda g, x: g.T @ x, lambda g, x: g.T @ x, None),
-        (
-            "  the same as (x.T @ dy).T, apart",
-            2 * N * D * V,
-            "dy_x",
-            lambda g, x: barrier(barrier(x.T) @ g).T,
-            None,
-            "tied head weight grad: dy.T @ x",
-        ),
-        ("dense weight grad: x.T @ g (D x FF)", 2 * N * D * FF, "x_g", transposed_lhs, transposed_lhs, None),
-        (
-            "  the same with x.T materialised",
-            2 * N * D * FF,
-            "x_g",
-            lambda x, g: barrier(x.T) @ g,
-            None,
-            "dense weight grad: x.T @ g (D x FF)",
-        ),
-        ("dense weight grad: h.T @ g (FF x D)", 2 * N * D * FF, "h_gd", transposed_lhs, transposed_lhs, None),
-        (
-            "  the same with h.T materialised",
-            2 * N * D * FF,
-            "h_gd",
-            lambda h, g: barrier(h.T) @ g,
-            None,
-            "dense weight grad: h.T @ g (FF x D)",
-        ),
+        plain("tied head forward: x @ emb.T", 2 * N * D * V, "x_emb", lambda x, e: x @ e.T),
+        plain("tied head input grad: dy @ emb", 2 * N * D * V, "dy_emb", lambda g, e: g @ e),
+        head_grad,
+        variant(head_grad, "  the same as (x.T @ dy).T, apart", lambda g, x: barrier(barrier(x.T) @ g).T),
+        dense_x,
+        variant(dense_x, "  the same with x.T materialised", materialised),
+        dense_h,
+        variant(dense_h, "  the same with h.T materialised", materialised),
     ]
 
 
